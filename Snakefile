@@ -1,0 +1,19 @@
+# medrl workflow. The stage graph is defined once in workflow/graph.py; the rules included
+# below are generated from it by workflow/export.py (dvc.yaml too).
+#   snakemake --cores 2 all              # embedded default, local
+#   snakemake --profile slurm all        # on a SLURM cluster (profile: workflow/profiles/slurm)
+configfile: "params.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/targets.smk"
+
+
+rule all:
+    input:
+        TARGETS,
+    default_target: True
+
+
+include: "workflow/rules/isic.smk"
+include: "workflow/rules/cxr.smk"

@@ -1,0 +1,349 @@
+"""Schema of params.yaml, validated on load.
+
+Unknown keys, wrong types and missing paths fail with a ParamsError that names the dotted
+key. Each section is a pydantic model with ``extra="forbid"``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medrl.errors import ParamsError
+
+
+class _S(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class _ExistingPath(_S):
+    """Helper base: fields listed in ``_paths`` must exist when not null."""
+
+    _paths: tuple[str, ...] = ()
+
+
+class Run(_S):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    num_threads: int = Field(2, ge=1)
+
+
+class IsicPhantom(_S):
+    n_images: int = Field(1600, ge=8)
+    size: int = Field(64, ge=16)
+    seed: int = 0
+
+
+class IsicReal(_S):
+    root: Optional[str] = None
+    download: bool = False
+    base_url: str = "https://isic-challenge-data.s3.amazonaws.com/2019"
+    artifact_csv: Optional[str] = None
+    cache_dir: str = "data/raw/isic"
+    known_hashes: dict[str, str] = {}  # file name -> "sha256:<hex>" (download mode)
+
+
+class IsicPrepare(_S):
+    size: int = Field(64, ge=16)
+    frac_cls_b: float = Field(0.25, gt=0, lt=1)
+    frac_test: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+
+
+class Isic(_S):
+    source: Literal["phantom", "real"] = "phantom"
+    phantom: IsicPhantom = IsicPhantom()
+    real: IsicReal = IsicReal()
+    prepare: IsicPrepare = IsicPrepare()
+
+
+class CxrPhantom(_S):
+    n_images: int = Field(1600, ge=8)
+    size: int = Field(64, ge=16)
+    seed: int = 1
+    frac_ap: float = Field(0.3, ge=0, le=1)
+
+
+class CxrReal(_S):
+    root: Optional[str] = None
+    download: bool = False
+    base_url: str = "https://physionet.org/files"
+    cache_dir: str = "data/raw/mimic"
+    max_images: Optional[int] = Field(None, ge=1)
+
+
+class CxrPrepare(_S):
+    size: int = Field(64, ge=16)
+    max_tokens: int = Field(74, ge=4)
+    n_train: int = Field(1000, ge=4)
+    n_test: int = Field(200, ge=2)
+    n_canonical: int = Field(500, ge=1)
+    seed: int = 0
+
+
+class Cxr(_S):
+    source: Literal["phantom", "real"] = "phantom"
+    phantom: CxrPhantom = CxrPhantom()
+    real: CxrReal = CxrReal()
+    prepare: CxrPrepare = CxrPrepare()
+
+
+class TrackModel(_S):
+    pretrained: Optional[str] = None
+    unet_weights: Optional[str] = None
+
+
+class Tiny(_S):
+    block_out_channels: list[int] = [32, 64]
+    layers_per_block: int = 1
+    cross_attention_dim: int = 64
+    attention_head_dim: int = 8
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    max_position_embeddings: int = 77
+    vae_block_out_channels: list[int] = [32, 64]
+    latent_channels: int = 4
+
+
+class VaeTrain(_S):
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    seed: int = 0
+
+
+class FinetuneBase(_S):
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    cond_dropout: float = Field(0.1, ge=0, lt=1)
+    checkpoint_every: int = Field(500, ge=1)
+    seed: int = 0
+
+
+class Models(_S):
+    isic: TrackModel = TrackModel()
+    cxr: TrackModel = TrackModel()
+    tiny: Tiny = Tiny()
+    vae_train: VaeTrain = VaeTrain()
+    finetune_base: FinetuneBase = FinetuneBase()
+
+
+class TrainCfg(_S):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+
+class IsicClassifier(TrainCfg):
+    arch: Literal["efficientnet_b0"] = "efficientnet_b0"
+    imagenet_weights: Optional[str] = None
+
+
+class Posture(TrainCfg):
+    arch: Literal["resnet18"] = "resnet18"
+
+
+class Diag(TrainCfg):
+    weights: Optional[str] = None
+    growth_rate: int = Field(12, ge=4)
+
+
+class DualEnc(TrainCfg):
+    checkpoint: Optional[str] = None
+    embed_dim: int = Field(64, ge=8)
+
+
+class Classifiers(_S):
+    isic: IsicClassifier = IsicClassifier()
+    posture: Posture = Posture()
+    diag: Diag = Diag()
+    dualenc: DualEnc = DualEnc()
+
+
+class RLCommon(_S):
+    num_steps: int = Field(20, ge=1)
+    eta: float = Field(1.0, ge=0)
+    guidance_scale: float = Field(5.0, ge=1)
+    lora_rank: int = Field(4, ge=1)
+    full_finetune: bool = False
+    lr: float = Field(3e-4, gt=0)
+    clip_range: float = Field(1e-4, gt=0)
+    adv_clip_max: float = Field(5.0, gt=0)
+    timestep_fraction: float = Field(1.0, gt=0, le=1)
+    num_inner_epochs: int = Field(1, ge=1)
+    train_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    per_prompt_buffer: int = Field(16, ge=1)
+    per_prompt_min_count: int = Field(16, ge=1)
+    checkpoint_every: int = Field(5, ge=1)
+
+
+class RLTrack(_S):
+    epochs: int = Field(30, ge=1)
+    sample_batch_size: int = Field(32, ge=1)
+    sample_batches_per_epoch: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class Variant(_S):
+    ace: bool = True
+    rlcf: bool = True
+    l_align: float = 1.0
+    l_diag: float = 10.0
+    l_consist: float = 10.0
+
+
+class RLCxr(RLTrack):
+    rlcf_mode: Literal["paired", "bank"] = "bank"
+    bank_k: int = Field(4, ge=1)
+    ace_tokens: int = Field(3, ge=1)
+    variants: dict[str, Variant] = {}
+
+    @field_validator("variants")
+    @classmethod
+    def _names(cls, v: dict[str, Variant]) -> dict[str, Variant]:
+        for name in v:
+            if not name.replace("_", "").isalnum() or name == "anchor":
+                raise ValueError(f"variant name {name!r} must be [A-Za-z0-9_] and not 'anchor'")
+        return v
+
+
+class RL(_S):
+    common: RLCommon = RLCommon()
+    isic: RLTrack = RLTrack()
+    cxr: RLCxr = RLCxr()
+
+
+class GenIsic(_S):
+    n_per_prompt: int = Field(16, ge=1)
+    seed: int = 1000
+
+
+class GenCxr(_S):
+    n_per_report: int = Field(2, ge=1)
+    seed: int = 2000
+
+
+class Generate(_S):
+    isic: GenIsic = GenIsic()
+    cxr: GenCxr = GenCxr()
+
+
+class Metrics(_S):
+    bootstrap: int = Field(1000, ge=10)
+    ci: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+    inception_weights: Optional[str] = None
+    lpips_weights: Optional[str] = None
+    kid_subset_size: int = Field(50, ge=2)
+    augment: TrainCfg = TrainCfg(epochs=6)
+
+
+class Params(_S):
+    run: Run = Run()
+    isic: Isic = Isic()
+    cxr: Cxr = Cxr()
+    models: Models = Models()
+    classifiers: Classifiers = Classifiers()
+    rl: RL = RL()
+    generate: Generate = Generate()
+    metrics: Metrics = Metrics()
+
+
+# Dotted keys whose value, when set, must be an existing path.
+PATH_KEYS = (
+    "isic.real.root",
+    "isic.real.artifact_csv",
+    "cxr.real.root",
+    "classifiers.isic.imagenet_weights",
+    "classifiers.diag.weights",
+    "classifiers.dualenc.checkpoint",
+    "metrics.inception_weights",
+    "metrics.lpips_weights",
+    "models.isic.unet_weights",
+    "models.cxr.unet_weights",
+)
+
+
+def _loc(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err["loc"])
+
+
+def validate_params(raw: dict[str, Any], *, source: str = "params.yaml", check_paths: bool = True) -> Params:
+    """Validate a raw params dict; raise ParamsError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = _loc(err)
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{source}: unknown key '{key}'")
+            elif err["type"] == "missing":
+                lines.append(f"{source}: missing key '{key}'")
+            else:
+                lines.append(f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})")
+        raise ParamsError("\n".join(lines)) from None
+    if check_paths:
+        flat = flatten(params.model_dump())
+        for key in PATH_KEYS:
+            value = flat.get(key)
+            if value is not None and not Path(value).exists():
+                raise ParamsError(f"{source}: key '{key}': path {value!r} does not exist")
+    return params
+
+
+def load_params(path: str | Path = "params.yaml", *, check_paths: bool = True) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    with path.open() as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    return validate_params(raw, source=str(path), check_paths=check_paths)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def select(params: Params, keys: list[str]) -> dict[str, Any]:
+    """The sub-dict of params for the given dotted keys (each a leaf or a section)."""
+    dumped = params.model_dump()
+    out: dict[str, Any] = {}
+    for key in keys:
+        node: Any = dumped
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ParamsError(f"params.yaml: no key '{key}'")
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def params_hash(values: dict[str, Any]) -> str:
+    """Stable short hash of a params sub-dict (for MLflow tags)."""
+    blob = json.dumps(values, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,163 @@
+"""Run one stage of the graph: ``python workflow/entry.py STAGE [--variant V]``.
+
+The same command is what Snakemake's rules and DVC's stages run (both are generated from
+workflow/graph.py). This is the only place that does, for every stage alike:
+params validation, MLflow lineage (params, input/output hashes, metrics, small artifacts),
+atomic outputs (the stage writes to hidden temp paths renamed into place on success) and a
+checkpoint directory that survives a killed run so long stages resume.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from graph import AGGREGATES, STAGES, Ctx, Stage  # noqa: E402
+
+_ARTIFACT_SUFFIXES = {".png", ".json", ".csv", ".md", ".tex"}
+_ARTIFACT_MAX_BYTES = 2 << 20
+
+
+def expand(template: str, wildcards: dict[str, str]) -> str:
+    return template.format(**wildcards) if wildcards else template
+
+
+def stage_paths(stage: Stage, params, variant: str | None) -> tuple[dict[str, Path], dict[str, Path], dict[str, list[Path]]]:
+    """Resolve a stage's deps/outs for one wildcard value (aggregates expand over all variants)."""
+    wildcards = {"variant": variant} if stage.foreach else {}
+    deps, extra = {}, {}
+    for name, tmpl in stage.deps.items():
+        if "{variant}" in tmpl and stage.name in AGGREGATES:
+            extra[name] = [Path(tmpl.format(variant=v)) for v in variants_of(params, AGGREGATES[stage.name])]
+            deps[name] = extra[name][0].parent
+        else:
+            deps[name] = Path(expand(tmpl, wildcards))
+    outs = {name: Path(expand(tmpl, wildcards)) for name, tmpl in stage.outs.items()}
+    return deps, outs, extra
+
+
+def variants_of(params, key: str) -> list[str]:
+    node = params
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return list(node)
+
+
+def temp_path(final: Path) -> Path:
+    # deterministic so every process of an `accelerate launch` agrees on it
+    return final.with_name(f".{final.name}.partial")
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _flat_metrics(d: dict, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def run_stage(name: str, variant: str | None = None, workspace: Path | None = None) -> dict:
+    import torch
+
+    from medrl.config import load_params, select
+    from medrl.errors import ParamsError
+    from medrl.lineage import tracked_stage
+
+    workspace = (workspace or Path.cwd()).resolve()
+    if name not in STAGES:
+        raise SystemExit(f"unknown stage {name!r}; known: {', '.join(sorted(STAGES))}")
+    stage = STAGES[name]
+    params = load_params(workspace / "params.yaml")
+    if stage.foreach:
+        known = variants_of(params, stage.foreach)
+        if variant not in known:
+            raise ParamsError(f"params.yaml: stage {name} needs --variant, one of the keys of '{stage.foreach}': {known}")
+    elif variant is not None:
+        raise SystemExit(f"stage {name} takes no --variant")
+    wildcards = {"variant": variant} if stage.foreach else {}
+    deps, outs, extra = stage_paths(stage, params, variant)
+    dep_list = [p for k, p in deps.items() if k not in extra] + [p for ps in extra.values() for p in ps]
+    missing = [str(p) for p in dep_list if not (workspace / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"stage {name}: missing inputs {missing}; run the upstream stages first")
+
+    torch.set_num_threads(params.run.num_threads)
+    rank = int(os.environ.get("RANK", "0"))
+    main_process = rank == 0
+    tmp_outs = {k: workspace / temp_path(p) for k, p in outs.items()}
+    if main_process:
+        for t in tmp_outs.values():
+            shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
+    ckpt = workspace / "data" / ".ckpt" / (name + (f"-{variant}" if variant else ""))
+    ckpt.mkdir(parents=True, exist_ok=True)
+    sub = select(params, [expand(k, wildcards) for k in stage.params]) if stage.params else {}
+
+    def body(log, log_artifact) -> dict:
+        ctx = Ctx(params=params, deps={k: workspace / p for k, p in deps.items()}, outs=tmp_outs, wildcards=wildcards,
+                  ckpt=ckpt, device=resolve_device(params.run.device), log=log, log_artifact=log_artifact,
+                  workspace=workspace)
+        t0 = time.time()
+        metrics = stage.run(ctx) or {}
+        metrics = {**_flat_metrics(metrics), "stage_seconds": time.time() - t0}
+        if not main_process:
+            return metrics
+        for k, t in tmp_outs.items():
+            if not t.exists():
+                raise RuntimeError(f"stage {name} finished without writing its output {k!r} ({outs[k]})")
+        from medrl.io import replace_path
+
+        for k, t in tmp_outs.items():
+            final = workspace / outs[k]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            replace_path(t, final)
+        return metrics
+
+    if not main_process:  # extra `accelerate launch` workers: compute, no lineage, no renames
+        return body(lambda m, step=None: None, lambda p: None)
+
+    with tracked_stage(name, stage.track, workspace=workspace, params=sub,
+                       deps=[workspace / p for p in dep_list], wildcards=wildcards) as run:
+        metrics = body(run.log_metrics, run.log_artifact)
+        run.record_outputs([workspace / p for p in outs.values()])
+        run.log_metrics(metrics)
+        for p in outs.values():
+            _log_small_artifacts(run, workspace / p)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    print(f"[medrl] {name}{'[' + variant + ']' if variant else ''} done in {metrics['stage_seconds']:.1f}s "
+          f"(mlflow run {run.run_id})", file=sys.stderr)
+    return metrics
+
+
+def _log_small_artifacts(run, path: Path) -> None:
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    picked = [f for f in files if f.suffix in _ARTIFACT_SUFFIXES and f.stat().st_size <= _ARTIFACT_MAX_BYTES][:20]
+    for f in picked:
+        run.log_artifact(f, artifact_path=path.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", help="stage name (see workflow/graph.py)")
+    ap.add_argument("--variant", help="wildcard value for foreach stages (a key of rl.cxr.variants)")
+    args = ap.parse_args(argv)
+    run_stage(args.stage, args.variant)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

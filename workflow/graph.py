@@ -1,0 +1,568 @@
+"""The stage graph: the ONE definition both engines are generated from.
+
+``workflow/export.py`` writes ``dvc.yaml`` and ``workflow/rules/*.smk`` from STAGES;
+``tests/test_workflow_graph.py`` fails when the committed files drift from it.
+Each stage is a short function over ``src/medrl``: it receives explicit paths and params.
+
+Path templates may contain ``{variant}`` (the CXRL ablation wildcard, values = the keys of
+``rl.cxr.variants`` in params.yaml); Snakemake sees a wildcard rule, DVC a ``foreach`` stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+# ----------------------------------------------------------------------------- stage type
+
+
+@dataclass
+class Ctx:
+    """What a running stage gets: resolved paths (temp paths for outputs), params, logging."""
+
+    params: Any  # medrl.config.Params (full, validated)
+    deps: dict[str, Path]
+    outs: dict[str, Path]
+    wildcards: dict[str, str]
+    ckpt: Path  # resumable checkpoints; survives a killed run, removed by the stage at the end
+    device: str
+    log: Callable[[dict[str, float], int | None], None]
+    log_artifact: Callable[[Path], None]
+    workspace: Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    track: str
+    run: Callable[[Ctx], dict]
+    deps: dict[str, str]
+    outs: dict[str, str]
+    params: tuple[str, ...]  # dotted params.yaml keys (leaf or section); may contain {variant}
+    gpu: bool = False  # ask SLURM for a GPU
+    accelerate: bool = False  # launch through `accelerate launch` (multi-GPU capable)
+    foreach: str | None = None  # params key whose mapping keys are the {variant} values
+    doc: str = ""
+
+    def cmd(self, wildcard_fmt: str | None = None) -> str:
+        launcher = "accelerate launch" if self.accelerate else "python"
+        cmd = f"{launcher} workflow/entry.py {self.name}"
+        if self.foreach:
+            cmd += f" --variant {wildcard_fmt}"
+        return cmd
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def stage(**kw: Any) -> Callable[[Callable[[Ctx], dict]], Callable[[Ctx], dict]]:
+    def register(fn: Callable[[Ctx], dict]) -> Callable[[Ctx], dict]:
+        s = Stage(name=fn.__name__, run=fn, doc=(fn.__doc__ or "").strip(), **kw)
+        STAGES[s.name] = s
+        return fn
+
+    return register
+
+
+# ============================================================================= data
+
+@stage(track="isic", deps={}, outs={"dataset": "data/datasets/isic"},
+       params=("isic.source", "isic.phantom", "isic.real"))
+def download_isic(c: Ctx) -> dict:
+    """ISIC 2019 (real) or the dermoscopy phantoms (embedded default) in the normalised format."""
+    p = c.params.isic
+    if p.source == "phantom":
+        from medrl.data.phantoms.derm import generate_derm_phantoms
+
+        return generate_derm_phantoms(c.outs["dataset"], n_images=p.phantom.n_images, size=p.phantom.size, seed=p.phantom.seed)
+    from medrl.data.isic import acquire_isic
+
+    r = p.real
+    return acquire_isic(c.outs["dataset"], root=r.root, download=r.download, base_url=r.base_url,
+                        artifact_csv=r.artifact_csv, cache_dir=r.cache_dir)
+
+
+@stage(track="cxr", deps={}, outs={"dataset": "data/datasets/cxr"},
+       params=("cxr.source", "cxr.phantom", "cxr.real"))
+def download_cxr(c: Ctx) -> dict:
+    """MIMIC-CXR-JPG (real, credentialed) or the chest-X-ray phantoms in the normalised format."""
+    p = c.params.cxr
+    if p.source == "phantom":
+        from medrl.data.phantoms.cxr import generate_cxr_phantoms
+
+        return generate_cxr_phantoms(c.outs["dataset"], n_images=p.phantom.n_images, size=p.phantom.size,
+                                     seed=p.phantom.seed, frac_ap=p.phantom.frac_ap)
+    from medrl.data.mimic import acquire_mimic
+
+    r = p.real
+    return acquire_mimic(c.outs["dataset"], root=r.root, download=r.download, base_url=r.base_url,
+                         cache_dir=r.cache_dir, max_images=r.max_images)
+
+
+def _tokenizer(c: Ctx, track: str, texts: list[str]) -> dict:
+    pretrained = getattr(c.params.models, track).pretrained
+    if pretrained:
+        from transformers import CLIPTokenizer
+
+        from medrl.models.tiny_sd import resolve_pretrained
+
+        tok = CLIPTokenizer.from_pretrained(resolve_pretrained(pretrained), subfolder="tokenizer")
+        tok.save_pretrained(c.outs["tokenizer"])
+        return {"vocab_size": float(tok.vocab_size)}
+    from medrl.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(texts, c.outs["tokenizer"], max_length=c.params.models.tiny.max_position_embeddings)
+    return {"vocab_size": float(len(tok))}
+
+
+@stage(track="isic", deps={"dataset": "data/datasets/isic"}, outs={"tokenizer": "data/models/isic/tokenizer"},
+       params=("models.isic.pretrained", "models.tiny.max_position_embeddings"))
+def tokenizer_isic(c: Ctx) -> dict:
+    """CLIP BPE tokenizer built from the ISIC prompt grammar (or the pretrained model's)."""
+    from medrl.data.prompts import ISIC_COLUMNS, evaluation_prompts, labels_to_prompt
+    from medrl.io import read_table
+
+    labels = read_table(c.deps["dataset"] / "labels.csv", ISIC_COLUMNS)
+    texts = sorted({labels_to_prompt(row) for row in labels.to_dict("records")} | set(evaluation_prompts()))
+    return _tokenizer(c, "isic", texts)
+
+
+@stage(track="cxr", deps={"dataset": "data/datasets/cxr"}, outs={"tokenizer": "data/models/cxr/tokenizer"},
+       params=("models.cxr.pretrained", "models.tiny.max_position_embeddings"))
+def tokenizer_cxr(c: Ctx) -> dict:
+    """CLIP BPE tokenizer trained on the report impressions (or the pretrained model's)."""
+    from medrl.data.reports import extract_impression
+    from medrl.io import read_table
+
+    meta = read_table(c.deps["dataset"] / "metadata.csv", ["report", "split"])
+    texts = [extract_impression(r) for r in meta.loc[meta.split == "train", "report"].astype(str)]
+    return _tokenizer(c, "cxr", texts)
+
+
+@stage(track="isic", deps={"dataset": "data/datasets/isic"}, outs={"prepared": "data/prepared/isic"},
+       params=("isic.prepare",))
+def prepare_isic(c: Ctx) -> dict:
+    """Prompts in the RL4Med grammar, train / cls_b / test splits, per-prompt real folders."""
+    from medrl.data.prepare import prepare_isic as run
+
+    p = c.params.isic.prepare
+    return run(c.deps["dataset"], c.outs["prepared"], size=p.size, frac_cls_b=p.frac_cls_b, frac_test=p.frac_test, seed=p.seed)
+
+
+@stage(track="cxr", deps={"dataset": "data/datasets/cxr", "tokenizer": "data/models/cxr/tokenizer"},
+       outs={"prepared": "data/prepared/cxr"}, params=("cxr.prepare",))
+def prepare_cxr(c: Ctx) -> dict:
+    """PA/AP filter, impressions <= max_tokens, train/test pairs, labels, canonical CXR."""
+    from medrl.data.prepare import prepare_cxr as run
+
+    p = c.params.cxr.prepare
+    return run(c.deps["dataset"], c.deps["tokenizer"], c.outs["prepared"], size=p.size, max_tokens=p.max_tokens,
+               n_train=p.n_train, n_test=p.n_test, n_canonical=p.n_canonical, seed=p.seed)
+
+
+# ============================================================================= diffusion stack
+
+_ITEMS = {"isic": ("items.csv", "prompt", "RGB"), "cxr": ("pairs.csv", "impression", "L")}
+
+
+def _train_paths(prepared: Path, track: str) -> list[Path]:
+    from medrl.io import read_table
+
+    fname, _, _ = _ITEMS[track]
+    items = read_table(prepared / fname, ["path", "split"])
+    return [Path(p) for p in items.loc[items.split == "train", "path"]]
+
+
+def _stack(c: Ctx, track: str) -> dict:
+    from medrl.models.tiny_sd import build_stack
+
+    m = c.params.models
+    size = getattr(c.params, track).prepare.size
+    return build_stack(c.outs["stack"], pretrained=getattr(m, track).pretrained, tokenizer_dir=c.deps["tokenizer"],
+                       train_images=_train_paths(c.deps["prepared"], track), image_size=size,
+                       channels_mode=_ITEMS[track][2], tiny=m.tiny.model_dump(), vae_train=m.vae_train.model_dump(),
+                       ckpt_dir=c.ckpt, seed=c.params.run.seed, device=c.device)
+
+
+@stage(track="isic", deps={"prepared": "data/prepared/isic", "tokenizer": "data/models/isic/tokenizer"},
+       outs={"stack": "data/models/isic/stack"},
+       params=("models.isic.pretrained", "models.tiny", "models.vae_train", "isic.prepare.size"))
+def stack_isic(c: Ctx) -> dict:
+    """SD-layout model stack: tiny UNet/VAE/CLIP (VAE trained here) or SD v1.5 from a dir/hub id."""
+    return _stack(c, "isic")
+
+
+@stage(track="cxr", deps={"prepared": "data/prepared/cxr", "tokenizer": "data/models/cxr/tokenizer"},
+       outs={"stack": "data/models/cxr/stack"},
+       params=("models.cxr.pretrained", "models.tiny", "models.vae_train", "cxr.prepare.size"))
+def stack_cxr(c: Ctx) -> dict:
+    """SD-layout model stack for CXR: tiny (VAE trained here) or RoentGen from a dir/hub id."""
+    return _stack(c, "cxr")
+
+
+def _latents(c: Ctx, track: str) -> dict:
+    from medrl.io import read_table
+    from medrl.models.latents import extract_latents
+
+    fname, text_col, mode = _ITEMS[track]
+    items = read_table(c.deps["prepared"] / fname, ["path", "split", text_col])
+    return extract_latents(c.deps["stack"], items, c.outs["latents"], size=getattr(c.params, track).prepare.size,
+                           mode=mode, text_col=text_col, device=c.device)
+
+
+@stage(track="isic", deps={"stack": "data/models/isic/stack", "prepared": "data/prepared/isic"},
+       outs={"latents": "data/latents/isic"}, params=("isic.prepare.size",))
+def latents_isic(c: Ctx) -> dict:
+    """VAE latents of every prepared ISIC image, content-hashed against the VAE."""
+    return _latents(c, "isic")
+
+
+@stage(track="cxr", deps={"stack": "data/models/cxr/stack", "prepared": "data/prepared/cxr"},
+       outs={"latents": "data/latents/cxr"}, params=("cxr.prepare.size",))
+def latents_cxr(c: Ctx) -> dict:
+    """VAE latents of every prepared CXR image, content-hashed against the VAE."""
+    return _latents(c, "cxr")
+
+
+def _finetune(c: Ctx, track: str) -> dict:
+    from medrl.models.finetune import finetune_base
+
+    f = c.params.models.finetune_base
+    return finetune_base(c.deps["stack"], c.deps["latents"], c.outs["base"], steps=f.steps, batch_size=f.batch_size,
+                         lr=f.lr, cond_dropout=f.cond_dropout, checkpoint_every=f.checkpoint_every, seed=f.seed,
+                         ckpt_dir=c.ckpt, unet_weights=getattr(c.params.models, track).unet_weights,
+                         device=c.device, mixed_precision=c.params.run.mixed_precision, log_fn=c.log)
+
+
+@stage(track="isic", deps={"stack": "data/models/isic/stack", "latents": "data/latents/isic"},
+       outs={"base": "data/models/isic/base"}, params=("models.finetune_base", "models.isic.unet_weights"),
+       gpu=True, accelerate=True)
+def finetune_base_isic(c: Ctx) -> dict:
+    """The 'SD fine-tuned on ISIC' baseline: supervised text-to-image fine-tuning of the UNet."""
+    return _finetune(c, "isic")
+
+
+@stage(track="cxr", deps={"stack": "data/models/cxr/stack", "latents": "data/latents/cxr"},
+       outs={"base": "data/models/cxr/base"}, params=("models.finetune_base", "models.cxr.unet_weights"),
+       gpu=True, accelerate=True)
+def finetune_base_cxr(c: Ctx) -> dict:
+    """The anchor (RoentGen's role): supervised report-to-CXR fine-tuning of the UNet."""
+    return _finetune(c, "cxr")
+
+
+# ============================================================================= reward / metric models
+
+
+def _classifier(c: Ctx, heads_name: str) -> dict:
+    from medrl.data.prompts import ARTIFACTS4, HEADS6
+    from medrl.io import read_table
+    from medrl.models.classifiers import train_classifier
+
+    k = c.params.classifiers.isic
+    heads, split = (HEADS6, "train") if heads_name == "h6" else (ARTIFACTS4, "cls_b")
+    items = read_table(c.deps["prepared"] / "items.csv", ["path", "split", *heads])
+    return train_classifier(items, heads, c.outs["clf"], train_split=split, eval_split="test",
+                            size=c.params.isic.prepare.size, epochs=k.epochs, batch_size=k.batch_size, lr=k.lr,
+                            seed=k.seed, imagenet_weights=k.imagenet_weights, ckpt_dir=c.ckpt, device=c.device)
+
+
+@stage(track="isic", deps={"prepared": "data/prepared/isic"}, outs={"clf": "data/models/isic/clf_h6"},
+       params=("classifiers.isic", "isic.prepare.size"), gpu=True)
+def classifier_isic_h6(c: Ctx) -> dict:
+    """H=6 artifact + diagnosis classifier (EfficientNet-B0) on the train split: the RL reward."""
+    return _classifier(c, "h6")
+
+
+@stage(track="isic", deps={"prepared": "data/prepared/isic"}, outs={"clf": "data/models/isic/clf_h4"},
+       params=("classifiers.isic", "isic.prepare.size"), gpu=True)
+def classifier_isic_h4(c: Ctx) -> dict:
+    """H=4 artifact classifier on the disjoint cls_b split: the APR metric model."""
+    return _classifier(c, "h4")
+
+
+def _pairs(c: Ctx):
+    from medrl.io import read_table
+
+    return read_table(c.deps["prepared"] / "pairs.csv", ["path", "split", "impression"])
+
+
+@stage(track="cxr", deps={"prepared": "data/prepared/cxr"}, outs={"model": "data/models/cxr/aligner"},
+       params=("classifiers.posture", "cxr.prepare.size"), gpu=True)
+def posture_cxr(c: Ctx) -> dict:
+    """ResNet-18 posture aligner trained with L2 to the canonical CXR; psi error on phantoms."""
+    from medrl.io import load_image
+    from medrl.models.posture import train_posture_aligner
+
+    k, size = c.params.classifiers.posture, c.params.cxr.prepare.size
+    canonical = load_image(c.deps["prepared"] / "canonical.png", size=size, mode="L")
+    return train_posture_aligner(_pairs(c), canonical, c.outs["model"], size=size, epochs=k.epochs,
+                                 batch_size=k.batch_size, lr=k.lr, seed=k.seed, ckpt_dir=c.ckpt, device=c.device)
+
+
+@stage(track="cxr", deps={"prepared": "data/prepared/cxr"}, outs={"model": "data/models/cxr/diag"},
+       params=("classifiers.diag", "cxr.prepare.size"), gpu=True)
+def diag_cxr(c: Ctx) -> dict:
+    """torchxrayvision DenseNet-121 diagnostic model (local weights, or trained on the phantoms)."""
+    from medrl.models.xrv_diag import train_diag
+
+    k = c.params.classifiers.diag
+    return train_diag(_pairs(c), c.outs["model"], size=c.params.cxr.prepare.size, epochs=k.epochs,
+                      batch_size=k.batch_size, lr=k.lr, growth_rate=k.growth_rate, seed=k.seed, ckpt_dir=c.ckpt,
+                      device=c.device, weights=k.weights)
+
+
+@stage(track="cxr", deps={"prepared": "data/prepared/cxr"}, outs={"model": "data/models/cxr/dualenc"},
+       params=("classifiers.dualenc", "cxr.prepare.size"), gpu=True)
+def dualenc_cxr(c: Ctx) -> dict:
+    """CXR-CLIP-style image-report dual encoder (checkpoint, or trained contrastively here)."""
+    from medrl.models.dual_encoder import train_dual_encoder
+
+    k = c.params.classifiers.dualenc
+    return train_dual_encoder(_pairs(c), c.outs["model"], size=c.params.cxr.prepare.size, epochs=k.epochs,
+                              batch_size=k.batch_size, lr=k.lr, embed_dim=k.embed_dim, seed=k.seed, ckpt_dir=c.ckpt,
+                              device=c.device, checkpoint=k.checkpoint)
+
+
+# ============================================================================= RL
+
+
+def _ddpo_config(c: Ctx, track: str, **extra: Any):
+    from medrl.rl.trainer import DDPOConfig
+
+    t = getattr(c.params.rl, track)
+    return DDPOConfig(**c.params.rl.common.model_dump(), epochs=t.epochs, sample_batch_size=t.sample_batch_size,
+                      sample_batches_per_epoch=t.sample_batches_per_epoch, seed=t.seed,
+                      mixed_precision=c.params.run.mixed_precision, **extra)
+
+
+@stage(track="isic", deps={"base": "data/models/isic/base", "clf": "data/models/isic/clf_h6", "prepared": "data/prepared/isic"},
+       outs={"rl": "data/rl/isic"}, params=("rl.common", "rl.isic"), gpu=True, accelerate=True)
+def rl_isic(c: Ctx) -> dict:
+    """DDPO fine-tuning (LoRA) with the H=6 artifact-classifier reward over the 32 prompts."""
+    from medrl.io import read_json
+    from medrl.rewards.isic import ArtifactReward
+    from medrl.rl.trainer import train_ddpo
+
+    prompts = read_json(c.deps["prepared"] / "prompts.json")
+    reward = ArtifactReward(c.deps["clf"], device=c.device)
+    return train_ddpo(c.deps["base"], c.outs["rl"], reward_fn=reward,
+                      prompt_fn=lambda rng, n: [prompts[i] for i in rng.integers(0, len(prompts), n)],
+                      cfg=_ddpo_config(c, "isic", use_ace=False, ace_tokens=0), ckpt_dir=c.ckpt, log_fn=c.log)
+
+
+def _train_reports(c: Ctx) -> tuple[list[str], dict[str, dict[str, float]]]:
+    from medrl.data.reports import PATHOLOGIES
+
+    pairs = _pairs(c)
+    train = pairs[pairs.split == "train"]
+    labels = {r["impression"]: {k: r[k] for k in PATHOLOGIES} for r in train.to_dict("records")}
+    return sorted(labels), labels
+
+
+@stage(track="cxr", deps={"base": "data/models/cxr/base", "prepared": "data/prepared/cxr",
+                          "diag": "data/models/cxr/diag", "dualenc": "data/models/cxr/dualenc"},
+       outs={"bank": "data/models/cxr/anchor_bank"},
+       params=("rl.cxr.bank_k", "rl.cxr.seed", "rl.common.num_steps", "rl.common.guidance_scale", "rl.common.eta"),
+       gpu=True)
+def anchor_bank_cxr(c: Ctx) -> dict:
+    """RLCF 'bank' mode: the frozen anchor's diag/consist scores per train report (K samples each)."""
+    from medrl.rewards.cxr import build_anchor_bank
+
+    reports, labels = _train_reports(c)
+    r = c.params.rl
+    return build_anchor_bank(c.deps["base"], reports, c.outs["bank"], k=r.cxr.bank_k, seed=r.cxr.seed,
+                             num_steps=r.common.num_steps, guidance_scale=r.common.guidance_scale, eta=r.common.eta,
+                             diag_dir=c.deps["diag"], dualenc_dir=c.deps["dualenc"], labels_for=labels.__getitem__,
+                             device=c.device)
+
+
+@stage(track="cxr", deps={"base": "data/models/cxr/base", "prepared": "data/prepared/cxr",
+                          "aligner": "data/models/cxr/aligner", "diag": "data/models/cxr/diag",
+                          "dualenc": "data/models/cxr/dualenc", "bank": "data/models/cxr/anchor_bank"},
+       outs={"rl": "data/rl/cxr/{variant}"},
+       params=("rl.common", "rl.cxr.epochs", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch",
+               "rl.cxr.seed", "rl.cxr.rlcf_mode", "rl.cxr.ace_tokens", "rl.cxr.variants.{variant}"),
+       gpu=True, accelerate=True, foreach="rl.cxr.variants")
+def rl_cxr(c: Ctx) -> dict:
+    """CXRL: DDPO with r = l_align r_align + l_diag r_diag + l_consist r_consist, RLCF and ACE per variant."""
+    from medrl.rewards.cxr import CXRReward
+    from medrl.rl.trainer import train_ddpo
+
+    v = c.params.rl.cxr.variants[c.wildcards["variant"]]
+    reports, labels = _train_reports(c)
+    reward = CXRReward(c.deps["aligner"], c.deps["diag"], c.deps["dualenc"], l_align=v.l_align, l_diag=v.l_diag,
+                       l_consist=v.l_consist, rlcf=v.rlcf, rlcf_mode=c.params.rl.cxr.rlcf_mode,
+                       labels_for=labels.__getitem__, anchor_bank=c.deps["bank"], device=c.device)
+    cfg = _ddpo_config(c, "cxr", use_ace=v.ace, ace_tokens=c.params.rl.cxr.ace_tokens)
+    return train_ddpo(c.deps["base"], c.outs["rl"], reward_fn=reward,
+                      prompt_fn=lambda rng, n: [reports[i] for i in rng.integers(0, len(reports), n)],
+                      cfg=cfg, ckpt_dir=c.ckpt, log_fn=c.log)
+
+
+# ============================================================================= generation
+
+
+def _generate(c: Ctx, prompts: list[str], n: int, seed: int, adapter: Path | None, prompt_ids=None) -> dict:
+    from medrl.sampling.generate import generate
+
+    r = c.params.rl.common
+    return generate(c.deps["base"], c.outs["samples"], prompts=prompts, n_per_prompt=n, seed=seed, adapter_dir=adapter,
+                    num_steps=r.num_steps, guidance_scale=r.guidance_scale, eta=r.eta, device=c.device,
+                    prompt_ids=prompt_ids)
+
+
+_GEN_ISIC = ("generate.isic", "rl.common.num_steps", "rl.common.guidance_scale", "rl.common.eta")
+
+
+def _isic_prompts(c: Ctx) -> list[str]:
+    from medrl.io import read_json
+
+    return read_json(c.deps["prepared"] / "prompts.json")
+
+
+@stage(track="isic", deps={"base": "data/models/isic/base", "prepared": "data/prepared/isic"},
+       outs={"samples": "data/samples/isic/sd"}, params=_GEN_ISIC, gpu=True)
+def generate_sd_isic(c: Ctx) -> dict:
+    """N images per prompt from the fine-tuned SD baseline (held-out seeds)."""
+    g = c.params.generate.isic
+    return _generate(c, _isic_prompts(c), g.n_per_prompt, g.seed, None)
+
+
+@stage(track="isic", deps={"base": "data/models/isic/base", "rl": "data/rl/isic", "prepared": "data/prepared/isic"},
+       outs={"samples": "data/samples/isic/rl"}, params=_GEN_ISIC, gpu=True)
+def generate_rl_isic(c: Ctx) -> dict:
+    """N images per prompt from SD+RL, with the same seeds as the SD samples."""
+    g = c.params.generate.isic
+    return _generate(c, _isic_prompts(c), g.n_per_prompt, g.seed, c.deps["rl"] / "adapter")
+
+
+def _test_reports(c: Ctx) -> tuple[list[str], list[str]]:
+    pairs = _pairs(c)
+    test = pairs[pairs.split == "test"]
+    return list(test["impression"]), list(test["image"].astype(str))
+
+
+_GEN_CXR = ("generate.cxr", "rl.common.num_steps", "rl.common.guidance_scale", "rl.common.eta")
+
+
+@stage(track="cxr", deps={"base": "data/models/cxr/base", "prepared": "data/prepared/cxr"},
+       outs={"samples": "data/samples/cxr/anchor"}, params=_GEN_CXR, gpu=True)
+def generate_cxr_anchor(c: Ctx) -> dict:
+    """Anchor (base) samples for every test report."""
+    reports, ids = _test_reports(c)
+    g = c.params.generate.cxr
+    return _generate(c, reports, g.n_per_report, g.seed, None, prompt_ids=ids)
+
+
+@stage(track="cxr", deps={"base": "data/models/cxr/base", "rl": "data/rl/cxr/{variant}", "prepared": "data/prepared/cxr"},
+       outs={"samples": "data/samples/cxr/{variant}"}, params=_GEN_CXR, gpu=True, foreach="rl.cxr.variants")
+def generate_cxr(c: Ctx) -> dict:
+    """Samples of one CXRL variant for every test report, same seeds as the anchor."""
+    reports, ids = _test_reports(c)
+    g = c.params.generate.cxr
+    return _generate(c, reports, g.n_per_report, g.seed, c.deps["rl"] / "adapter", prompt_ids=ids)
+
+
+# ============================================================================= metrics
+
+_MET_ISIC_DEPS = {"prepared": "data/prepared/isic", "clf_h4": "data/models/isic/clf_h4", "clf_h6": "data/models/isic/clf_h6"}
+
+
+def _metrics_isic(c: Ctx) -> dict:
+    from medrl.metrics.isic_eval import evaluate_isic_samples
+
+    m = c.params.metrics
+    return evaluate_isic_samples(c.deps["samples"], c.deps["prepared"], c.deps["clf_h4"], c.deps["clf_h6"],
+                                 c.outs["metrics"], metrics=m.model_dump(), device=c.device)
+
+
+@stage(track="isic", deps={"samples": "data/samples/isic/sd", **_MET_ISIC_DEPS},
+       outs={"metrics": "data/metrics/isic/sd"}, params=("metrics",))
+def metrics_isic_sd(c: Ctx) -> dict:
+    """APR (H=4), APR per prompt, H=6 reward, perceptual distance, FID/KID of the SD samples."""
+    return _metrics_isic(c)
+
+
+@stage(track="isic", deps={"samples": "data/samples/isic/rl", **_MET_ISIC_DEPS},
+       outs={"metrics": "data/metrics/isic/rl"}, params=("metrics",))
+def metrics_isic_rl(c: Ctx) -> dict:
+    """The same metrics for the SD+RL samples."""
+    return _metrics_isic(c)
+
+
+@stage(track="isic", deps={"prepared": "data/prepared/isic", "sd": "data/samples/isic/sd", "rl": "data/samples/isic/rl"},
+       outs={"metrics": "data/metrics/isic/augment"}, params=("metrics.augment", "isic.prepare.size"), gpu=True)
+def augment_isic(c: Ctx) -> dict:
+    """MEL-vs-NV classifier on real / real+SD / real+RL data, scored per artifact subgroup."""
+    from medrl.io import read_table
+    from medrl.metrics.augment import augment_experiment
+
+    a = c.params.metrics.augment
+    items = read_table(c.deps["prepared"] / "items.csv", ["path", "split", "MEL", "NV"])
+    synthetic = {"real": None, "real+sd": c.deps["sd"] / "manifest.csv", "real+rl": c.deps["rl"] / "manifest.csv"}
+    return augment_experiment(items, synthetic, c.outs["metrics"], size=c.params.isic.prepare.size, epochs=a.epochs,
+                              batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=c.device)
+
+
+_MET_CXR_DEPS = {"prepared": "data/prepared/cxr", "aligner": "data/models/cxr/aligner", "diag": "data/models/cxr/diag",
+                 "dualenc": "data/models/cxr/dualenc"}
+
+
+def _metrics_cxr(c: Ctx) -> dict:
+    from medrl.metrics.cxr_eval import evaluate_cxr_samples
+
+    return evaluate_cxr_samples(c.deps["samples"], c.deps["prepared"], c.deps["aligner"], c.deps["diag"],
+                                c.deps["dualenc"], c.outs["metrics"], metrics=c.params.metrics.model_dump(),
+                                device=c.device)
+
+
+@stage(track="cxr", deps={"samples": "data/samples/cxr/anchor", **_MET_CXR_DEPS},
+       outs={"metrics": "data/metrics/cxr/anchor"}, params=("metrics",))
+def metrics_cxr_anchor(c: Ctx) -> dict:
+    """r_align, AUROC per pathology, image-report similarity, FID (DenseNet features), MS-SSIM: anchor."""
+    return _metrics_cxr(c)
+
+
+@stage(track="cxr", deps={"samples": "data/samples/cxr/{variant}", **_MET_CXR_DEPS},
+       outs={"metrics": "data/metrics/cxr/{variant}"}, params=("metrics",), foreach="rl.cxr.variants")
+def metrics_cxr(c: Ctx) -> dict:
+    """The same metrics for one CXRL variant."""
+    return _metrics_cxr(c)
+
+
+# ============================================================================= tables
+
+
+@stage(track="isic", deps={"sd": "data/metrics/isic/sd", "rl": "data/metrics/isic/rl", "augment": "data/metrics/isic/augment"},
+       outs={"tables": "data/tables/isic"}, params=())
+def tables_isic(c: Ctx) -> dict:
+    """RL4Med tables (CSV, Markdown, LaTeX): SD vs SD+RL, APR per prompt, augmentation."""
+    from medrl.io import read_json
+    from medrl.lineage import run_id_of
+    from medrl.tables.rl4med import build_rl4med_tables
+
+    metrics = {"SD": read_json(c.deps["sd"] / "metrics.json"), "SD+RL": read_json(c.deps["rl"] / "metrics.json")}
+    run_ids = {k: run_id_of(c.deps[k], c.workspace) or "" for k in ("sd", "rl", "augment")}
+    return build_rl4med_tables(metrics, read_json(c.deps["augment"] / "summary.json"),
+                               {"SD": run_ids["sd"], "SD+RL": run_ids["rl"], "augment": run_ids["augment"]},
+                               c.outs["tables"], per_image={"SD": c.deps["sd"], "SD+RL": c.deps["rl"]})
+
+
+@stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}"},
+       outs={"tables": "data/tables/cxr"}, params=("rl.cxr.variants",))
+def tables_cxr(c: Ctx) -> dict:
+    """CXRL Tables 1, 2a, 2b, 3 with the paper's numbers beside ours."""
+    from medrl.io import read_json
+    from medrl.lineage import run_id_of
+    from medrl.tables.cxrl import build_cxrl_tables
+
+    dirs = {"anchor": c.deps["anchor"], **{v: Path(f"data/metrics/cxr/{v}") for v in c.params.rl.cxr.variants}}
+    metrics = {k: read_json(d / "metrics.json") for k, d in dirs.items()}
+    run_ids = {k: run_id_of(d, c.workspace) or "" for k, d in dirs.items()}
+    return build_cxrl_tables(metrics, run_ids, c.outs["tables"])
+
+
+# Stages whose deps expand a {variant} template over ALL variants (an aggregate, not a foreach).
+AGGREGATES = {"tables_cxr": "rl.cxr.variants"}
+# Final targets of `snakemake all` / every DVC stage.
+TARGETS = ("data/tables/isic", "data/tables/cxr")
