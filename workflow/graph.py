@@ -79,7 +79,8 @@ def download_isic(c: Ctx) -> dict:
 
     r = p.real
     return acquire_isic(c.outs["dataset"], root=r.root, download=r.download, base_url=r.base_url,
-                        artifact_csv=r.artifact_csv, cache_dir=r.cache_dir)
+                        artifact_csv=r.artifact_csv, cache_dir=r.cache_dir,
+                        known_hashes=dict(r.known_hashes))
 
 
 @stage(track="cxr", deps={}, outs={"dataset": "data/datasets/cxr"},
@@ -104,9 +105,8 @@ def _tokenizer(c: Ctx, track: str, texts: list[str]) -> dict:
     if pretrained:
         from transformers import CLIPTokenizer
 
-        from medrl.models.tiny_sd import resolve_pretrained
-
-        tok = CLIPTokenizer.from_pretrained(resolve_pretrained(pretrained), subfolder="tokenizer")
+        # same resolution as the model loader: a local diffusers dir, or a hub id in the local cache
+        tok = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", local_files_only=True)
         tok.save_pretrained(c.outs["tokenizer"])
         return {"vocab_size": float(tok.vocab_size)}
     from medrl.data.tokenizer import build_tokenizer
@@ -501,7 +501,8 @@ def augment_isic(c: Ctx) -> dict:
     items = read_table(c.deps["prepared"] / "items.csv", ["path", "split", "MEL", "NV"])
     synthetic = {"real": None, "real+sd": c.deps["sd"] / "manifest.csv", "real+rl": c.deps["rl"] / "manifest.csv"}
     return augment_experiment(items, synthetic, c.outs["metrics"], size=c.params.isic.prepare.size, epochs=a.epochs,
-                              batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=c.device)
+                              batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=c.device,
+                              imagenet_weights=c.params.classifiers.isic.imagenet_weights, ckpt_dir=c.ckpt)
 
 
 _MET_CXR_DEPS = {"prepared": "data/prepared/cxr", "aligner": "data/models/cxr/aligner", "diag": "data/models/cxr/diag",
@@ -537,15 +538,18 @@ def metrics_cxr(c: Ctx) -> dict:
        outs={"tables": "data/tables/isic"}, params=())
 def tables_isic(c: Ctx) -> dict:
     """RL4Med tables (CSV, Markdown, LaTeX): SD vs SD+RL, APR per prompt, augmentation."""
-    from medrl.io import read_json
+    from medrl.io import read_json, read_table
     from medrl.lineage import run_id_of
-    from medrl.tables.rl4med import build_rl4med_tables
+    from medrl.tables.rl4med import augment_metrics_from_per_image, build_rl4med_tables
 
-    metrics = {"SD": read_json(c.deps["sd"] / "metrics.json"), "SD+RL": read_json(c.deps["rl"] / "metrics.json")}
+    m = c.params.metrics
+    metrics = {k: read_json(c.deps[k] / "metrics.json") for k in ("sd", "rl")}
+    augment = augment_metrics_from_per_image(read_table(c.deps["augment"] / "per_image.csv"), n_boot=m.bootstrap,
+                                             ci=m.ci, seed=m.seed)
     run_ids = {k: run_id_of(c.deps[k], c.workspace) or "" for k in ("sd", "rl", "augment")}
-    return build_rl4med_tables(metrics, read_json(c.deps["augment"] / "summary.json"),
-                               {"SD": run_ids["sd"], "SD+RL": run_ids["rl"], "augment": run_ids["augment"]},
-                               c.outs["tables"], per_image={"SD": c.deps["sd"], "SD+RL": c.deps["rl"]})
+    sources = {k: str(c.deps[k] / "metrics.json") for k in ("sd", "rl")}
+    build_rl4med_tables(metrics, augment, run_ids, c.outs["tables"], sources=sources)
+    return {}
 
 
 @stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}"},
@@ -556,10 +560,11 @@ def tables_cxr(c: Ctx) -> dict:
     from medrl.lineage import run_id_of
     from medrl.tables.cxrl import build_cxrl_tables
 
-    dirs = {"anchor": c.deps["anchor"], **{v: Path(f"data/metrics/cxr/{v}") for v in c.params.rl.cxr.variants}}
+    dirs = {"anchor": c.deps["anchor"], **{v: c.workspace / f"data/metrics/cxr/{v}" for v in c.params.rl.cxr.variants}}
     metrics = {k: read_json(d / "metrics.json") for k, d in dirs.items()}
     run_ids = {k: run_id_of(d, c.workspace) or "" for k, d in dirs.items()}
-    return build_cxrl_tables(metrics, run_ids, c.outs["tables"])
+    build_cxrl_tables(metrics, run_ids, c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()})
+    return {}
 
 
 # Stages whose deps expand a {variant} template over ALL variants (an aggregate, not a foreach).

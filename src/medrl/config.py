@@ -107,7 +107,7 @@ class Tiny(_S):
     text_layers: int = 2
     text_heads: int = 4
     max_position_embeddings: int = 77
-    vae_block_out_channels: list[int] = [32, 64]
+    vae_block_out_channels: list[int] = [16, 32, 64]
     latent_channels: int = 4
 
 

@@ -51,7 +51,40 @@ def _client(workspace: Path):
 
     uri = tracking_uri(workspace)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:"):
+        return MlflowClient(tracking_uri=uri)
+    with _sqlite_init_lock(uri):
+        for attempt in range(5):
+            try:
+                return MlflowClient(tracking_uri=uri)  # builds (and on a new file migrates) the store
+            except Exception:
+                if attempt == 4:
+                    raise
+                time.sleep(2.0 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Build a sqlite store one process at a time.
+
+    Two stages starting together on a new mlflow.db (``snakemake --cores 2``, two SLURM jobs)
+    otherwise race in MLflow's schema migration and one fails ("duplicate column name",
+    "Online migration expected to match one row"). The lock (in the temp dir, so nothing
+    appears in the workspace) serialises processes on one host; the retry in ``_client``
+    covers another host migrating the same file on a shared filesystem."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    db = uri.split(":///", 1)[-1]
+    key = hashlib.sha256(str(Path(db).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"medrl-mlflow-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _experiment_id(client, name: str, workspace: Path) -> str:
@@ -254,12 +287,14 @@ def lineage(path: str | Path, workspace: Path) -> list[dict[str, Any]]:
         current = on_disk.exists() and hash_path(on_disk) == run.outputs[out]
         chain.append({"depth": depth, "stage": run.stage, "wildcards": run.wildcards, "run_id": run.run_id,
                       "experiment": run.experiment, "output": out, "hash": run.outputs[out], "current": current,
-                      "git_commit": run.git_commit, "params": run.params, "inputs": run.inputs})
+                      "git_commit": run.git_commit, "params": run.params, "inputs": run.inputs,
+                      "repeat": run.run_id in seen})
         if run.run_id in seen:
             return
         seen.add(run.run_id)
         for dep, h in sorted(run.inputs.items()):
-            visit(dep, depth + 1, h)
+            # recorded paths are relative to the workspace, not to the caller's cwd
+            visit(str(Path(workspace) / dep), depth + 1, h)
 
     visit(str(path), 0, None)
     return chain
@@ -276,6 +311,9 @@ def format_lineage(chain: list[dict[str, Any]]) -> str:
         state = "current" if e["current"] else "STALE (file changed since this run)"
         lines.append(f"{pad}- {e['output']}  sha256 {e['hash'][:12]}  {state}")
         lines.append(f"{pad}  produced by stage {e['stage']}{wc}  run {e['run_id']}  ({e['experiment']}, code {e['git_commit'][:12]})")
+        if e.get("repeat"):
+            lines.append(f"{pad}    (run shown above)")
+            continue
         for k, v in sorted(e["params"].items()):
             lines.append(f"{pad}    param {k} = {v}")
         for dep, h in sorted(e["inputs"].items()):

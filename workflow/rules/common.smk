@@ -25,6 +25,22 @@ wildcard_constraints:
     variant="|".join(variants("rl.cxr.variants")) or "NONE",
 
 
-# GPU-heavy rules ask SLURM for MEDRL_GPUS_PER_JOB GPUs (default 1); 0 on a CPU-only cluster.
-_GPUS = int(os.environ.get("MEDRL_GPUS_PER_JOB", "1"))
-GPU_RESOURCES = {"gpu": _GPUS} if _GPUS > 0 else {}
+# GPU-heavy rules (gpu=True in graph.py) ask SLURM for MEDRL_GPUS_PER_JOB GPUs (default 1;
+# 0 on a CPU-only cluster). snakemake-executor-plugin-slurm turns `gpu` into `--gpus=N`, or
+# `--gpus=MODEL:N` with `gpu_model` (MEDRL_GPU_MODEL); `gpu` and a gpu `gres` are mutually
+# exclusive there, so only `gpu` is used. MEDRL_SLURM_GPU_PARTITION sends these rules to a
+# GPU partition (rule resources override the profile's default-resources). Local runs
+# (no executor plugin) ignore all of these.
+def _gpu_resources(env):
+    gpus = int(env.get("MEDRL_GPUS_PER_JOB", "1"))
+    if gpus <= 0:
+        return {}
+    res = {"gpu": gpus}
+    if env.get("MEDRL_GPU_MODEL"):
+        res["gpu_model"] = env["MEDRL_GPU_MODEL"]
+    if env.get("MEDRL_SLURM_GPU_PARTITION"):
+        res["slurm_partition"] = env["MEDRL_SLURM_GPU_PARTITION"]
+    return res
+
+
+GPU_RESOURCES = _gpu_resources(os.environ)

@@ -1,0 +1,1 @@
+"""Data layer: phantoms, real-data ingest, prompts, reports, tokenizer, prepare stages, Datasets."""

@@ -1,0 +1,97 @@
+"""All CXRL metrics of one model's samples, in the schema ``tables.cxrl`` reads.
+
+r_align (posture aligner), AUROC per pathology of the diagnostic DenseNet-121 on generated
+images against the report labels, image-report cosine similarity (dual encoder), FID/KID with
+the CXR DenseNet-121's pooled features, and MS-SSIM between samples of the same report. Every
+metric carries a bootstrap CI over images; rows are ordered by a model-independent key and
+resampled with the same seed, so "CXRL - other" differences are paired.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medrl.errors import DataError
+from medrl.io import load_image, read_table, write_json, write_table
+from medrl.progress import progress
+
+
+def densenet_pooled(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchxrayvision DenseNet's pooled penultimate features (``features2``)."""
+    return net.features2(x)
+
+
+def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Path, diag_dir: Path, dualenc_dir: Path,
+                         out_dir: Path, *, metrics: dict[str, Any], device: str = "cpu") -> dict[str, float]:
+    """Write ``out_dir/metrics.json`` (tables.cxrl schema) and ``out_dir/per_image.csv``."""
+    from medrl.data.reports import PATHOLOGIES
+    from medrl.metrics.apr import read_manifest
+    from medrl.metrics.auroc import auroc_with_ci
+    from medrl.metrics.bootstrap import bootstrap_ci
+    from medrl.metrics.fidelity import INCEPTION, ModuleExtractorSpec, fid_kid, item_key
+    from medrl.metrics.msssim import msssim_within_groups
+    from medrl.models.dual_encoder import embed_images, embed_texts, load_dual_encoder
+    from medrl.models.posture import load_aligner, predict_psi
+    from medrl.models.xrv_diag import load_diag, predict_probs
+    from medrl.rewards.align import align_reward
+
+    samples_dir, prepared_dir, out_dir = Path(samples_dir), Path(prepared_dir), Path(out_dir)
+    n_boot, ci, seed = int(metrics["bootstrap"]), float(metrics["ci"]), int(metrics["seed"])
+
+    df = read_manifest(samples_dir / "manifest.csv")
+    df["item"] = [item_key(Path(p)) for p in df["path"]]
+    df = df.sort_values("item", kind="stable").reset_index(drop=True)
+    pairs = read_table(prepared_dir / "pairs.csv", ["image", "split", "impression", "path", *PATHOLOGIES])
+    test = pairs[pairs.split == "test"].drop_duplicates("image").set_index(pairs.loc[pairs.split == "test", "image"].astype(str).values)
+    unknown = sorted(set(df["prompt_id"].astype(str)) - set(test.index))[:3]
+    if unknown:
+        raise DataError(f"{samples_dir / 'manifest.csv'}: prompt_id {unknown} not among the test pairs of "
+                        f"{prepared_dir / 'pairs.csv'}; expected samples generated from the test reports")
+    labels = test.loc[df["prompt_id"].astype(str), list(PATHOLOGIES)].to_numpy(np.float32)
+
+    images = torch.stack([load_image(p, mode="L") for p in progress(df["path"], desc="load samples")])
+    aligner = load_aligner(aligner_dir, device=device)
+    diag = load_diag(diag_dir, device=device)
+    dualenc = load_dual_encoder(dualenc_dir, device=device)
+    with torch.no_grad():
+        r_align = align_reward(predict_psi(aligner, images)).cpu().numpy()
+        probs = predict_probs(diag, images).numpy()
+        sim = (embed_images(dualenc, images).cpu() * embed_texts(dualenc, df["prompt"].tolist()).cpu()).sum(-1).numpy()
+
+    items = df["item"].tolist()
+    boot = dict(n_boot=n_boot, ci=ci, seed=seed, keep_boot=True)
+    result: dict[str, Any] = {
+        "r_align": bootstrap_ci(r_align.astype(float), items=items, **boot),
+        "similarity": bootstrap_ci(sim.astype(float), items=items, **boot),
+        "auroc": auroc_with_ci(labels, probs, list(PATHOLOGIES), n_boot=n_boot, ci=ci, seed=seed, items=items),
+        "n_images": int(len(df)),
+    }
+
+    real = [Path(p) for p in test["path"]]
+    if metrics.get("inception_weights"):
+        extractor: Any = INCEPTION
+    else:
+        # CXRL computes FID with a CXR DenseNet-121's features; ours is the pipeline's diag model.
+        # xrv input scaling: [0,1] -> [-1024, 1024]  ==  (x - 0.5) / (1/2048)
+        extractor = ModuleExtractorSpec(module=diag, name="CXR DenseNet-121 (torchxrayvision arch, phantom-trained), pooled",
+                                        features=densenet_pooled, input_size=getattr(diag, "medrl_input_size", None),
+                                        in_channels=1, mean=(0.5,), std=(1.0 / 2048.0,))
+    fk = fid_kid(real, [Path(p) for p in df["path"]], extractor=extractor, weights_path=metrics.get("inception_weights"),
+                 kid_subset_size=int(metrics["kid_subset_size"]), device=device, n_boot=n_boot, ci=ci, seed=seed)
+    result.update(fid=fk["fid_metric"], kid=fk["kid_metric"], feature_extractor=fk["feature_extractor"])
+
+    groups = {pid: [Path(p) for p in g["path"]] for pid, g in df.groupby("prompt_id", sort=True)}
+    ms_pairs, ms = msssim_within_groups(groups, channels="L", device=device, n_boot=n_boot, ci=ci, seed=seed)
+    result["msssim"] = {k: ms[k] for k in ("value", "lo", "hi", "n", "ci", "method", "boot", "boot_key") if k in ms}
+
+    per_image = df.assign(r_align=r_align, similarity=sim, **{f"prob_{c}": probs[:, i] for i, c in enumerate(PATHOLOGIES)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_table(per_image, out_dir / "per_image.csv")
+    write_table(ms_pairs, out_dir / "msssim_pairs.csv")
+    write_json(out_dir / "metrics.json", result)
+    return {"r_align": result["r_align"]["value"], "similarity": result["similarity"]["value"],
+            "auroc_avg": result["auroc"]["avg"]["value"], "fid": result["fid"]["value"], "kid": result["kid"]["value"],
+            "msssim": result["msssim"]["value"], "n_images": float(len(df))}

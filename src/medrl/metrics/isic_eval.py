@@ -1,0 +1,128 @@
+"""All RL4Med metrics of one model's samples, in the schema ``tables.rl4med`` reads.
+
+APR and APR per prompt with the H=4 metric classifier (trained on a split disjoint from the
+reward model's), the H=6 reward the policy optimised, a perceptual distance between real and
+generated images of the same prompt, and FID/KID — each with a bootstrap CI over images,
+resampled over the same items for every model so that "RL - SD" is a paired difference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from medrl.errors import DataError
+from medrl.io import read_json, read_table, write_json, write_table
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def effnet_penultimate(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Global-pooled EfficientNet features (1280-d), the classifier's penultimate layer."""
+    return torch.flatten(net.avgpool(net.features(x)), 1)
+
+
+def _real_by_prompt(prepared: Path) -> dict[str, list[Path]]:
+    from medrl.data.prompts import slug
+
+    prompts = read_json(prepared / "prompts.json")
+    out = {}
+    for p in prompts:
+        folder = prepared / "real_by_prompt" / slug(p)
+        out[p] = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    return out
+
+
+def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Path, clf_h6_dir: Path, out_dir: Path,
+                          *, metrics: dict[str, Any], device: str = "cpu") -> dict[str, float]:
+    """Write ``out_dir/metrics.json`` (tables.rl4med schema) and ``out_dir/per_image.csv``."""
+    from medrl.data.prompts import HEADS6, prompt_to_labels
+    from medrl.metrics.apr import evaluate_apr
+    from medrl.metrics.bootstrap import bootstrap_ci
+    from medrl.metrics.fidelity import INCEPTION, ModuleExtractorSpec, fid_kid, item_key
+    from medrl.metrics.perceptual import (EFFICIENTNET_B0_TAPS, construction_name, lpips_from_local,
+                                          perceptual_net_from_sequential)
+    from medrl.models.classifiers import load_classifier, predict_probs
+    from medrl.rewards.isic import match_reward
+
+    samples_dir, prepared_dir, out_dir = Path(samples_dir), Path(prepared_dir), Path(out_dir)
+    n_boot, ci, seed = int(metrics["bootstrap"]), float(metrics["ci"]), int(metrics["seed"])
+
+    per_image, apr_summary = evaluate_apr(samples_dir / "manifest.csv", clf_h4_dir, device=device)
+    # Rows in a model-independent order so bootstrap resamples pair up across models.
+    per_image["item"] = [item_key(Path(p)) for p in per_image["path"]]
+    per_image = per_image.sort_values("item", kind="stable").reset_index(drop=True)
+    items = per_image["item"].tolist()
+
+    # The H=6 reward the policy was trained on, re-scored on the held-out-seed samples.
+    h6 = load_classifier(clf_h6_dir, device=device)
+    probs6 = torch.from_numpy(predict_probs(h6, per_image, device=device, desc="H=6 reward"))
+    order = [h6.heads.index(h) for h in HEADS6]
+    target6 = torch.tensor([[prompt_to_labels(p)[h] for h in HEADS6] for p in per_image["prompt"]], dtype=torch.float32)
+    per_image["reward"] = match_reward(probs6[:, order], target6).numpy()
+
+    boot = dict(n_boot=n_boot, ci=ci, seed=seed, keep_boot=True)
+    result: dict[str, Any] = {
+        "apr": bootstrap_ci(per_image["exact"].to_numpy(float), items=items, **boot),
+        "reward": bootstrap_ci(per_image["reward"].to_numpy(float), items=items, **boot),
+        "n_images": int(len(per_image)),
+    }
+    result["apr_per_prompt"] = {
+        prompt: bootstrap_ci(g["exact"].to_numpy(float), items=g["item"].tolist(), **boot)
+        for prompt, g in per_image.groupby("prompt", sort=True)
+    }
+
+    # FID / KID: generated vs the held-out real test images.
+    prepared_items = read_table(prepared_dir / "items.csv", ["path", "split"])
+    real_test = [Path(p) for p in prepared_items.loc[prepared_items.split == "test", "path"]]
+    h4 = load_classifier(clf_h4_dir, device=device)
+    if metrics.get("inception_weights"):
+        extractor: Any = INCEPTION
+    else:
+        extractor = ModuleExtractorSpec(module=h4.net, name="EfficientNet-B0 H=4 metric classifier (phantom-trained), 1280-d",
+                                        features=effnet_penultimate, input_size=h4.size, in_channels=3,
+                                        mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    fk = fid_kid(real_test, [Path(p) for p in per_image["path"]], extractor=extractor,
+                 weights_path=metrics.get("inception_weights"), kid_subset_size=int(metrics["kid_subset_size"]),
+                 device=device, n_boot=n_boot, ci=ci, seed=seed)
+    result.update(fid=fk["fid_metric"], kid=fk["kid_metric"], feature_extractor=fk["feature_extractor"])
+
+    # Perceptual distance between real and generated images of the same prompt.
+    if metrics.get("lpips_weights"):
+        net = lpips_from_local(metrics["lpips_weights"])
+    else:
+        net = perceptual_net_from_sequential(h4.net.features, EFFICIENTNET_B0_TAPS,
+                                             name=construction_name("EfficientNet-B0 H=4 (phantom-trained)"),
+                                             input_size=h4.size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    fake_by_prompt = {p: [Path(x) for x in g["path"]] for p, g in per_image.groupby("prompt", sort=True)}
+    pairs, perc = perceptual_distance_call(_real_by_prompt(prepared_dir), fake_by_prompt, net, seed, device, n_boot, ci)
+    result["perceptual"] = {k: perc[k] for k in ("value", "lo", "hi", "n", "ci", "method", "boot", "boot_key") if k in perc}
+    result["perceptual_name"] = perc["name"]
+    if perc.get("prompts_skipped"):
+        result["perceptual_prompts_skipped"] = perc["prompts_skipped"]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_table(per_image, out_dir / "per_image.csv")
+    write_table(pairs, out_dir / "perceptual_pairs.csv")
+    write_json(out_dir / "metrics.json", result)
+    return {"apr": result["apr"]["value"], "reward": result["reward"]["value"], "fid": result["fid"]["value"],
+            "kid": result["kid"]["value"], "perceptual": result["perceptual"]["value"],
+            "n_images": float(len(per_image)), **{f"h4_{k}": v for k, v in apr_summary.items() if k.startswith("acc_")}}
+
+
+def perceptual_distance_call(real_by_prompt, fake_by_prompt, net, seed, device, n_boot, ci) -> tuple[pd.DataFrame, dict]:
+    from medrl.metrics.perceptual import perceptual_distance
+
+    n_real = min((len(v) for v in real_by_prompt.values() if v), default=0)
+    if n_real == 0:
+        raise DataError("real_by_prompt: no real test images for any prompt; expected prepared/real_by_prompt/<slug>/*.png")
+    # every (real, fake) pair of a prompt, capped so the cost stays linear in the sample count
+    n_fake = max(len(v) for v in fake_by_prompt.values())
+    return perceptual_distance(real_by_prompt, fake_by_prompt, net=net, pairs_per_prompt=min(64, n_real * n_fake),
+                               seed=seed, device=device, n_boot=n_boot, ci=ci)
+
+
+__all__ = ["evaluate_isic_samples"]

@@ -1,0 +1,220 @@
+"""Supervised text-to-image fine-tuning of the stack's UNet on the latent store (the "base"
+model that RL starts from: RL4Med fine-tunes SD v1.5 on ISIC; CXRL starts from RoentGen).
+
+Standard SD training: noise the cached latents at uniform random timesteps and regress the
+UNet's prediction onto the noise (or v, if the scheduler predicts v) with MSE. Prompts are
+replaced by "" with probability ``cond_dropout`` so classifier-free guidance works. The
+text encoder is frozen, so the embedding of every distinct prompt is computed once.
+
+Every random draw of step ``s`` comes from a generator seeded by (seed, s) (batch order by
+(seed, epoch)), so a run resumed from a checkpoint follows exactly the same trajectory as
+an uninterrupted one; the checkpoint holds the UNet, AdamW state and loss history.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from medrl.errors import DataError
+from medrl.io import hash_path, write_table
+from medrl.progress import progress
+
+# Step / epoch generators are seeded by seed * _MIX + counter: distinct streams per step.
+_MIX = 1_000_003
+
+
+def _gen(seed: int, counter: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * _MIX + counter) % (2**63))
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This process's slice of the global batch: epoch-wise shuffled (drop-last); with
+    fewer rows than a global batch, sampled with replacement. A pure function of
+    (seed, step, rank) so resumption needs no sampler state."""
+    if n < batch_size * world:
+        return torch.randint(n, (batch_size,), generator=_gen(seed + 7 + 7919 * rank, step))
+    per_epoch = n // (batch_size * world)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=_gen(seed + 13, epoch))
+    start = (k * world + rank) * batch_size
+    return perm[start:start + batch_size]
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up over the first 5 % (at most 100) steps, then constant."""
+    warm = min(100, max(1, steps // 20))
+    return lr * min(1.0, (step + 1) / warm)
+
+
+def write_stack_with_unet(stack_dir: Path, unet, out_dir: Path) -> None:
+    """``out_dir`` = ``stack_dir`` with its UNet replaced: the other parts are copied
+    byte-for-byte, so the VAE hash (checked by the latent store) stays the same."""
+    stack_dir, out_dir = Path(stack_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(stack_dir / "model_index.json", out_dir / "model_index.json")
+    for sub in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        shutil.copytree(stack_dir / sub, out_dir / sub, dirs_exist_ok=True)
+    if (out_dir / "unet").exists():
+        shutil.rmtree(out_dir / "unet")
+    unet.save_pretrained(str(out_dir / "unet"), safe_serialization=True)
+
+
+def _mean(xs: list[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def finetune_base(
+    stack_dir: Path,
+    latents_dir: Path,
+    out_dir: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    cond_dropout: float,
+    checkpoint_every: int,
+    seed: int,
+    ckpt_dir: Path,
+    unet_weights: str | None = None,
+    device: str = "cpu",
+    mixed_precision: str = "no",
+    callback: Callable[[int, float], None] | None = None,
+    log_fn: Callable[[dict[str, float], int], None] | None = None,
+    log_every: int = 50,
+) -> dict:
+    """Fine-tune the UNet of ``stack_dir`` on the ``split == "train"`` rows of the latent
+    store and write the full stack to ``out_dir`` (plus ``out_dir/loss.csv``).
+
+    ``unet_weights``: load that UNet state dict instead of training (e.g. the RL4Med
+    authors' ``pretrained_unet.safetensors``). ``callback(step, loss)`` runs after each
+    step (and after its checkpoint); an exception there aborts the run as a kill would.
+    ``log_fn(metrics, step)`` gets the running loss every ``log_every`` steps (main
+    process). Under ``accelerate launch`` each process draws its own slice of the batch
+    and only the main process writes checkpoints and outputs. Resumes from ``ckpt_dir``
+    when it holds a checkpoint of the same settings, and deletes ``ckpt_dir`` on success."""
+    from accelerate import Accelerator
+
+    from medrl.models.latents import load_latents
+    from medrl.models.tiny_sd import encode_prompts, load_components
+    from medrl.models.vae_train import load_train_state, save_train_state
+
+    stack_dir, latents_dir, out_dir, ckpt_dir = Path(stack_dir), Path(latents_dir), Path(out_dir), Path(ckpt_dir)
+    if not 0.0 <= cond_dropout < 1.0:
+        raise DataError(f"cond_dropout={cond_dropout}: expected a probability in [0, 1)")
+    device = str(device)
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    dev = accelerator.device
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+
+    c = load_components(str(stack_dir), unet_weights=unet_weights)
+    if unet_weights is not None:
+        if main:
+            write_stack_with_unet(stack_dir, c.unet, out_dir)
+            write_table(pd.DataFrame({"step": [], "loss": []}), out_dir / "loss.csv")
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return {"finetune_steps": 0.0, "unet_weights_loaded": 1.0}
+
+    latents, index = load_latents(latents_dir, expect_vae=stack_dir)
+    train = (index["split"] == "train").to_numpy()
+    if not train.any():
+        raise DataError(f"{latents_dir / 'index.csv'}: no rows with split == 'train'")
+    lat = latents[torch.as_tensor(train.copy())]
+    texts = index.loc[train, "text"].astype(str).tolist()
+    if tuple(lat.shape[1:2]) != (c.unet.config.in_channels,):
+        raise DataError(f"{latents_dir}: latents have {lat.shape[1]} channels; the UNet of {stack_dir} "
+                        f"expects {c.unet.config.in_channels}")
+
+    # Row 0 is the unconditional ("") embedding used for dropped prompts.
+    prompts = [""] + sorted(set(texts))
+    pos = {p: i for i, p in enumerate(prompts)}
+    text_idx = torch.tensor([pos[t] for t in texts])
+    with torch.no_grad():
+        emb = torch.cat([encode_prompts(c, prompts[i:i + 64]).float() for i in range(0, len(prompts), 64)])
+
+    sched = c.scheduler
+    n_train_t = int(sched.config.num_train_timesteps)
+    pred_type = sched.config.prediction_type
+    if pred_type not in ("epsilon", "v_prediction"):
+        raise DataError(f"{stack_dir}/scheduler: prediction_type {pred_type!r}; expected epsilon or v_prediction")
+
+    unet = c.unet
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    config = {"kind": "finetune_base", "unet": hash_path(stack_dir / "unet"),
+              "latents": (latents_dir / "manifest.json").read_text(), "steps": steps,
+              "batch_size": batch_size, "lr": lr, "cond_dropout": cond_dropout, "seed": seed,
+              "mixed_precision": mixed_precision, "processes": world}
+    start, losses = 0, []
+    resumed = load_train_state(ckpt_dir, config)
+    if resumed is not None:
+        model_sd, state = resumed
+        unet.load_state_dict(model_sd)
+        start, losses = int(state["step"]), state["losses"].tolist()
+    unet, opt = accelerator.prepare(unet, opt)
+    if resumed is not None:
+        opt.load_state_dict(resumed[1]["optimizer"])
+    emb, lat, text_idx = emb.to(dev), lat.to(dev), text_idx.to(dev)
+
+    t0 = time.perf_counter()
+    for step in progress(range(start, steps), desc="finetune unet", total=steps - start):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr)
+        idx = _batch_indices(len(lat), batch_size, seed, step, rank, world).to(dev)
+        gen = _gen(seed + 7919 * rank, step)
+        noise = torch.randn((batch_size, *lat.shape[1:]), generator=gen).to(dev)
+        t = torch.randint(0, n_train_t, (batch_size,), generator=gen).to(dev)
+        drop = (torch.rand(batch_size, generator=gen) < cond_dropout).to(dev)
+        x0 = lat[idx]
+        cond = emb[torch.where(drop, torch.zeros_like(idx), text_idx[idx])]
+        noisy = sched.add_noise(x0, noise, t)
+        target = noise if pred_type == "epsilon" else sched.get_velocity(x0, noise, t)
+        with accelerator.autocast():
+            pred = unet(noisy, t, cond).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RuntimeError(f"finetune_base: loss is {value} at step {step}; lower models.finetune_base.lr")
+        losses.append(value)
+        done = step + 1
+        if done % checkpoint_every == 0 and done < steps:
+            if main:
+                save_train_state(ckpt_dir, accelerator.unwrap_model(unet).state_dict(),
+                                 {"optimizer": opt.state_dict(), "step": done,
+                                  "losses": torch.tensor(losses, dtype=torch.float64)}, config)
+            accelerator.wait_for_everyone()
+        if log_fn is not None and main and (done % log_every == 0 or done == steps):
+            log_fn({"finetune_loss": _mean(losses[-log_every:]), "finetune_lr": _lr_at(step, steps, lr)}, done)
+        if callback is not None:
+            callback(done, value)
+    elapsed = time.perf_counter() - t0
+
+    accelerator.wait_for_everyone()
+    if main:
+        final = accelerator.unwrap_model(unet).to("cpu", dtype=torch.float32).eval().requires_grad_(False)
+        write_stack_with_unet(stack_dir, final, out_dir)
+        # the main process's loss trajectory (with several processes, its own batches)
+        write_table(pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses}), out_dir / "loss.csv")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return {
+        "finetune_steps": float(steps),
+        "finetune_resumed_from": float(start),
+        "finetune_loss_first100": _mean(losses[:100]),
+        "finetune_loss_last100": _mean(losses[-100:]),
+        "finetune_steps_per_s": (steps - start) / elapsed if steps > start and elapsed > 0 else float("nan"),
+        "finetune_n_train": float(len(lat)),
+        "finetune_n_prompts": float(len(prompts) - 1),
+    }

@@ -1,0 +1,165 @@
+"""Latent store: the VAE latents of a track's images, computed once and content-hashed.
+
+Layout of ``out_dir``:
+- ``latents.safetensors``: key ``latents``, (N, 4, h, w) float32, already multiplied by
+  ``vae.config.scaling_factor`` (so they are what the UNet sees).
+- ``index.csv``: ``image,text,split`` in the same row order (text = prompt or impression).
+- ``manifest.json``: sha256 of the latents file, of the stack's ``vae/`` directory and of
+  the items table, plus shape / size / mode, so readers can check that they are reading
+  latents of the VAE they expect (``load_latents(dir, expect_vae=stack_dir)``).
+
+Encoding uses the posterior *mean*, not a sample. The trained KL-VAE's posterior std is
+tiny (kl_weight 1e-6), so a sample differs from the mean by noise the diffusion model
+would only have to learn as data; the mean makes the store a deterministic function of
+(VAE, images), which is what content hashing and re-runs need. (diffusers' SD training
+script samples instead; the difference is within that posterior noise.)
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from medrl.errors import DataError
+from medrl.io import atomic_path, hash_file, hash_path, load_image, read_json, read_table, write_json, write_table
+from medrl.progress import progress
+
+INDEX_COLUMNS = ["image", "text", "split"]
+
+
+def table_digest(df: pd.DataFrame) -> str:
+    """sha256 of a table's canonical CSV text (independent of where it was read from)."""
+    return hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()
+
+
+def _vae_dir(stack_or_vae: Path) -> Path:
+    p = Path(stack_or_vae)
+    if (p / "vae").is_dir():
+        return p / "vae"
+    if (p / "config.json").is_file():  # already a vae/ directory
+        return p
+    raise DataError(f"{p}: no vae/ directory; expected a model stack directory (SD v1.5 layout)")
+
+
+@torch.no_grad()
+def extract_latents(
+    stack_dir: Path,
+    items: pd.DataFrame | Path,
+    out_dir: Path,
+    *,
+    size: int,
+    mode: str,
+    text_col: str,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> dict:
+    """Encode every row's image (column ``path``) with the stack's VAE into ``out_dir``.
+
+    ``mode`` "RGB" or "L" (grayscale, repeated to 3 channels for the VAE)."""
+    from safetensors.torch import save_file
+
+    from medrl.models.tiny_sd import load_vae
+
+    if mode not in ("RGB", "L"):
+        raise DataError(f"image mode {mode!r}: expected 'RGB' or 'L'")
+    required = ["image", "path", "split", text_col]
+    if isinstance(items, (str, Path)):
+        where = str(items)
+        df = read_table(items, required=required)
+        # Re-read the key columns as strings: ids like "0001" must not become integers.
+        df = pd.read_csv(items, dtype={c: str for c in required})
+    else:
+        df = items
+        where = "items table"
+        missing = [c for c in required if c not in df.columns]
+        if missing:
+            raise DataError(f"{where}: missing columns {missing}; expected at least {required}")
+    if len(df) == 0:
+        raise DataError(f"{where}: no rows; expected at least one image")
+    stack_dir, out_dir = Path(stack_dir), Path(out_dir)
+    vae_dir = _vae_dir(stack_dir)
+    vae = load_vae(str(stack_dir), device=device)
+    sf = float(vae.config.scaling_factor)
+
+    t0 = time.perf_counter()
+    paths = df["path"].astype(str).tolist()
+    chunks = []
+    for i in progress(range(0, len(paths), batch_size), desc="extract latents", total=-(-len(paths) // batch_size)):
+        imgs = [load_image(p, size=size, mode=mode) for p in paths[i:i + batch_size]]
+        x = torch.stack([im.expand(3, -1, -1) if mode == "L" else im for im in imgs]) * 2.0 - 1.0
+        z = vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.mean * sf
+        chunks.append(z.float().cpu())
+    latents = torch.cat(chunks).contiguous()
+    elapsed = time.perf_counter() - t0
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "latents.safetensors") as tmp:
+        save_file({"latents": latents}, str(tmp))
+    index = pd.DataFrame({
+        "image": df["image"].astype(str).to_numpy(),
+        "text": df[text_col].fillna("").astype(str).to_numpy(),
+        "split": df["split"].astype(str).to_numpy(),
+    })
+    write_table(index, out_dir / "index.csv")
+    write_json(out_dir / "manifest.json", {
+        "latents_sha256": hash_file(out_dir / "latents.safetensors"),
+        "vae_sha256": hash_path(vae_dir),
+        "items_sha256": table_digest(df),
+        "index_sha256": hash_file(out_dir / "index.csv"),
+        "shape": list(latents.shape),
+        "scaling_factor": sf,
+        "size": size,
+        "mode": mode,
+        "text_col": text_col,
+        "encoding": "posterior_mean",
+    })
+    return {
+        "latents_n": float(len(latents)),
+        "latents_mean": float(latents.mean()),
+        "latents_std": float(latents.std()),
+        "latents_seconds": elapsed,
+        "latents_per_s": len(latents) / elapsed if elapsed > 0 else float("nan"),
+    }
+
+
+def load_latents(latents_dir: Path, expect_vae: Path | None = None) -> tuple[torch.Tensor, pd.DataFrame]:
+    """(latents (N,4,h,w) float32, index DataFrame ``image,text,split``).
+
+    Verifies the latents file against the manifest, and with ``expect_vae`` (a stack
+    directory, or its vae/ directory) that they were encoded by exactly that VAE."""
+    from safetensors.torch import load_file
+
+    d = Path(latents_dir)
+    for name in ("latents.safetensors", "index.csv", "manifest.json"):
+        if not (d / name).is_file():
+            raise DataError(f"{d / name}: not found; expected a latent store (latents.safetensors, index.csv, manifest.json)")
+    manifest = read_json(d / "manifest.json")
+    for key in ("latents_sha256", "vae_sha256"):
+        if key not in manifest:
+            raise DataError(f"{d / 'manifest.json'}: missing field '{key}'")
+    actual = hash_file(d / "latents.safetensors")
+    if actual != manifest["latents_sha256"]:
+        raise DataError(f"{d / 'latents.safetensors'}: sha256 {actual[:12]} does not match manifest "
+                        f"{manifest['latents_sha256'][:12]}; the file was modified or is corrupt")
+    if expect_vae is not None:
+        vae_dir = _vae_dir(Path(expect_vae))
+        vh = hash_path(vae_dir)
+        if vh != manifest["vae_sha256"]:
+            raise DataError(f"{d}: latents were encoded by a VAE with sha256 {manifest['vae_sha256'][:12]}, "
+                            f"but {vae_dir} has sha256 {vh[:12]}; expected latents of this stack's VAE "
+                            "(re-run latent extraction)")
+    tensors = load_file(str(d / "latents.safetensors"))
+    if "latents" not in tensors:
+        raise DataError(f"{d / 'latents.safetensors'}: no 'latents' tensor; found {sorted(tensors)}")
+    latents = tensors["latents"]
+    # All-string read: image ids like "0001" and empty prompts must round-trip unchanged.
+    index = pd.read_csv(d / "index.csv", dtype=str, keep_default_na=False)
+    if list(index.columns) != INDEX_COLUMNS:
+        raise DataError(f"{d / 'index.csv'}: columns {list(index.columns)}; expected {INDEX_COLUMNS}")
+    if latents.ndim != 4 or latents.shape[0] != len(index):
+        raise DataError(f"{d}: latents shape {tuple(latents.shape)} does not match {len(index)} index rows; "
+                        "expected (N, C, h, w) with N = rows of index.csv")
+    return latents, index

@@ -1,0 +1,217 @@
+"""Train the tiny stack's AutoencoderKL on the track's training images (embedded default).
+
+Loss as in the LDM autoencoder minus the adversarial/LPIPS terms: L1 + MSE reconstruction
+plus ``kl_weight`` x KL to N(0, I). ``kl_weight`` keeps LDM's meaning (KL summed over the
+latent, relative to a reconstruction loss summed over pixels), so SD's 1e-6 is a sensible
+value; both are divided by the number of pixel values to keep the loss O(1).
+
+Training checkpoints to ``ckpt_dir`` and resumes from it bit-exactly (model, optimizer, step
+and the data/noise generator state); the checkpoint is deleted on success. The checkpoint
+helpers here are shared with ``medrl.models.finetune``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from medrl.errors import DataError
+from medrl.io import atomic_dir, load_image
+from medrl.progress import progress
+
+_CKPT = "latest"
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_train_state(ckpt_dir: Path, model_state: dict[str, torch.Tensor], state: dict[str, Any], config: dict) -> None:
+    """Atomically write ``ckpt_dir/latest/`` = model.safetensors + state.pt + config.json.
+
+    ``state`` (optimizer state dict, step, generator state, loss history) must hold only
+    tensors and plain Python values so ``torch.load(weights_only=True)`` can read it."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(Path(ckpt_dir) / _CKPT) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(config, sort_keys=True, default=str))
+
+
+def load_train_state(ckpt_dir: Path, config: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The checkpoint in ``ckpt_dir`` if it was written by a run with the same ``config``;
+    None (and a warning) when there is none or it belongs to different settings."""
+    from safetensors.torch import load_file
+
+    d = Path(ckpt_dir) / _CKPT
+    if not (d / "config.json").is_file():
+        return None
+    saved = json.loads((d / "config.json").read_text())
+    want = json.loads(json.dumps(config, sort_keys=True, default=str))
+    if saved != want:
+        diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+        warnings.warn(f"{d}: checkpoint was written with different settings ({diff}); starting from scratch")
+        return None
+    return load_file(str(d / "model.safetensors")), torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+
+
+def paths_digest(paths: list[Path]) -> str:
+    """Identity of an ordered image list for checkpoint fingerprints (names, not contents)."""
+    return hashlib.sha256("\n".join(str(p) for p in paths).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_images(paths: list[Path], size: int, mode: str) -> torch.Tensor:
+    """(N, 3, size, size) float32 in [-1, 1]; grayscale ("L") repeated to 3 channels."""
+    if mode not in ("RGB", "L"):
+        raise DataError(f"image mode {mode!r}: expected 'RGB' or 'L'")
+    if not paths:
+        raise DataError("no images given; expected at least one image path")
+    out = torch.empty(len(paths), 3, size, size)
+    for i, p in enumerate(progress(paths, desc="load images")):
+        img = load_image(p, size=size, mode=mode)
+        out[i] = img.expand(3, -1, -1) if mode == "L" else img
+    return out * 2.0 - 1.0
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up then cosine decay to lr/10 (a function of the step: resumable)."""
+    warm = min(100, max(1, steps // 20))
+    if step < warm:
+        return lr * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def latent_std(vae, x: torch.Tensor, batch_size: int = 64) -> float:
+    """Std of the posterior means of ``x`` (in [-1, 1]) over all latent elements."""
+    device = next(vae.parameters()).device
+    zs = [vae.encode(x[i:i + batch_size].to(device)).latent_dist.mean.float().cpu() for i in range(0, len(x), batch_size)]
+    return float(torch.cat(zs).std())
+
+
+@torch.no_grad()
+def recon_metrics(vae, x: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
+    """MSE and PSNR in [0, 1] pixel space, encoding with the posterior mean."""
+    device = next(vae.parameters()).device
+    mses = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        rec = vae.decode(vae.encode(xb).latent_dist.mean).sample.clamp(-1, 1)
+        mses.append((((rec - xb) / 2.0) ** 2).flatten(1).mean(1).float().cpu())
+    mse = torch.cat(mses)
+    psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    return {"vae_recon_mse": float(mse.mean()), "vae_psnr": float(psnr.mean())}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_vae(
+    vae,
+    images: list[Path],
+    *,
+    size: int,
+    mode: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    kl_weight: float,
+    seed: int,
+    ckpt_dir: Path,
+    device: str = "cpu",
+    hflip: bool = True,
+    checkpoint_every: int = 250,
+    n_holdout: int = 64,
+    callback: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train ``vae`` (an AutoencoderKL, modified in place) and set its scaling_factor to
+    1/std of the training latents, as SD did to arrive at 0.18215.
+
+    ``hflip``: random horizontal flips (label-preserving for dermoscopy; not for CXR, whose
+    heart is on the left). A held-out slice of up to ``n_holdout`` images (10 %) is kept
+    out of training and scored at the end. Returns final recon MSE / PSNR on it.
+    ``callback(step, loss)`` runs after each step (and its checkpoint); an exception there
+    aborts the run as a kill would, and the next call resumes from the checkpoint."""
+    from torch.nn.utils import clip_grad_norm_
+
+    images = [Path(p) for p in images]
+    ckpt_dir = Path(ckpt_dir)
+    x = load_images(images, size, mode)
+    n = len(x)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_hold = min(n_holdout, n // 10)
+    held, train = x[order[:n_hold]], x[order[n_hold:]]
+    if n_hold == 0:  # too few images to hold any out: score on the training set (flagged)
+        held = train
+
+    config = {"kind": "vae", "images": paths_digest(images), "n": n, "size": size, "mode": mode,
+              "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight, "seed": seed, "hflip": hflip,
+              "steps": steps,
+              "vae_config": {k: v for k, v in vae.config.items() if not k.startswith("_")}}
+    gen = torch.Generator().manual_seed(seed + 1)
+    vae.to(device).train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    start, losses = 0, []
+    resumed = load_train_state(ckpt_dir, config)
+    if resumed is not None:
+        model_sd, state = resumed
+        vae.load_state_dict(model_sd)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        start, losses = int(state["step"]), state["losses"].tolist()
+
+    n_pix = 3 * size * size
+    t0 = time.perf_counter()
+    for step in progress(range(start, steps), desc="train vae", total=steps - start):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr)
+        idx = torch.randint(len(train), (batch_size,), generator=gen)
+        xb = train[idx]
+        if hflip:
+            flip = torch.rand(batch_size, generator=gen) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        xb = xb.to(device)
+        post = vae.encode(xb).latent_dist
+        z = post.sample(generator=gen)
+        rec = vae.decode(z).sample
+        err = rec.float() - xb
+        loss = err.abs().mean() + err.pow(2).mean() + kl_weight * post.kl().float().mean() / n_pix
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        done = step + 1
+        if done % checkpoint_every == 0 and done < steps:
+            save_train_state(ckpt_dir, vae.state_dict(),
+                             {"optimizer": opt.state_dict(), "step": done, "rng": gen.get_state(),
+                              "losses": torch.tensor(losses, dtype=torch.float64)}, config)
+        if callback is not None:
+            callback(done, losses[-1])
+    elapsed = time.perf_counter() - t0
+
+    vae.eval().requires_grad_(False)
+    std = latent_std(vae, train)
+    if not math.isfinite(std) or std <= 0:
+        raise RuntimeError(f"VAE latents have std {std}; training diverged")
+    vae.register_to_config(scaling_factor=1.0 / std)
+    metrics = recon_metrics(vae, held)
+    metrics.update({
+        "vae_scaling_factor": 1.0 / std,
+        "vae_steps": float(steps),
+        "vae_loss_last": float(sum(losses[-50:]) / max(1, len(losses[-50:]))) if losses else float("nan"),
+        "vae_steps_per_s": (steps - start) / elapsed if steps > start and elapsed > 0 else float("nan"),
+        "vae_n_holdout": float(n_hold),
+    })
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics

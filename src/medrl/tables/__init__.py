@@ -1,0 +1,1 @@
+"""Paper tables: rendering (render), published numbers (paper), builders (rl4med, cxrl)."""

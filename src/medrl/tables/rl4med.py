@@ -1,0 +1,342 @@
+"""RL4Med-DDPO tables: SD vs SD+RL (with the paired difference), APR per prompt, augmentation.
+
+The seed text has no numbers (see ``paper.RL4MED_PAPER_NOTE``): the paper column is empty.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from medrl.errors import DataError
+from medrl.metrics.auroc import auroc_with_ci
+from medrl.metrics.bootstrap import bootstrap_ci, check_metric, diff_from_boot
+from medrl.tables import paper as P
+from medrl.tables.render import NA, Recorder, fmt_num, need, need_metric, resolve_run_ids, verdict, write_with_values
+
+MODELS = ("sd", "rl")
+LABELS = {"sd": "SD", "rl": "SD+RL"}
+# (key, header, digits, higher is better or None when the paper states no direction)
+MAIN_COLUMNS: tuple[tuple[str, str, int, bool | None], ...] = (
+    ("fid", "FID \u2193", 3, False),
+    ("kid", "KID \u2193", 4, False),
+    ("perceptual", "Perceptual distance", 3, None),
+    ("apr", "APR \u2191", 3, True),
+    ("reward", "Mean reward \u2191", 3, True),
+)
+
+ISIC_SCHEMA_DOC = """
+    Metrics-JSON schema for ISIC models (one file per model, ``sd`` and ``rl``)::
+
+        {
+          "fid":        Metric,  # fidelity.fid_kid(...)["fid_metric"]  (with boot, boot_key)
+          "kid":        Metric,  # fidelity.fid_kid(...)["kid_metric"]
+          "perceptual": Metric,  # perceptual.perceptual_distance(...)[1] (its Metric part)
+          "perceptual_name": str,            # perceptual_distance(...)[1]["name"]
+          "apr":        Metric,  # bootstrap_ci(exact_match_per_image, keep_boot=True, items=image keys)
+          "reward":     Metric,  # bootstrap_ci(H=6 reward per image, keep_boot=True, items=image keys)
+          "apr_per_prompt": {"<prompt>": Metric},   # bootstrap over that prompt's images
+          "n_images":   int,
+          "feature_extractor": str           # fid_kid(...)["feature_extractor"]
+        }
+
+    The five headline Metrics must carry ``boot``/``boot_key`` (``keep_boot=True``): the
+    "RL - SD" row is their paired bootstrap difference, which exists only if both models were
+    resampled over the same items (same prompts, same sampling seeds, same file layout) with
+    the same bootstrap seed (checked through ``boot_key``). Per-prompt replicates are optional
+    (without them the per-prompt difference is n/a).
+
+    Augmentation input (``augment``) — the ``summary.json`` of medrl.metrics.augment, or
+    ``augment_metrics_from_per_image(per_image.csv)`` for CIs::
+
+        {"conditions": {"<condition>": {"overall": {"all": G}, "artifact": {"<a>=<0|1>": G},
+                                        "subset": {"<subset>": G}}}}
+        G = {"n": int, "n_pos": int, "acc": Metric | float | None, "auroc": Metric | float | None}
+
+    Plain floats are shown without CI; "AUROC - real" needs Metrics with paired replicates.
+"""
+
+
+# ----------------------------------------------------------------------------- augmentation CIs
+
+
+def augment_metrics_from_per_image(
+    per_image: pd.DataFrame, *, n_boot: int, ci: float, seed: int,
+    artifacts: Sequence[str] = ("hair", "gel_bubble", "ruler", "ink"), threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Accuracy and AUROC with bootstrap CIs per condition and subgroup from augment's
+    ``per_image.csv`` (columns condition, image, label, prob, subset, the artifact flags).
+
+    Every condition is evaluated on the same real test images: rows are sorted by image and a
+    group's resampling indices depend only on its size and ``seed``, so the replicates of two
+    conditions are paired (``boot_key`` includes the image ids)."""
+    need_cols = ["condition", "image", "label", "prob", "subset", *artifacts]
+    missing = [c for c in need_cols if c not in per_image.columns]
+    if missing:
+        raise DataError(f"per_image: missing columns {missing}; expected {need_cols}")
+    out: dict[str, Any] = {"conditions": {}}
+    for cond, df in per_image.groupby("condition", sort=False):
+        df = df.sort_values("image", kind="stable").reset_index(drop=True)
+        groups: dict[str, dict[str, pd.DataFrame]] = {"overall": {"all": df}, "artifact": {}, "subset": {}}
+        for a in artifacts:
+            for v in (1, 0):
+                groups["artifact"][f"{a}={v}"] = df[df[a].astype(int) == v]
+        for name, g in df.groupby("subset", sort=True):
+            groups["subset"][str(name)] = g
+        entry: dict[str, Any] = {}
+        for kind, gs in groups.items():
+            entry[kind] = {}
+            for name, g in gs.items():
+                y = g["label"].to_numpy(dtype=np.float64)
+                p = g["prob"].to_numpy(dtype=np.float64)
+                items = g["image"].astype(str).tolist()
+                rec: dict[str, Any] = {"n": int(len(g)), "n_pos": int((y == 1).sum())}
+                if len(g) == 0:
+                    rec.update(acc=None, auroc=None)
+                else:
+                    correct = ((p > threshold).astype(np.float64) == y).astype(np.float64)
+                    rec["acc"] = bootstrap_ci(correct, n_boot=n_boot, ci=ci, seed=seed, keep_boot=True, items=items)
+                    rec["auroc"] = auroc_with_ci(y[:, None], p[:, None], ["x"], n_boot=n_boot, ci=ci, seed=seed,
+                                                 items=items)["x"]
+                entry[kind][name] = rec
+        out["conditions"][str(cond)] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+# Model names accepted for the two ISIC models (the workflow may use the display names).
+ALIASES = {"sd": "sd", "SD": "sd", "rl": "rl", "SD+RL": "rl", "sd+rl": "rl", "RL": "rl"}
+
+
+def _canon(d: Mapping[str, Any], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = ALIASES.get(k, k)
+        if key in out:
+            raise DataError(f"{what}: both {k!r} and another alias of {key!r} given; expected one entry per model")
+        out[key] = v
+    return out
+
+
+def _validate(metrics: Mapping[str, Any], run_ids: Mapping[str, str], sources: Mapping[str, str]) -> None:
+    for m in MODELS:
+        where = sources.get(m, f"metrics[{m!r}]")
+        if m not in metrics:
+            raise DataError(f"metrics: no entry for model '{m}'; expected metrics JSONs for {list(MODELS)} "
+                            f"(got {sorted(metrics)})")
+        d = metrics[m]
+        if not isinstance(d, Mapping):
+            raise DataError(f"{where}: expected a metrics JSON object, got {type(d).__name__}")
+        for key, *_ in MAIN_COLUMNS:
+            mt = need_metric(d, [key], where=where)
+            if mt.get("boot") is None or mt.get("boot_key") is None:
+                raise DataError(f"{where}: '{key}' has no bootstrap replicates ('boot', 'boot_key'); expected "
+                                "keep_boot=True so the paired RL - SD difference can be formed")
+        need(d, ["perceptual_name"], where=where, expected="str naming the perceptual measure")
+        need(d, ["n_images"], where=where, expected="int")
+        need(d, ["feature_extractor"], where=where, expected="str")
+        per_prompt = need(d, ["apr_per_prompt"], where=where, expected="{prompt: Metric}")
+        if not isinstance(per_prompt, Mapping) or not per_prompt:
+            raise DataError(f"{where}: 'apr_per_prompt' is empty or not a mapping; expected {{prompt: Metric}}")
+        for prompt, mt in per_prompt.items():
+            check_metric(mt, where=f"{where}: 'apr_per_prompt.{prompt}'")
+    a, b = set(metrics["sd"]["apr_per_prompt"]), set(metrics["rl"]["apr_per_prompt"])
+    if a != b:
+        raise DataError(f"apr_per_prompt: prompts differ between sd and rl (only sd: {sorted(a - b)[:3]}, only rl: "
+                        f"{sorted(b - a)[:3]}); expected the same prompt set")
+
+
+def build_rl4med_tables(
+    metrics: Mapping[str, Mapping[str, Any]],
+    augment: Mapping[str, Any] | None,
+    run_ids: Mapping[str, str],
+    out_dir: str | Path,
+    *,
+    sources: Mapping[str, str] | None = None,
+    notes: Sequence[str] = (),
+) -> dict[str, dict[str, str]]:
+    """Write rl4med_main, rl4med_apr_per_prompt, rl4med_augment (if ``augment``) and
+    rl4med_claims to ``out_dir``; returns {table: {format: path}}.
+
+    ``metrics``: {"sd": JSON, "rl": JSON} (aliases "SD", "SD+RL" accepted); ``run_ids``: MLflow
+    run ids for "sd", "rl" and (with ``augment``) "augment" — a missing key is an error, an
+    empty id is shown as n/a with a note; ``sources``: model -> JSON path for error messages.
+    """
+    metrics, run_ids = _canon(metrics, "metrics"), _canon(run_ids, "run_ids")
+    sources = _canon(sources or {}, "sources")
+    out_dir = Path(out_dir)
+    _validate(metrics, run_ids, sources)
+    rid, run_notes = resolve_run_ids(run_ids, MODELS + (("augment",) if augment is not None else ()))
+    sd, rl = metrics["sd"], metrics["rl"]
+    ci_level = float(sd["apr"].get("ci", 0.95))
+    perceptual_names = sorted({str(sd["perceptual_name"]), str(rl["perceptual_name"])})
+    common = [
+        f"Ours: value [{ci_level:.0%} bootstrap CI]. APR/reward: over generated images; perceptual distance: over "
+        "prompts; FID: basic and KID: percentile bootstrap over real and generated images. RL - SD: paired "
+        "bootstrap on the same prompts and sampling seeds.",
+        P.RL4MED_PAPER_NOTE,
+        *notes,
+        *run_notes,
+    ]
+    written: dict[str, dict[str, str]] = {}
+    pair_run = f"{rid['rl']} - {rid['sd']}"
+
+    # ---------------------------------------------------------------- main
+    rec = Recorder("rl4med_main")
+    rows = []
+    diffs: dict[str, dict | None] = {}
+    for key, *_ in MAIN_COLUMNS:
+        diffs[key] = diff_from_boot(rl[key], sd[key], where=f"rl - sd ({key})")
+    for m in MODELS:
+        row: dict[str, Any] = {"Model": LABELS[m]}
+        for key, head, digits, _ in MAIN_COLUMNS:
+            row[head] = rec.ours(LABELS[m], head, metrics[m][key], model=m, run_id=rid[m], digits=digits)
+        row["paper"] = ""
+        row["n images"] = str(metrics[m]["n_images"])
+        row["MLflow run"] = rid[m]
+        rows.append(row)
+    row = {"Model": "RL - SD (paired)"}
+    for key, head, digits, _ in MAIN_COLUMNS:
+        row[head] = rec.ours("RL - SD", head, diffs[key], model="rl-sd", run_id=pair_run, digits=digits,
+                             source="diff")
+    row.update({"paper": "", "n images": "", "MLflow run": pair_run})
+    rows.append(row)
+    fe = sorted({str(sd["feature_extractor"]), str(rl["feature_extractor"])})
+    main_notes = common + [
+        f"FID/KID feature extractor: {'; '.join(fe)}.",
+        f"Perceptual distance between real and generated images of the same prompt: {'; '.join(perceptual_names)}.",
+        "APR = share of generated images whose predicted artifact set (H=4 metric classifier, trained on a split "
+        "disjoint from the reward classifier's) equals the prompt's exactly. Mean reward = H=6 reward classifier "
+        "agreement with the prompt (the RL objective).",
+    ]
+    written["rl4med_main"] = write_with_values(pd.DataFrame(rows), out_dir / "rl4med_main", rec,
+                                    caption="RL4Med-DDPO: SD vs SD+RL on ISIC", label="tab:rl4med-main",
+                                    notes=main_notes)
+
+    # ---------------------------------------------------------------- APR per prompt
+    rec = Recorder("rl4med_apr_per_prompt")
+    rows = []
+    unpaired = 0
+    for prompt in sorted(sd["apr_per_prompt"]):
+        a, b = sd["apr_per_prompt"][prompt], rl["apr_per_prompt"][prompt]
+        try:
+            d = diff_from_boot(b, a, where=f"apr_per_prompt[{prompt!r}]")
+        except DataError:
+            d, unpaired = None, unpaired + 1
+        rows.append({
+            "Prompt": prompt,
+            "APR SD": rec.ours(prompt, "APR SD", a, model="sd", run_id=rid["sd"], digits=3),
+            "APR SD+RL": rec.ours(prompt, "APR SD+RL", b, model="rl", run_id=rid["rl"], digits=3),
+            "RL - SD": rec.ours(prompt, "RL - SD", d, model="rl-sd", run_id=pair_run, digits=3, source="diff"),
+            "paper": "",
+            "n (SD/RL)": f"{a['n']}/{b['n']}",
+            "MLflow runs (SD/RL)": f"{rid['sd']}/{rid['rl']}",
+        })
+    pp_notes = common + ["Per prompt: bootstrap over that prompt's generated images."]
+    if unpaired:
+        pp_notes.append(f"RL - SD n/a for {unpaired} prompts: no paired per-prompt replicates in the metrics JSONs.")
+    written["rl4med_apr_per_prompt"] = write_with_values(pd.DataFrame(rows), out_dir / "rl4med_apr_per_prompt", rec,
+                                              caption="RL4Med-DDPO: APR per prompt", label="tab:rl4med-apr",
+                                              notes=pp_notes)
+
+    # ---------------------------------------------------------------- augmentation
+    aug_claims: list[tuple[str, dict | None]] = []
+    if augment is not None:
+        written["rl4med_augment"], aug_claims = _augment_table(augment, rid["augment"], out_dir, common)
+
+    # ---------------------------------------------------------------- claims
+    rec = Recorder("rl4med_claims")
+    rows = []
+    for key, head, digits, hib in MAIN_COLUMNS:
+        if hib is None:
+            continue
+        rows.append({"Claim": f"SD+RL beats SD on {head.split(' ')[0] if key != 'reward' else 'mean reward'}",
+                     "Difference": "rl - sd", "Better": "higher" if hib else "lower",
+                     "Ours difference [CI]": rec.ours(head, "RL - SD", diffs[key], model="rl-sd",
+                                                              run_id=pair_run, digits=digits, source="diff"),
+                     "Verdict (ours)": verdict(diffs[key], hib), "MLflow runs": pair_run})
+    for claim, d in aug_claims:
+        rows.append({"Claim": claim, "Difference": f"{claim.split(' ')[0]} - real (overall AUROC)",
+                     "Better": "higher",
+                     "Ours difference [CI]": rec.ours(claim, "diff", d, model="augment",
+                                                              run_id=rid["augment"], digits=3, source="diff"),
+                     "Verdict (ours)": verdict(d, True), "MLflow runs": rid["augment"]})
+    claim_notes = common + [
+        "Verdict: the paired-bootstrap CI of the difference lies on the claimed side of 0 (supported), on the other "
+        "side (contradicted), or includes 0 (inconclusive). The perceptual distance has no stated direction.",
+    ]
+    written["rl4med_claims"] = write_with_values(pd.DataFrame(rows), out_dir / "rl4med_claims", rec,
+                                      caption="RL4Med-DDPO: direction of each claim, measured here",
+                                      label="tab:rl4med-claims", notes=claim_notes)
+    return written
+
+
+def _as_metric(v: Any, where: str) -> dict[str, Any] | None:
+    """Augment cells may be Metrics, plain floats (no CI) or None/NaN."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, (int, float)):
+        return {"value": float(v), "lo": None, "hi": None, "n": None}
+    return check_metric(v, where=where)
+
+
+def _augment_table(augment: Mapping[str, Any], run: str, out_dir: Path,
+                   common: list[str]) -> tuple[dict[str, str], list[tuple[str, dict | None]]]:
+    where = "augment"
+    conds = need(augment, ["conditions"], where=where, expected="{condition: {overall, artifact, subset}}")
+    if not isinstance(conds, Mapping) or not conds:
+        raise DataError(f"{where}: 'conditions' is empty; expected at least one condition")
+    rec = Recorder("rl4med_augment")
+    rows = []
+    no_ci = False
+    claims: list[tuple[str, dict | None]] = []
+    for cond, entry in conds.items():
+        for kind in ("overall", "artifact", "subset"):
+            groups = need(entry, [kind], where=f"{where}.conditions.{cond}", expected="{group: {n, acc, auroc}}")
+            for name, g in groups.items():
+                w = f"{where}.conditions.{cond}.{kind}.{name}"
+                n = need(g, ["n"], where=w, expected="int")
+                acc = _as_metric(need(g, ["acc"], where=w, expected="Metric or float"), f"{w}.acc")
+                auc = _as_metric(need(g, ["auroc"], where=w, expected="Metric or float"), f"{w}.auroc")
+                no_ci |= any(m is not None and m.get("lo") is None for m in (acc, auc))
+                delta = None
+                if cond != "real" and "real" in conds:
+                    ref = conds["real"].get(kind, {}).get(name, {}).get("auroc")
+                    if isinstance(ref, Mapping) and isinstance(auc, Mapping) and auc.get("boot") is not None:
+                        try:
+                            delta = diff_from_boot(auc, ref, where=f"{w}: {cond} - real")
+                        except DataError:
+                            delta = None
+                    if kind == "overall":
+                        claims.append((f"{cond} beats real-only training on overall AUROC", delta))
+                label = f"{cond} / {name}"
+                rows.append({
+                    "Condition": cond, "Subgroup kind": kind, "Subgroup": name,
+                    "n test": fmt_num(n, 0) if n is not None else NA,
+                    "n pos": fmt_num(g.get("n_pos"), 0) if g.get("n_pos") is not None else "",
+                    "Accuracy": rec.ours(label, "Accuracy", acc, model=cond, run_id=run, digits=3),
+                    "AUROC": rec.ours(label, "AUROC", auc, model=cond, run_id=run, digits=3),
+                    "AUROC - real": ("" if cond == "real" else
+                                     rec.ours(label, "AUROC - real", delta, model=f"{cond}-real", run_id=run,
+                                              digits=3, source="diff")),
+                    "paper": "", "MLflow run": run,
+                })
+    notes = common + [
+        "MEL-vs-NV classifier trained on real data alone or real + generated images, evaluated on the real test "
+        "split overall and per artifact subgroup (artifact present/absent; exact artifact subset).",
+        "n/a AUROC: the subgroup has one label value. AUROC - real: paired bootstrap over the same test images.",
+    ]
+    if no_ci:
+        notes.append("Cells without [CI] come from an augmentation summary with point values only.")
+    paths = write_with_values(pd.DataFrame(rows), out_dir / "rl4med_augment", rec,
+                   caption="RL4Med-DDPO: synthetic augmentation for artifact subgroups", label="tab:rl4med-augment",
+                   notes=notes)
+    return paths, claims
+
+
+build_rl4med_tables.__doc__ = (build_rl4med_tables.__doc__ or "") + ISIC_SCHEMA_DOC

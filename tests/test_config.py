@@ -1,0 +1,121 @@
+"""params.yaml validation: bad keys fail with a ParamsError naming the dotted key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medrl.config import Params, load_params, select, validate_params
+from medrl.errors import ParamsError
+from medrl_testutil import REPO, small_params
+
+
+def _raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repository_params_validate():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    # the file sets every section explicitly (the schema defaults are not silently relied on)
+    assert set(_raw()) == set(Params.model_fields)
+
+
+def test_small_params_validate_and_shrink():
+    small = validate_params(small_params(), source="params_small")
+    full = load_params(REPO / "params.yaml")
+    assert small.isic.phantom.n_images < full.isic.phantom.n_images
+    assert small.run.num_threads == 1
+    # the overlay keeps the variants, so the workspace's dvc.yaml equals the repository's
+    assert list(small.rl.cxr.variants) == list(full.rl.cxr.variants)
+
+
+@pytest.mark.parametrize("path, value, key", [
+    (("isic", "prepare", "sede"), 1, "isic.prepare.sede"),  # typo of a leaf
+    (("rl", "cxr", "variants", "full", "l_algn"), 1.0, "rl.cxr.variants.full.l_algn"),  # inside a mapping
+    (("metrics", "extra_section"), {"a": 1}, "metrics.extra_section"),
+])
+def test_unknown_key_is_named(path, value, key):
+    raw = _raw()
+    node = raw
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(ParamsError, match=rf"unknown key '{key}'"):
+        validate_params(raw)
+
+
+@pytest.mark.parametrize("path, value, key", [
+    (("isic", "phantom", "n_images"), "many", "isic.phantom.n_images"),
+    (("rl", "common", "lr"), [0.1], "rl.common.lr"),
+    (("run", "device"), "tpu", "run.device"),  # not one of auto/cpu/cuda
+    (("cxr", "prepare", "n_test"), 1, "cxr.prepare.n_test"),  # below its minimum
+    (("rl", "cxr", "variants", "no_ace", "ace"), "sometimes", "rl.cxr.variants.no_ace.ace"),
+])
+def test_wrong_type_is_named(path, value, key):
+    raw = _raw()
+    node = raw
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(ParamsError) as e:
+        validate_params(raw)
+    assert f"key '{key}'" in str(e.value)
+    assert repr(value) in str(e.value)  # the offending value is shown
+
+
+def test_missing_path_is_named(tmp_path):
+    raw = _raw()
+    missing = tmp_path / "no" / "such" / "weights.safetensors"
+    raw["classifiers"]["diag"]["weights"] = str(missing)
+    with pytest.raises(ParamsError, match=r"key 'classifiers\.diag\.weights': path .* does not exist"):
+        validate_params(raw)
+    # the same file once it exists passes
+    missing.parent.mkdir(parents=True)
+    missing.write_bytes(b"")
+    assert validate_params(raw).classifiers.diag.weights == str(missing)
+
+
+def test_bad_variant_name_is_named():
+    raw = _raw()
+    raw["rl"]["cxr"]["variants"]["anchor"] = dict(raw["rl"]["cxr"]["variants"]["full"])
+    with pytest.raises(ParamsError, match=r"key 'rl\.cxr\.variants'"):
+        validate_params(raw)
+
+
+def test_load_params_file_errors(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="top level must be a mapping"):
+        load_params(top)
+
+
+def test_select_names_unknown_key():
+    params = load_params(REPO / "params.yaml")
+    assert select(params, ["isic.prepare.seed"]) == {"isic.prepare.seed": params.isic.prepare.seed}
+    with pytest.raises(ParamsError, match="no key 'isic.prepare.nope'"):
+        select(params, ["isic.prepare.nope"])
+
+
+def test_cli_params_check(tmp_path):
+    medrl = Path(sys.executable).parent / "medrl"
+    ok = subprocess.run([str(medrl), "params-check", str(REPO / "params.yaml")], capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout
+    raw = _raw()
+    raw["generate"]["isic"]["n_per_promt"] = 3
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([str(medrl), "params-check", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown key 'generate.isic.n_per_promt'" in proc.stderr

@@ -1,0 +1,255 @@
+"""VAE training, the latent store and supervised base fine-tuning (incl. exact resume)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from medrl.data.tokenizer import build_tokenizer
+from medrl.errors import DataError
+from medrl.io import read_json
+from medrl.models.finetune import finetune_base
+from medrl.models.latents import extract_latents, load_latents
+from medrl.models.tiny_sd import build_stack, build_tiny_stack, encode_prompts, load_components
+from medrl.models.vae_train import load_images, recon_metrics, train_vae
+
+PROMPTS = ["melanoma", "nevus", "melanoma with hair", "nevus with hair"]
+TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+            text_hidden_size=32, text_layers=1, text_heads=2, max_position_embeddings=77,
+            vae_block_out_channels=[16, 32], latent_channels=4)
+SIZE = 32
+VAE_TRAIN = dict(steps=40, batch_size=4, lr=2e-3, kl_weight=1e-6, seed=0)
+
+
+def _lesion(prompt: str, rng: np.random.Generator, mode: str = "RGB") -> Image.Image:
+    """Skin-coloured background, a lesion whose colour depends on its label, optional hair."""
+    im = Image.new("RGB", (SIZE, SIZE), tuple(int(v) for v in rng.integers([190, 130, 110], [230, 160, 140])))
+    d = ImageDraw.Draw(im)
+    cx, cy = rng.uniform(12, 20, 2)
+    r = rng.uniform(5, 9)
+    d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(60, 30, 20) if "melanoma" in prompt else (150, 100, 70))
+    if "hair" in prompt:
+        for _ in range(3):
+            d.line(list(rng.uniform(0, SIZE, 4)), fill=(20, 15, 10), width=1)
+    return im.convert(mode)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("latents_ft")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        prompt = PROMPTS[i % 4]
+        path = root / "images" / f"{i:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        _lesion(prompt, rng).save(path)
+        rows.append({"image": f"{i:04d}", "path": str(path), "prompt": prompt, "split": "train" if i < 12 else "test"})
+    items = pd.DataFrame(rows)
+    build_tokenizer(PROMPTS, root / "tokenizer", vocab_size=560)
+    build_tiny_stack(root / "stack", root / "tokenizer", TINY, SIZE, seed=0)
+    m = extract_latents(root / "stack", items, root / "latents", size=SIZE, mode="RGB", text_col="prompt", batch_size=5)
+    return {"root": root, "items": items, "stack": root / "stack", "latents": root / "latents", "extract": m}
+
+
+def _vae(stack: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(stack / "vae"))
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+def test_train_vae_resume_after_kill_is_exact(data, tmp_path: Path):
+    paths = [Path(p) for p in data["items"]["path"]]
+    kw = dict(size=SIZE, mode="RGB", steps=6, batch_size=4, lr=1e-3, kl_weight=1e-6, seed=3, checkpoint_every=2)
+    vae_a = _vae(data["stack"])
+    ma = train_vae(vae_a, paths, ckpt_dir=tmp_path / "a", **kw)
+    assert not (tmp_path / "a").exists()
+    assert vae_a.config.scaling_factor == pytest.approx(ma["vae_scaling_factor"]) and ma["vae_scaling_factor"] != 0.18215
+
+    def kill(step: int, loss: float) -> None:
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(_vae(data["stack"]), paths, ckpt_dir=tmp_path / "b", callback=kill, **kw)
+    assert (tmp_path / "b" / "latest" / "model.safetensors").is_file()
+    vae_b = _vae(data["stack"])
+    mb = train_vae(vae_b, paths, ckpt_dir=tmp_path / "b", **kw)
+    for (k, va), vb in zip(vae_a.state_dict().items(), vae_b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=k)
+    assert mb["vae_psnr"] == pytest.approx(ma["vae_psnr"], abs=1e-4)
+    assert mb["vae_scaling_factor"] == pytest.approx(ma["vae_scaling_factor"], rel=1e-5)
+
+
+def test_build_stack_trains_vae_and_copies_pretrained(data, tmp_path: Path):
+    paths = [Path(p) for p in data["items"]["path"]]
+    x = load_images(paths, SIZE, "RGB")
+    before = recon_metrics(_vae(data["stack"]), x)["vae_psnr"]
+    m = build_stack(tmp_path / "stack", pretrained=None, tokenizer_dir=data["root"] / "tokenizer",
+                    train_images=paths, image_size=SIZE, channels_mode="RGB", tiny=TINY, vae_train=VAE_TRAIN,
+                    ckpt_dir=tmp_path / "ckpt", seed=0)
+    assert not (tmp_path / "ckpt").exists()
+    c = load_components(str(tmp_path / "stack"))
+    assert c.vae.config.scaling_factor == pytest.approx(m["vae_scaling_factor"])
+    after = recon_metrics(c.vae, x)["vae_psnr"]
+    assert after > before + 3.0, (before, after)
+    # the saved scaling factor makes the training latents unit-variance
+    with torch.no_grad():
+        z = c.vae.encode(x).latent_dist.mean * c.vae.config.scaling_factor
+    assert 0.7 < float(z.std()) < 1.3
+
+    m2 = build_stack(tmp_path / "copy", pretrained=str(tmp_path / "stack"), tokenizer_dir=None, train_images=[],
+                     image_size=SIZE, channels_mode="RGB", tiny=TINY, vae_train=VAE_TRAIN,
+                     ckpt_dir=tmp_path / "ckpt2", seed=0)
+    assert m2["vae_trained"] == 0.0
+    c2 = load_components(str(tmp_path / "copy"))
+    for a, b in zip(c.vae.state_dict().values(), c2.vae.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(DataError, match="channels_mode"):
+        build_stack(tmp_path / "x", pretrained=None, tokenizer_dir=data["root"] / "tokenizer", train_images=paths,
+                    image_size=SIZE, channels_mode="CMYK", tiny=TINY, vae_train=VAE_TRAIN, ckpt_dir=tmp_path / "c", seed=0)
+
+
+# ----------------------------------------------------------------------------- latents
+
+
+def test_latent_store_contents_and_hash_checks(data, tmp_path: Path):
+    lat, index = load_latents(data["latents"], expect_vae=data["stack"])
+    assert lat.shape == (16, 4, SIZE // 2, SIZE // 2) and lat.dtype == torch.float32
+    assert list(index.columns) == ["image", "text", "split"]
+    assert index["image"].tolist() == data["items"]["image"].tolist()  # "0000" stays a string
+    assert index["text"].tolist() == data["items"]["prompt"].tolist()
+    assert (index["split"] == "train").sum() == 12
+
+    # deterministic posterior mean times the scaling factor
+    vae = _vae(data["stack"]).eval()
+    x = load_images([Path(data["items"]["path"][3])], SIZE, "RGB")
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    torch.testing.assert_close(lat[3:4], z, rtol=1e-4, atol=1e-5)
+
+    # a CSV path gives the same store, byte for byte at the same batch size
+    csv = tmp_path / "items.csv"
+    data["items"].to_csv(csv, index=False)
+    extract_latents(data["stack"], csv, tmp_path / "again", size=SIZE, mode="RGB", text_col="prompt", batch_size=5)
+    m1, m2 = (read_json(d / "manifest.json") for d in (data["latents"], tmp_path / "again"))
+    assert m1 == m2 and m1["encoding"] == "posterior_mean"
+    extract_latents(data["stack"], csv, tmp_path / "b64", size=SIZE, mode="RGB", text_col="prompt", batch_size=64)
+    torch.testing.assert_close(load_latents(tmp_path / "b64")[0], lat, rtol=1e-4, atol=1e-5)
+
+    # latents of another VAE are refused
+    other = tmp_path / "other"
+    build_tiny_stack(other, data["root"] / "tokenizer", TINY, SIZE, seed=1)
+    with pytest.raises(DataError, match="VAE"):
+        load_latents(data["latents"], expect_vae=other)
+
+    # a modified latents file is refused
+    tampered = tmp_path / "tampered"
+    shutil.copytree(data["latents"], tampered)
+    save_file({"latents": lat + 1.0}, str(tampered / "latents.safetensors"))
+    with pytest.raises(DataError, match="does not match manifest"):
+        load_latents(tampered)
+
+    with pytest.raises(DataError, match="missing columns"):
+        extract_latents(data["stack"], data["items"].drop(columns=["prompt"]), tmp_path / "bad",
+                        size=SIZE, mode="RGB", text_col="prompt")
+
+
+def test_grayscale_latents(data, tmp_path: Path):
+    rows = []
+    for i in range(3):
+        p = tmp_path / f"cxr{i}.png"
+        _lesion("nevus", np.random.default_rng(i), mode="L").save(p)
+        rows.append({"image": f"c{i}", "path": str(p), "impression": "", "split": "train"})
+    extract_latents(data["stack"], pd.DataFrame(rows), tmp_path / "lat", size=SIZE, mode="L", text_col="impression")
+    lat, index = load_latents(tmp_path / "lat")
+    assert lat.shape == (3, 4, SIZE // 2, SIZE // 2) and index["text"].tolist() == ["", "", ""]
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+@torch.no_grad()
+def _denoise_loss(stack: Path, latents_dir: Path) -> float:
+    """Epsilon-MSE on the train latents at fixed noise and timesteps."""
+    c = load_components(str(stack))
+    lat, index = load_latents(latents_dir)
+    keep = torch.tensor((index["split"] == "train").to_numpy())
+    x0, texts = lat[keep], index.loc[keep.numpy(), "text"].tolist()
+    g = torch.Generator().manual_seed(123)
+    losses = []
+    for t in (100, 300, 500, 700, 900):
+        noise = torch.randn(x0.shape, generator=g)
+        tt = torch.full((len(x0),), t)
+        pred = c.unet(c.scheduler.add_noise(x0, noise, tt), tt, encode_prompts(c, texts)).sample
+        losses.append(float(((pred - noise) ** 2).mean()))
+    return float(np.mean(losses))
+
+
+def test_finetune_reduces_loss_and_writes_full_stack(data, tmp_path: Path):
+    out = tmp_path / "ft"
+    logged: list[tuple[int, dict]] = []
+    m = finetune_base(data["stack"], data["latents"], out, steps=25, batch_size=8, lr=1e-3, cond_dropout=0.1,
+                      checkpoint_every=20, seed=0, ckpt_dir=tmp_path / "ckpt",
+                      log_fn=lambda metrics, step: logged.append((step, metrics)), log_every=10)
+    assert not (tmp_path / "ckpt").exists()
+    assert [s for s, _ in logged] == [10, 20, 25] and all(np.isfinite(d["finetune_loss"]) for _, d in logged)
+    assert m["finetune_n_train"] == 12 and m["finetune_n_prompts"] == 4
+    loss = pd.read_csv(out / "loss.csv")
+    assert len(loss) == 25 and np.isfinite(loss["loss"]).all()
+    assert loss["loss"].tail(10).mean() < loss["loss"].head(10).mean()
+    before, after = _denoise_loss(data["stack"], data["latents"]), _denoise_loss(out, data["latents"])
+    assert after < 0.8 * before, (before, after)
+    # full stack, same VAE bytes: the latent store still matches it
+    load_latents(data["latents"], expect_vae=out)
+    c = load_components(str(out))
+    assert not any(p.requires_grad for p in c.unet.parameters())
+
+
+def test_finetune_resume_after_kill_matches_uninterrupted(data, tmp_path: Path):
+    kw = dict(steps=6, batch_size=4, lr=1e-3, cond_dropout=0.5, checkpoint_every=2, seed=1)
+    finetune_base(data["stack"], data["latents"], tmp_path / "a", ckpt_dir=tmp_path / "ca", **kw)
+
+    def kill(step: int, loss: float) -> None:
+        if step == 5:  # after the step-4 checkpoint, mid-interval
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune_base(data["stack"], data["latents"], tmp_path / "b", ckpt_dir=tmp_path / "cb", callback=kill, **kw)
+    assert (tmp_path / "cb" / "latest" / "state.pt").is_file() and not (tmp_path / "b" / "unet").exists()
+    m = finetune_base(data["stack"], data["latents"], tmp_path / "b", ckpt_dir=tmp_path / "cb", **kw)
+    assert m["finetune_resumed_from"] == 4
+    ua, ub = load_components(str(tmp_path / "a")).unet, load_components(str(tmp_path / "b")).unet
+    for (k, va), vb in zip(ua.state_dict().items(), ub.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=k)
+    la, lb = pd.read_csv(tmp_path / "a" / "loss.csv"), pd.read_csv(tmp_path / "b" / "loss.csv")
+    np.testing.assert_allclose(la["loss"], lb["loss"], rtol=1e-6)
+
+    # a checkpoint from other settings is not resumed
+    with pytest.raises(KeyboardInterrupt):
+        finetune_base(data["stack"], data["latents"], tmp_path / "c", ckpt_dir=tmp_path / "cc", callback=kill, **kw)
+    with pytest.warns(UserWarning, match="different settings"):
+        m = finetune_base(data["stack"], data["latents"], tmp_path / "c", ckpt_dir=tmp_path / "cc", **{**kw, "lr": 2e-3})
+    assert m["finetune_resumed_from"] == 0
+
+
+def test_finetune_with_unet_weights_skips_training(data, tmp_path: Path):
+    c = load_components(str(data["stack"]))
+    sd = {k: v + 0.5 for k, v in c.unet.state_dict().items()}
+    save_file(sd, str(tmp_path / "pretrained_unet.safetensors"))
+    m = finetune_base(data["stack"], data["latents"], tmp_path / "out", steps=100, batch_size=4, lr=1e-3,
+                      cond_dropout=0.1, checkpoint_every=10, seed=0, ckpt_dir=tmp_path / "ckpt",
+                      unet_weights=str(tmp_path / "pretrained_unet.safetensors"))
+    assert m["finetune_steps"] == 0.0
+    for k, v in load_components(str(tmp_path / "out")).unet.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    load_latents(data["latents"], expect_vae=tmp_path / "out")

@@ -1,0 +1,299 @@
+"""Table builders: CSV/MD/TEX with our numbers (from the metrics JSON) beside the paper's."""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medrl.errors import DataError
+from medrl.metrics.bootstrap import bootstrap_ci, diff_from_boot
+from medrl.tables import paper as P
+from medrl.tables.cxrl import build_cxrl_tables
+from medrl.tables.render import fmt_ci, tex_escape, write_table
+from medrl.tables.rl4med import augment_metrics_from_per_image, build_rl4med_tables
+
+SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+N_BOOT = 100
+
+
+def _metric(rng: np.random.Generator, mean: float, sd: float, n: int = 40, seed: int = 0) -> dict:
+    """A real bootstrap Metric over n items (same seed/items across models -> pairable)."""
+    x = rng.normal(mean, sd, size=n)
+    return bootstrap_ci(x, n_boot=N_BOOT, ci=0.95, seed=seed, keep_boot=True, items=[f"r{i}" for i in range(n)])
+
+
+def _cxr_json(rng: np.random.Generator, shift: float) -> dict:
+    return {
+        "r_align": _metric(rng, -0.3 + shift, 0.05),
+        "auroc": {**{c: _metric(rng, 0.6 + shift, 0.05) for c in P.CXR_CLASSES},
+                  "avg": _metric(rng, 0.6 + shift, 0.02)},
+        "similarity": _metric(rng, 0.3 + shift, 0.05),
+        "fid": _metric(rng, 20 - 10 * shift, 1.0),
+        "kid": _metric(rng, 0.02, 0.001),
+        "msssim": _metric(rng, 0.2, 0.01),
+        "n_images": 40,
+        "feature_extractor": "DenseNet-121 (phantom-trained) penultimate features",
+    }
+
+
+@pytest.fixture()
+def cxr_metrics():
+    rng = np.random.default_rng(0)
+    shifts = {"anchor": 0.0, "full": 0.1, "no_ace": 0.03, "no_rlcf": 0.05}
+    metrics = {m: _cxr_json(rng, s) for m, s in shifts.items()}
+    for m in ("align_only", "diag_only", "consist_only"):
+        metrics[m] = {"fid": _metric(rng, 18, 1.0), "n_images": 40, "feature_extractor": "DenseNet-121"}
+    run_ids = {m: f"run{i:02d}abc" for i, m in enumerate(metrics)}
+    return metrics, run_ids
+
+
+def _cells(csv: Path) -> str:
+    return csv.read_text()
+
+
+def test_cxrl_tables_carry_our_numbers_and_the_papers(cxr_metrics, tmp_path):
+    metrics, run_ids = cxr_metrics
+    out = build_cxrl_tables(metrics, run_ids, tmp_path, notes=["phantom data, tiny models"])
+    assert set(out) == {"cxrl_table1", "cxrl_table2a", "cxrl_table2b", "cxrl_table3", "cxrl_claims"}
+    for paths in out.values():
+        for fmt in ("csv", "md", "tex", "values"):
+            assert Path(paths[fmt]).is_file()
+    t1 = pd.read_csv(out["cxrl_table1"]["csv"], dtype=str, keep_default_na=False)
+    full = t1[t1["Model"] == "full"].iloc[0]
+    assert full["r_align (psi) \u2191 (ours)"] == fmt_ci(metrics["full"]["r_align"], 3)
+    assert full["AUROC \u2191 (ours)"] == fmt_ci(metrics["full"]["auroc"]["avg"], 3)
+    assert full["r_align (psi) \u2191 (paper)"] == "-0.246" and full["AUROC \u2191 (paper)"] == "0.81"
+    assert full["CXR-CLIP similarity \u2191 (paper)"] == "0.343" and full["MLflow run"] == run_ids["full"]
+    llm = t1[t1["Method"].str.startswith("LLM-CXR")].iloc[0]
+    assert llm["r_align (psi) \u2191 (ours)"] == "n/a" and llm["r_align (psi) \u2191 (paper)"] == "-0.327"
+    diff = t1[t1["Model"] == "full - anchor"].iloc[0]
+    expect = diff_from_boot(metrics["full"]["r_align"], metrics["anchor"]["r_align"])
+    assert diff["r_align (psi) \u2191 (ours)"] == fmt_ci(expect, 3)
+    assert diff["r_align (psi) \u2191 (paper)"] == "0.117"  # -0.246 - (-0.363)
+
+    t2a = _cells(Path(out["cxrl_table2a"]["csv"]))
+    for s in ("2.58", "4.01", "1.51", "1.79", "1.58", "0.197", "0.275", "0.147", "0.192", "0.188",
+              fmt_ci(metrics["no_ace"]["fid"], 3), fmt_ci(metrics["anchor"]["kid"], 4)):
+        assert s in t2a, s
+    t2b = pd.read_csv(out["cxrl_table2b"]["csv"], dtype=str, keep_default_na=False)
+    assert list(t2b["FID \u2193 (paper)"]) == ["2.58", "1.89", "1.64", "1.92", "1.51"]
+    assert t2b.loc[t2b.Model == "diag_only", "FID \u2193 (ours)"].iloc[0] == fmt_ci(metrics["diag_only"]["fid"], 3)
+
+    t3 = pd.read_csv(out["cxrl_table3"]["csv"], dtype=str, keep_default_na=False)
+    assert list(t3["Class"][:12]) == [P.CXR_ABBREV[c] for c in (*P.CXR_CLASSES, "avg")]
+    assert list(t3["CXRL (Ours) (paper)"][:12]) == ["0.87", "0.94", "0.88", "0.89", "0.77", "0.60", "0.63", "0.79",
+                                                     "0.94", "0.70", "0.86", "0.81"]
+    assert list(t3["RoentGen [3] (anchor) (paper)"][:12]) == ["0.78", "0.90", "0.79", "0.71", "0.46", "0.39", "0.46",
+                                                               "0.57", "0.90", "0.48", "0.71", "0.65"]
+    assert t3["w/o ACE (ours)"].iloc[3] == fmt_ci(metrics["no_ace"]["auroc"]["Edema"], 3)
+    assert t3["Class"].iloc[-1] == "MLflow run" and t3["CXRL (Ours) (ours)"].iloc[-1] == run_ids["full"]
+
+    # full-precision values behind the cells
+    vals = pd.read_csv(out["cxrl_table1"]["values"])
+    v = vals[(vals.model == "full") & (vals.column.str.startswith("AUROC"))].iloc[0]
+    assert v["value"] == pytest.approx(metrics["full"]["auroc"]["avg"]["value"])
+    assert v["run_id"] == run_ids["full"]
+
+    md = Path(out["cxrl_table1"]["md"]).read_text()
+    assert "phantom data, tiny models" in md and "| -0.246 |" in md.replace("| -0.246 [", "x")
+    tex = Path(out["cxrl_table1"]["tex"]).read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"r\_align" in tex and r"$\uparrow$" in tex
+    assert "\\label{tab:cxrl1}" in tex
+
+    claims = pd.read_csv(out["cxrl_claims"]["csv"], dtype=str, keep_default_na=False)
+    row = claims[claims.Claim == "CXRL beats RoentGen [3] (anchor) on AUROC (avg)"].iloc[0]
+    assert row["Verdict (ours)"].split(" ")[0] in {"supported", "contradicted", "inconclusive"}
+    assert row["Paper difference"] == "0.160"
+
+
+def test_cxrl_missing_key_or_model_or_run_id_is_a_data_error(cxr_metrics, tmp_path):
+    metrics, run_ids = cxr_metrics
+    bad = copy.deepcopy(metrics)
+    del bad["no_rlcf"]["auroc"]["Edema"]
+    with pytest.raises(DataError, match=r"metrics/no_rlcf.json: missing key 'auroc.Edema'"):
+        build_cxrl_tables(bad, run_ids, tmp_path, sources={"no_rlcf": "metrics/no_rlcf.json"})
+    bad = copy.deepcopy(metrics)
+    bad["full"]["fid"] = {"value": 1.0}
+    with pytest.raises(DataError, match=r"metrics\['full'\].*'fid'.*missing keys"):
+        build_cxrl_tables(bad, run_ids, tmp_path)
+    bad = {k: v for k, v in metrics.items() if k != "anchor"}
+    with pytest.raises(DataError, match="'anchor'"):
+        build_cxrl_tables(bad, run_ids, tmp_path)
+    with pytest.raises(DataError, match="run_ids: no entry for model 'diag_only'"):
+        build_cxrl_tables(metrics, {k: v for k, v in run_ids.items() if k != "diag_only"}, tmp_path)
+    # an empty id (no MLflow run found for that input) does not fail the table: n/a + note
+    out = build_cxrl_tables(metrics, {**run_ids, "diag_only": ""}, tmp_path)
+    t2b = pd.read_csv(out["cxrl_table2b"]["csv"], dtype=str, keep_default_na=False)
+    assert t2b.loc[t2b.Model == "diag_only", "MLflow run"].iloc[0] == "n/a"
+    assert "No MLflow run id was found for: diag_only" in Path(out["cxrl_table2b"]["md"]).read_text()
+
+
+def test_cxrl_optional_models_and_unpaired_differences(cxr_metrics, tmp_path):
+    metrics, run_ids = cxr_metrics
+    m = {k: v for k, v in metrics.items() if k not in ("no_ace", "align_only")}
+    m["full"] = copy.deepcopy(m["full"])
+    m["full"]["fid"]["boot_key"] = "different"
+    out = build_cxrl_tables(m, run_ids, tmp_path)
+    md = Path(out["cxrl_table2a"]["md"]).read_text()
+    assert "Not run, rows omitted: no_ace, align_only" in md
+    assert "Difference n/a" in md and "bootstrap keys differ" in md
+    t2a = pd.read_csv(out["cxrl_table2a"]["csv"], dtype=str, keep_default_na=False)
+    assert t2a.loc[t2a.Key == "full - anchor", "FID \u2193 (ours)"].iloc[0] == "n/a"
+    assert "no_ace" not in set(t2a.Key)
+
+
+# ----------------------------------------------------------------------------- RL4Med
+
+
+def _isic_json(rng: np.random.Generator, prompts: list[str], boost: float) -> dict:
+    n = 32 * 4
+    keys = [f"{i // 4:02d}/{i % 4}.png" for i in range(n)]
+    exact = (rng.uniform(size=n) < 0.4 + boost).astype(float)
+    reward = rng.uniform(0.4, 0.9, size=n) + boost
+    m = lambda x: bootstrap_ci(x, n_boot=N_BOOT, ci=0.95, seed=0, keep_boot=True, items=keys)  # noqa: E731
+    per_prompt = {p: bootstrap_ci(exact[4 * i:4 * i + 4], n_boot=N_BOOT, ci=0.95, seed=0, keep_boot=True,
+                                  items=keys[4 * i:4 * i + 4]) for i, p in enumerate(prompts)}
+    return {"fid": m(rng.normal(30 - 20 * boost, 2, size=n)), "kid": m(rng.normal(0.01, 0.002, size=n)),
+            "perceptual": m(rng.normal(0.3, 0.05, size=n)),
+            "perceptual_name": "LPIPS-construction on EfficientNet-B0 (phantom-trained) features, uniform weights",
+            "apr": m(exact), "reward": m(reward), "apr_per_prompt": per_prompt, "n_images": n,
+            "feature_extractor": "EfficientNet-B0 H=4 (phantom-trained) penultimate"}
+
+
+@pytest.fixture()
+def isic_inputs():
+    rng = np.random.default_rng(1)
+    prompts = [f"a dermoscopic image with melanoma and {i} artifacts" for i in range(32)]
+    metrics = {"sd": _isic_json(rng, prompts, 0.0), "rl": _isic_json(rng, prompts, 0.3)}
+    images = [f"img{i:03d}" for i in range(60)]
+    rows = []
+    for cond, skill in (("real", 0.5), ("real+sd", 0.6), ("real+rl", 0.8)):
+        r = np.random.default_rng(7)  # same labels/artifacts for every condition (same test set)
+        label = r.integers(0, 2, size=60)
+        arts = r.integers(0, 2, size=(60, 4))
+        noise = np.random.default_rng(hash(cond) % 2**32).uniform(size=60)
+        prob = np.clip(skill * label + (1 - skill) * noise, 0, 1)
+        for i in range(60):
+            subset = "+".join(a for a, f in zip(("hair", "gel_bubble", "ruler", "ink"), arts[i]) if f) or "none"
+            rows.append({"condition": cond, "image": images[i], "hair": arts[i, 0], "gel_bubble": arts[i, 1],
+                         "ruler": arts[i, 2], "ink": arts[i, 3], "subset": subset, "label": label[i], "prob": prob[i]})
+    augment = augment_metrics_from_per_image(pd.DataFrame(rows), n_boot=N_BOOT, ci=0.95, seed=0)
+    run_ids = {"sd": "sdrun1", "rl": "rlrun2", "augment": "augrun3"}
+    return metrics, augment, run_ids, prompts
+
+
+def test_rl4med_tables(isic_inputs, tmp_path):
+    metrics, augment, run_ids, prompts = isic_inputs
+    out = build_rl4med_tables(metrics, augment, run_ids, tmp_path)
+    assert set(out) == {"rl4med_main", "rl4med_apr_per_prompt", "rl4med_augment", "rl4med_claims"}
+    main = pd.read_csv(out["rl4med_main"]["csv"], dtype=str, keep_default_na=False)
+    assert list(main["Model"]) == ["SD", "SD+RL", "RL - SD (paired)"]
+    assert main["APR \u2191"].iloc[1] == fmt_ci(metrics["rl"]["apr"], 3)
+    assert main["KID \u2193"].iloc[0] == fmt_ci(metrics["sd"]["kid"], 4)
+    d = diff_from_boot(metrics["rl"]["fid"], metrics["sd"]["fid"])
+    assert main["FID \u2193"].iloc[2] == fmt_ci(d, 3)
+    assert d["value"] == pytest.approx(metrics["rl"]["fid"]["value"] - metrics["sd"]["fid"]["value"])
+    assert (main["paper"] == "").all() and list(main["MLflow run"][:2]) == ["sdrun1", "rlrun2"]
+    md = Path(out["rl4med_main"]["md"]).read_text()
+    assert "carries no numeric results" in md and "uniform weights" in md
+
+    pp = pd.read_csv(out["rl4med_apr_per_prompt"]["csv"], dtype=str, keep_default_na=False)
+    assert len(pp) == 32 and set(pp["Prompt"]) == set(prompts)
+    first = sorted(prompts)[0]
+    assert pp.loc[pp.Prompt == first, "APR SD+RL"].iloc[0] == fmt_ci(metrics["rl"]["apr_per_prompt"][first], 3)
+
+    aug = pd.read_csv(out["rl4med_augment"]["csv"], dtype=str, keep_default_na=False)
+    overall = aug[(aug.Condition == "real+rl") & (aug.Subgroup == "all")].iloc[0]
+    assert overall["AUROC"] == fmt_ci(augment["conditions"]["real+rl"]["overall"]["all"]["auroc"], 3)
+    assert overall["AUROC - real"] != "n/a" and overall["n test"] == "60"
+    assert set(aug["Subgroup kind"]) == {"overall", "artifact", "subset"}
+
+    claims = pd.read_csv(out["rl4med_claims"]["csv"], dtype=str, keep_default_na=False)
+    apr_claim = claims[claims.Claim == "SD+RL beats SD on APR"].iloc[0]
+    assert apr_claim["Verdict (ours)"].startswith("supported")  # boost of +0.3 on 128 images
+    assert any(c.startswith("real+rl beats real-only") for c in claims.Claim)
+    tex = Path(out["rl4med_apr_per_prompt"]["tex"]).read_text()
+    assert tex.count(r"\\") >= 33
+
+
+def test_rl4med_validation(isic_inputs, tmp_path):
+    metrics, augment, run_ids, _ = isic_inputs
+    bad = copy.deepcopy(metrics)
+    del bad["rl"]["perceptual_name"]
+    with pytest.raises(DataError, match=r"rl.json: missing key 'perceptual_name'"):
+        build_rl4med_tables(bad, augment, run_ids, tmp_path, sources={"rl": "rl.json"})
+    bad = copy.deepcopy(metrics)
+    del bad["sd"]["apr"]["boot"]
+    with pytest.raises(DataError, match="'apr' has no bootstrap replicates"):
+        build_rl4med_tables(bad, augment, run_ids, tmp_path)
+    bad = copy.deepcopy(metrics)
+    bad["sd"]["apr_per_prompt"].pop(next(iter(bad["sd"]["apr_per_prompt"])))
+    with pytest.raises(DataError, match="prompts differ"):
+        build_rl4med_tables(bad, augment, run_ids, tmp_path)
+    with pytest.raises(DataError, match="'augment'"):
+        build_rl4med_tables(metrics, augment, {"sd": "a", "rl": "b"}, tmp_path)
+    # the workflow's display names are accepted as aliases
+    out = build_rl4med_tables({"SD": metrics["sd"], "SD+RL": metrics["rl"]}, None, {"SD": "a", "SD+RL": "b"}, tmp_path)
+    assert "rl4med_augment" not in out
+    with pytest.raises(DataError, match="alias"):
+        build_rl4med_tables({"SD": metrics["sd"], "sd": metrics["sd"], "rl": metrics["rl"]}, None, run_ids, tmp_path)
+    # augment.py's own summary.json (point values, NaN written as null) is accepted without CIs
+    summary = {"conditions": {"real": {"overall": {"all": {"n": 60.0, "n_pos": 30.0, "acc": 0.7, "auroc": None}},
+                                       "artifact": {}, "subset": {}}}}
+    out = build_rl4med_tables(metrics, summary, run_ids, tmp_path)
+    aug = pd.read_csv(out["rl4med_augment"]["csv"], dtype=str, keep_default_na=False)
+    assert aug["Accuracy"].iloc[0] == "0.700" and aug["AUROC"].iloc[0] == "n/a"
+    assert "point values only" in Path(out["rl4med_augment"]["md"]).read_text()
+
+
+# ----------------------------------------------------------------------------- rendering, paper numbers
+
+
+def test_render_formats_and_escapes(tmp_path):
+    assert fmt_ci({"value": 0.8123, "lo": 0.79, "hi": 0.8331}) == "0.812 [0.790, 0.833]"
+    assert fmt_ci({"value": 1.0, "lo": None, "hi": None}) == "1.000"
+    assert fmt_ci({"value": float("nan"), "lo": 0.1, "hi": 0.2}) == "n/a"
+    assert tex_escape("a_b & 50% #1 {x} ~ ^") == r"a\_b \& 50\% \#1 \{x\} \textasciitilde{} \textasciicircum{}"
+    df = pd.DataFrame({"name": ["x_1", "y|2"], "v": [1.5, 2.0]})
+    paths = write_table(df, tmp_path / "t", caption="Cap & more", label="tab:t", notes=["note 1"])
+    assert pd.read_csv(paths["csv"]).equals(df)
+    md = Path(paths["md"]).read_text()
+    assert "y\\|2" in md and md.rstrip().endswith("- note 1")
+    tex = Path(paths["tex"]).read_text()
+    assert r"\caption{Cap \& more}" in tex and r"x\_1 & 1.5 \\" in tex and "{lr}" in tex
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
+
+
+def test_cxr_classes_match_the_pipeline():
+    from medrl.data.reports import PATHOLOGIES
+
+    assert list(P.CXR_CLASSES) == list(PATHOLOGIES)
+
+
+@pytest.mark.skipif(not (SEEDS / "004_0d4a1c28a312c6e4.txt").is_file(), reason="seed text not available")
+def test_paper_numbers_match_the_seed_text():
+    text = re.sub(r"[ \u00a0]+", " ", (SEEDS / "004_0d4a1c28a312c6e4.txt").read_text())  # the text has NBSPs
+
+    lines = text.splitlines()
+    t1 = lines[next(i for i, ln in enumerate(lines) if ln.startswith("Table 1:")):]
+    t1_rows = {k: [float(x) for x in re.findall(r"-?\d*\.\d+", next(ln for ln in t1 if ln.startswith(p))[len(p):])]
+               for k, p in (("anchor", "RoentGen [3]"), ("llm_cxr", "LLM-CXR [19]"), ("full", "CXRL (Ours)"),
+                            ("no_ace", "w/o ACE"), ("no_rlcf", "w/o RLCF"))}
+    for k, v in t1_rows.items():
+        assert v == [P.CXRL_TABLE1[k]["r_align"], P.CXRL_TABLE1[k]["auroc"], P.CXRL_TABLE1[k]["similarity"]], k
+    t2 = lines[next(i for i, ln in enumerate(lines) if ln.startswith("(a) Quality Assessment")):]
+    for k, p in (("anchor", "RoentGen [3]"), ("llm_cxr", "LLM-CXR [19]"), ("full", "CXRL (Ours)"),
+                 ("no_ace", "w/o ACE"), ("no_rlcf", "w/o RLCF")):
+        v = [float(x) for x in re.findall(r"\d*\.\d+", next(ln for ln in t2 if ln.startswith(p))[len(p):])]
+        assert v == [P.CXRL_TABLE2A[k]["fid"], P.CXRL_TABLE2A[k]["msssim"]], k
+    t2b = lines[next(i for i, ln in enumerate(lines) if ln.startswith("(b) Ablation")):][:8]
+    fids = [float(re.findall(r"\d+\.\d+\s*$", ln)[0]) for ln in t2b if re.search(r"\d+\.\d+\s*$", ln)]
+    assert fids == [v[2] for v in P.CXRL_TABLE2B.values()]
+    t3 = lines[next(i for i, ln in enumerate(lines) if ln.startswith("Table 3:")):]
+    for k, p in (("anchor", "RoentGen "), ("llm_cxr", "LLM-CXR "), ("full", "CXRL ")):
+        v = [float(x) for x in re.findall(r"\.\d+", next(ln for ln in t3 if ln.startswith(p))[len(p):])]
+        assert v == [P.CXRL_TABLE3[k][c] for c in (*P.CXR_CLASSES, "avg")], k

@@ -1,0 +1,259 @@
+"""The stage graph is defined once (workflow/graph.py) and both engines agree on it.
+
+(a) drift: dvc.yaml / workflow/rules/*.smk are exactly what workflow/export.py generates;
+(b) DVC (parsing dvc.yaml itself) and Snakemake (building the DAG of `all`) list the same
+    stages with the same commands, deps, outs and params keys;
+(c) a one-parameter change re-runs exactly the stages downstream of it, under both engines,
+    with the cheap data stages run for real in a small workspace.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medrl_testutil import (CHEAP_STAGES, CHEAP_TARGETS, REPO, VENV_BIN, dvc_stages, dvc_status, engine_env,
+                            make_workspace, mlflow_stage_runs, run, set_param, snakemake_jobs, snakemake_planned)
+
+sys.path.insert(0, str(REPO / "workflow"))
+from graph import AGGREGATES, STAGES  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)  # (c) runs real stages under both engines: minutes on 2 busy cores
+
+DVC = str(VENV_BIN / "dvc")
+SNAKEMAKE = str(VENV_BIN / "snakemake")
+# what `snakemake -n` is asked to consider (no code/software-env triggers); nargs="+", so it
+# must come after the targets on the command line
+TRIGGERS = ("--rerun-triggers", "params", "mtime", "input")
+
+
+# ============================================================================= (a) drift
+
+
+def _export(root: Path, *args: str):
+    return run([sys.executable, str(root / "workflow" / "export.py"), *args], root, check=False, timeout=60)
+
+
+def test_generated_files_match_graph():
+    proc = _export(REPO, "--check")
+    assert proc.returncode == 0, f"dvc.yaml / rules drifted from workflow/graph.py:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.mark.parametrize("victim, edit", [
+    ("dvc.yaml", lambda t: t.replace("cmd: python workflow/entry.py prepare_isic",
+                                     "cmd: python workflow/entry.py prepare_isic --fast")),
+    ("dvc.yaml", lambda t: t.replace("    - isic.prepare\n", "", 1)),
+    ("workflow/rules/cxr.smk", lambda t: t.replace("prepared=directory('data/prepared/cxr')",
+                                                   "prepared=directory('data/prepared/cxr2')")),
+])
+def test_drift_is_detected(tmp_path, victim, edit):
+    for rel in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(REPO / rel, tmp_path / rel)
+    shutil.copytree(REPO / "workflow", tmp_path / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    assert _export(tmp_path, "--check").returncode == 0  # the copy itself is clean
+    text = (tmp_path / victim).read_text()
+    edited = edit(text)
+    assert edited != text, "the edit did not apply: update this test to the generated text"
+    (tmp_path / victim).write_text(edited)
+    proc = _export(tmp_path, "--check")
+    assert proc.returncode == 1
+    assert victim in proc.stdout and "drifted" in proc.stderr
+    # regenerating repairs it
+    assert _export(tmp_path).returncode == 0
+    assert (tmp_path / victim).read_text() == text
+    assert _export(tmp_path, "--check").returncode == 0
+
+
+# ============================================================================= (b) both engines agree
+
+
+def _expected_names(variants: list[str]) -> set[str]:
+    names = set()
+    for s in STAGES.values():
+        names |= {f"{s.name}@{v}" for v in variants} if s.foreach else {s.name}
+    return names
+
+
+@pytest.fixture(scope="module")
+def full_workspace(tmp_path_factory) -> Path:
+    """The repository's own params.yaml (not the small one) in a workspace."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    return make_workspace(tmp_path_factory.mktemp("full"), raw)
+
+
+def test_engines_list_the_same_stages(full_workspace):
+    variants = list(yaml.safe_load((REPO / "params.yaml").read_text())["rl"]["cxr"]["variants"])
+    dvc = dvc_stages(full_workspace)
+    smk = snakemake_jobs(full_workspace)
+    expected = _expected_names(variants)
+    assert set(dvc) == expected, f"DVC: missing {expected - set(dvc)}, extra {set(dvc) - expected}"
+    assert set(smk) == expected, f"Snakemake: missing {expected - set(smk)}, extra {set(smk) - expected}"
+    for name in sorted(expected):
+        d, s = dvc[name], smk[name]
+        for field in ("cmd", "deps", "outs", "params"):
+            assert d[field] == s[field], f"{name}: {field} differs\n  DVC:       {d[field]}\n  Snakemake: {s[field]}"
+        stage = STAGES[name.split("@")[0]]
+        variant = name.split("@")[1] if "@" in name else None
+        assert s["wildcards"] == ({"variant": variant} if variant else {})
+        # GPU-heavy stages ask for a GPU (MEDRL_GPUS_PER_JOB defaults to 1), the others do not
+        assert ("gpu" in s["resources"]) == stage.gpu, f"{name}: gpu resource {s['resources']}"
+        launcher = "accelerate launch" if stage.accelerate else "python"
+        assert d["cmd"].startswith(f"{launcher} workflow/entry.py {stage.name}")
+        # the aggregate depends on every variant's output
+        if stage.name in AGGREGATES:
+            assert sum(1 for p in d["deps"] if p.startswith("data/metrics/cxr/")) == len(variants) + 1
+
+
+def test_engine_clis_list_the_same_stage_names(full_workspace):
+    names = run([DVC, "stage", "list", "--all", "--name-only"], full_workspace).stdout.split()
+    # one rule per line: "name (first docstring line)"
+    rules = [line.split()[0] for line in run([SNAKEMAKE, "--list-rules"], full_workspace).stdout.splitlines()
+             if line.strip()]
+    assert {n.split("@")[0] for n in names} == set(rules) - {"all"} == set(STAGES)
+    assert Counter(n.split("@")[0] for n in names)["rl_cxr"] == len(
+        yaml.safe_load((REPO / "params.yaml").read_text())["rl"]["cxr"]["variants"])
+
+
+def test_gpu_resources_follow_env(full_workspace):
+    cpu = snakemake_jobs(full_workspace, env=engine_env(MEDRL_GPUS_PER_JOB="0"))
+    assert not any("gpu" in j["resources"] for j in cpu.values())
+    two = snakemake_jobs(full_workspace, env=engine_env(MEDRL_GPUS_PER_JOB="2", MEDRL_GPU_MODEL="a100"))
+    gpu_jobs = {n for n, j in two.items() if j["resources"].get("gpu") == 2}
+    assert gpu_jobs == {n for n in two if STAGES[n.split("@")[0]].gpu}
+    assert all(two[n]["resources"].get("gpu_model") == "a100" for n in gpu_jobs)
+
+
+# ============================================================================= (c) one parameter, exact reruns
+
+
+def _finished_runs(ws: Path) -> Counter:
+    runs = mlflow_stage_runs(f"sqlite:///{ws / 'mlflow.db'}")
+    return Counter(r.data.tags["medrl.stage"] for r in runs if r.info.status == "FINISHED")
+
+
+def _ran(dvc_stdout: str) -> set[str]:
+    return {line.split("'")[1] for line in dvc_stdout.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def dvc_ws(workspace_factory) -> Path:
+    ws = workspace_factory("dvc")
+    run([DVC, "repro", *CHEAP_STAGES], ws, timeout=600)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def smk_ws(workspace_factory) -> Path:
+    ws = workspace_factory("smk", dvc=False)
+    run([SNAKEMAKE, "--cores", "1", *CHEAP_TARGETS], ws, timeout=600)
+    return ws
+
+
+def _dvc_up_to_date(ws: Path) -> None:
+    run([DVC, "repro", *CHEAP_STAGES], ws, timeout=600)
+    assert dvc_status(ws, list(CHEAP_STAGES)) == {}
+
+
+@pytest.mark.slow
+def test_dvc_initial_run(dvc_ws):
+    for t in CHEAP_TARGETS:
+        assert (dvc_ws / t).is_dir() and any((dvc_ws / t).iterdir()), t
+    assert dvc_status(dvc_ws, list(CHEAP_STAGES)) == {}
+    lock = yaml.safe_load((dvc_ws / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(CHEAP_STAGES)
+    assert lock["prepare_isic"]["params"]["params.yaml"]["isic.prepare"]["seed"] == 0
+    # every stage execution is an MLflow run with input and output hashes
+    assert _finished_runs(dvc_ws) == Counter({s: 1 for s in CHEAP_STAGES})
+
+
+@pytest.mark.slow
+def test_dvc_leaf_param_change_reruns_only_that_stage(dvc_ws):
+    _dvc_up_to_date(dvc_ws)
+    before = _finished_runs(dvc_ws)
+    set_param(dvc_ws / "params.yaml", "isic.prepare.seed", 7)
+    status = dvc_status(dvc_ws, list(CHEAP_STAGES))
+    assert set(status) == {"prepare_isic"}, status
+    # DVC names the declared params key (the isic.prepare section)
+    assert status["prepare_isic"] == [{"changed deps": {"params.yaml": {"isic.prepare": "modified"}}}]
+    proc = run([DVC, "repro", *CHEAP_STAGES], dvc_ws, timeout=600)
+    assert _ran(proc.stdout) == {"prepare_isic"}, proc.stdout
+    assert dvc_status(dvc_ws, list(CHEAP_STAGES)) == {}
+    assert _finished_runs(dvc_ws) - before == Counter({"prepare_isic": 1})
+
+
+@pytest.mark.slow
+def test_dvc_upstream_param_change_reruns_downstream(dvc_ws):
+    _dvc_up_to_date(dvc_ws)
+    set_param(dvc_ws / "params.yaml", "cxr.phantom.seed", 11)
+    # DVC reports the stage whose params changed; its dependants change once it has rerun
+    assert set(dvc_status(dvc_ws, list(CHEAP_STAGES))) == {"download_cxr"}
+    proc = run([DVC, "repro", *CHEAP_STAGES], dvc_ws, timeout=600)
+    assert _ran(proc.stdout) == {"download_cxr", "tokenizer_cxr", "prepare_cxr"}, proc.stdout
+    assert dvc_status(dvc_ws, list(CHEAP_STAGES)) == {}
+
+
+@pytest.mark.slow
+def test_dvc_unrelated_param_change_reruns_nothing(dvc_ws):
+    _dvc_up_to_date(dvc_ws)
+    set_param(dvc_ws / "params.yaml", "rl.isic.epochs", 3)  # only rl_isic declares it
+    assert dvc_status(dvc_ws, list(CHEAP_STAGES)) == {}
+    proc = run([DVC, "repro", *CHEAP_STAGES], dvc_ws, timeout=600)
+    assert _ran(proc.stdout) == set(), proc.stdout
+
+
+@pytest.mark.slow
+def test_snakemake_initial_run(smk_ws):
+    for t in CHEAP_TARGETS:
+        assert (smk_ws / t).is_dir() and any((smk_ws / t).iterdir()), t
+    assert snakemake_planned(smk_ws, list(CHEAP_TARGETS), *TRIGGERS) == {}
+    assert _finished_runs(smk_ws) == Counter({s: 1 for s in CHEAP_STAGES})
+
+
+@pytest.mark.slow
+def test_snakemake_leaf_param_change_reruns_only_that_stage(smk_ws):
+    run([SNAKEMAKE, "--cores", "1", *CHEAP_TARGETS], smk_ws, timeout=600)
+    before = _finished_runs(smk_ws)
+    set_param(smk_ws / "params.yaml", "isic.prepare.seed", 7)
+    planned = snakemake_planned(smk_ws, list(CHEAP_TARGETS), *TRIGGERS)
+    assert set(planned) == {"prepare_isic"}, planned
+    assert "params" in planned["prepare_isic"].lower(), planned  # the lambda `params:` is what triggered it
+    # the params trigger alone is enough
+    assert set(snakemake_planned(smk_ws, list(CHEAP_TARGETS), "--rerun-triggers", "params")) == {"prepare_isic"}
+    assert snakemake_planned(smk_ws, list(CHEAP_TARGETS), "--rerun-triggers", "mtime", "input") == {}
+    run([SNAKEMAKE, "--cores", "1", *CHEAP_TARGETS, *TRIGGERS], smk_ws, timeout=600)
+    assert _finished_runs(smk_ws) - before == Counter({"prepare_isic": 1})
+    assert snakemake_planned(smk_ws, list(CHEAP_TARGETS), *TRIGGERS) == {}
+
+
+@pytest.mark.slow
+def test_snakemake_upstream_param_change_plans_downstream(smk_ws):
+    run([SNAKEMAKE, "--cores", "1", *CHEAP_TARGETS, *TRIGGERS], smk_ws, timeout=600)
+    set_param(smk_ws / "params.yaml", "cxr.phantom.seed", 11)
+    planned = snakemake_planned(smk_ws, list(CHEAP_TARGETS), *TRIGGERS)
+    assert set(planned) == {"download_cxr", "tokenizer_cxr", "prepare_cxr"}, planned
+
+
+@pytest.mark.slow
+def test_snakemake_unrelated_param_change_plans_nothing(smk_ws):
+    set_param(smk_ws / "params.yaml", "cxr.phantom.seed", 1)  # back to what ran
+    set_param(smk_ws / "params.yaml", "rl.isic.epochs", 3)
+    assert snakemake_planned(smk_ws, list(CHEAP_TARGETS), *TRIGGERS) == {}
+
+
+@pytest.mark.slow
+def test_both_engines_record_the_same_lineage_shape(dvc_ws, smk_ws):
+    """Whichever engine ran a stage, its MLflow run names the same input and output paths."""
+    def shapes(ws):
+        out = {}
+        for r in mlflow_stage_runs(f"sqlite:///{ws / 'mlflow.db'}"):
+            t = r.data.tags
+            out[t["medrl.stage"]] = (sorted(json.loads(t["medrl.inputs"])), sorted(json.loads(t["medrl.outputs"])))
+        return out
+
+    assert shapes(dvc_ws) == shapes(smk_ws)
+    assert shapes(dvc_ws)["prepare_cxr"] == (["data/datasets/cxr", "data/models/cxr/tokenizer"], ["data/prepared/cxr"])

@@ -1,0 +1,167 @@
+"""Diagnostic model: xrv DenseNet construction, weight-file loading, class mapping, training."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchxrayvision as xrv
+from safetensors.torch import save_file
+
+from medrl.data.reports import PATHOLOGIES
+from medrl.errors import DataError
+from medrl.io import save_image
+from medrl.models import xrv_diag
+from medrl.models.xrv_diag import (
+    build_diag,
+    label_accuracy,
+    label_targets,
+    load_diag,
+    predict_probs,
+    save_diag,
+    train_diag,
+    xrv_normalize,
+)
+
+
+@pytest.fixture(autouse=True)
+def _never_download(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("torchxrayvision tried to fetch weights")
+
+    monkeypatch.setattr(xrv.models, "get_weights", refuse)
+
+
+def _released_name(key: str) -> str:
+    return xrv.models.model_urls[key]["weights_url"].rsplit("/", 1)[-1]
+
+
+def test_embedded_default_is_a_small_xrv_densenet121():
+    m = build_diag(None, growth_rate=8, input_size=32)
+    assert isinstance(m, xrv.models.DenseNet)
+    assert m.pathologies == PATHOLOGIES and m.medrl_index == list(range(11))
+    blocks = [sum(1 for n, _ in getattr(m.features, f"denseblock{i}").named_children()) for i in range(1, 5)]
+    assert blocks == [6, 12, 24, 16]  # the DenseNet-121 layout is kept
+    assert m.features.conv0.out_channels == 16 and m.features.conv0.in_channels == 1
+    assert m.features.denseblock1.denselayer1.conv2.out_channels == 8
+
+
+def test_xrv_normalisation_and_channel_handling():
+    x = torch.rand(2, 1, 40, 40)
+    z = xrv_normalize(x, 32)
+    assert z.shape == (2, 1, 32, 32) and z.min() >= -1024 and z.max() <= 1024
+    assert torch.allclose(xrv_normalize(torch.zeros(1, 1, 8, 8), None), torch.full((1, 1, 8, 8), -1024.0))
+    assert torch.allclose(xrv_normalize(torch.ones(1, 1, 8, 8), None), torch.full((1, 1, 8, 8), 1024.0))
+    m = build_diag(None, growth_rate=4, input_size=32)
+    p1 = predict_probs(m, x)
+    p3 = predict_probs(m, x.expand(-1, 3, -1, -1))
+    assert p1.shape == (2, 11) and torch.allclose(p1, p3, atol=1e-6)
+
+
+def test_loads_xrv_state_dict_with_released_name_and_maps_classes(tmp_path):
+    torch.manual_seed(0)
+    ref = xrv.models.DenseNet(weights=None, growth_rate=4, num_init_features=8)  # 18 xrv outputs
+    path = tmp_path / _released_name("all")
+    torch.save(ref.state_dict(), path)  # a weights_only-loadable state dict
+    m = build_diag(path)
+    assert m.medrl_input_size == 224 and m.pathologies == xrv.models.model_urls["all"]["labels"]
+    # our 11 classes picked by name from xrv's 18 outputs
+    assert [m.pathologies[i] for i in m.medrl_index] == PATHOLOGIES
+    x = torch.rand(3, 3, 64, 64)
+    got = predict_probs(m, x)
+    # reference: xrv's own pipeline (gray, 224 px, [-1024, 1024], op_threshs rescaling)
+    ref.op_threshs = torch.tensor(xrv.models.model_urls["all"]["op_threshs"], dtype=torch.float32)
+    ref.eval()
+    with torch.no_grad():
+        z = torch.nn.functional.interpolate(x.mean(1, keepdim=True), size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+        want = ref((2 * z - 1) * 1024)
+    for j, c in enumerate(PATHOLOGIES):
+        assert torch.allclose(got[:, j], want[:, xrv.models.model_urls["all"]["labels"].index(c)], atol=1e-5), c
+
+
+def test_safetensors_metadata_order_and_round_trip(tmp_path):
+    torch.manual_seed(1)
+    names = list(reversed(PATHOLOGIES)) + ["Hernia"]
+    ref = xrv.models.DenseNet(weights=None, growth_rate=4, num_init_features=8, num_classes=len(names))
+    f = tmp_path / "custom.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(f),
+              metadata={"pathologies": json.dumps(names), "input_resolution": "48"})
+    m = build_diag(f)
+    assert m.medrl_input_size == 48 and m.op_threshs is None
+    x = torch.rand(2, 1, 48, 48)
+    with torch.no_grad():
+        want = torch.sigmoid(ref.eval()((2 * x - 1) * 1024))
+    got = predict_probs(m, x)
+    for j, c in enumerate(PATHOLOGIES):
+        assert torch.allclose(got[:, j], want[:, names.index(c)], atol=1e-5)
+    save_diag(m, tmp_path / "dir")
+    assert torch.allclose(predict_probs(load_diag(tmp_path / "dir"), x), got, atol=1e-6)
+
+
+def test_bad_weight_files_are_data_errors(tmp_path):
+    small = xrv.models.DenseNet(weights=None, growth_rate=4, num_init_features=8)
+    nih = tmp_path / _released_name("nih")  # NIH weights do not predict Lung Lesion etc.
+    torch.save(small.state_dict(), nih)
+    with pytest.raises(DataError, match="does not predict"):
+        build_diag(nih)
+    pickled = tmp_path / "model.pt"
+    torch.save(small, pickled)  # a whole pickled model, like the file xrv downloads
+    with pytest.raises(DataError, match="weights_only"):
+        build_diag(pickled)
+    anon = tmp_path / "anon.pt"
+    torch.save(small.state_dict(), anon)
+    with pytest.raises(DataError, match="pathologies"):
+        build_diag(anon)
+    m = build_diag(anon, pathologies=xrv.datasets.default_pathologies)
+    assert [m.pathologies[i] for i in m.medrl_index] == PATHOLOGIES
+
+
+def test_label_policy():
+    labels = np.array([[1, 0, -1, np.nan] + [np.nan] * 7], dtype=np.float32)
+    target, mask = label_targets(labels)
+    assert target[0, :4].tolist() == [1, 0, 0, 0] and mask[0, :4].tolist() == [1, 1, 0, 1]
+    probs = torch.full((1, 11), 0.1)
+    probs[0, 0] = 0.9  # right on the positive; every negative/unmentioned right; uncertain ignored
+    assert float(label_accuracy(probs, labels)[0]) == 1.0
+    probs[0, 1] = 0.9  # now wrong on one of the 10 compared classes
+    assert float(label_accuracy(probs, labels)[0]) == pytest.approx(0.9)
+    assert float(label_accuracy(probs, np.full((1, 11), -1.0))[0]) == 0.0
+
+
+def test_train_diag_learns_a_visible_pathology(tmp_path):
+    """Effusion = a bright lower band; everything else absent. 3 short epochs must find it."""
+    rng = np.random.default_rng(0)
+    size, n = 32, 192
+    rows = []
+    for i in range(n):
+        img = torch.from_numpy(rng.uniform(0.1, 0.4, (1, size, size)).astype(np.float32))
+        eff = i % 2 == 0
+        if eff:
+            img[:, -10:, :] += 0.5
+        p = tmp_path / "img" / f"{i}.png"
+        save_image(img.clamp(0, 1), p)
+        lab = {c: np.nan for c in PATHOLOGIES}
+        lab["Effusion"] = 1.0 if eff else 0.0
+        if i % 7 == 0:
+            lab["Edema"] = -1.0  # uncertain: masked out of the loss
+        rows.append({"image": str(i), "path": str(p), "split": "test" if i >= 160 else "train", **lab,
+                     **{f"gt_{c}": (1.0 if (c == "Effusion" and eff) else 0.0) for c in PATHOLOGIES}})
+    pairs = pd.DataFrame(rows)
+    m = train_diag(pairs, tmp_path / "diag", size=size, epochs=3, batch_size=16, lr=3e-3, growth_rate=4, seed=0,
+                   ckpt_dir=tmp_path / "ckpt")
+    assert m["auroc_Effusion"] > 0.9 and m["auroc_gt_Effusion"] == m["auroc_Effusion"]
+    assert np.isnan(m["auroc_Atelectasis"])  # no positives in test: undefined, not faked
+    assert m["test_label_accuracy"] > 0.8
+    model = load_diag(tmp_path / "diag")
+    assert model.medrl_input_size == size and model.pathologies == PATHOLOGIES
+    cfg = json.loads((tmp_path / "diag" / "config.json").read_text())
+    assert cfg["arch"]["growth_rate"] == 4
+
+
+def test_train_diag_rejects_bad_labels(tmp_path):
+    pairs = pd.DataFrame([{"image": "a", "path": "x.png", "split": "train", **{c: 2.0 for c in PATHOLOGIES}}])
+    with pytest.raises(DataError, match="outside"):
+        train_diag(pairs, tmp_path / "d", size=16, epochs=1, batch_size=1, lr=1e-3, growth_rate=4, seed=0, ckpt_dir=tmp_path / "c")
+    assert xrv_diag.XRV_INPUT_RESOLUTION == 224
