@@ -111,7 +111,7 @@ def test_unet_weights_round_trip_and_mismatch(stack: Path, tmp_path: Path):
     assert not any(p.requires_grad for p in c2.unet.parameters())
 
     bad = dict(sd)
-    dropped = sorted(bad)[0]
+    dropped = min(bad)
     del bad[dropped]
     bad["not_a_unet.weight"] = torch.zeros(3)
     save_file(bad, str(tmp_path / "bad.safetensors"))
@@ -128,6 +128,9 @@ def test_unet_weights_round_trip_and_mismatch(stack: Path, tmp_path: Path):
         load_components(str(stack), unet_weights=str(tmp_path / "shape.safetensors"))
     with pytest.raises(DataError, match="not found"):
         load_components(str(stack), unet_weights=str(tmp_path / "missing.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DataError, match="not a readable"):
+        load_components(str(stack), unet_weights=str(tmp_path / "junk.safetensors"))
 
 
 def test_missing_stack_errors_name_path_and_layout(stack: Path, tmp_path: Path):

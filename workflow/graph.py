@@ -303,24 +303,30 @@ def posture_cxr(c: Ctx) -> dict:
        params=("classifiers.diag", "cxr.prepare.size"), gpu=True)
 def diag_cxr(c: Ctx) -> dict:
     """torchxrayvision DenseNet-121 diagnostic model (local weights, or trained on the phantoms)."""
-    from medrl.models.xrv_diag import train_diag
+    from medrl.models.xrv_diag import build_diag, save_diag, train_diag
 
     k = c.params.classifiers.diag
+    if k.weights:  # released torchxrayvision weights: used as they are, never fine-tuned
+        save_diag(build_diag(k.weights, growth_rate=k.growth_rate), c.outs["model"])
+        return {"pretrained": 1.0}
     return train_diag(_pairs(c), c.outs["model"], size=c.params.cxr.prepare.size, epochs=k.epochs,
                       batch_size=k.batch_size, lr=k.lr, growth_rate=k.growth_rate, seed=k.seed, ckpt_dir=c.ckpt,
-                      device=c.device, weights=k.weights)
+                      device=c.device)
 
 
 @stage(track="cxr", deps={"prepared": "data/prepared/cxr"}, outs={"model": "data/models/cxr/dualenc"},
        params=("classifiers.dualenc", "cxr.prepare.size"), gpu=True)
 def dualenc_cxr(c: Ctx) -> dict:
     """CXR-CLIP-style image-report dual encoder (checkpoint, or trained contrastively here)."""
-    from medrl.models.dual_encoder import train_dual_encoder
+    from medrl.models.dual_encoder import load_dual_encoder, save_dual_encoder, train_dual_encoder
 
     k = c.params.classifiers.dualenc
+    if k.checkpoint:  # a CXR-CLIP checkpoint, converted once into our safetensors directory
+        save_dual_encoder(load_dual_encoder(k.checkpoint), c.outs["model"])
+        return {"pretrained": 1.0}
     return train_dual_encoder(_pairs(c), c.outs["model"], size=c.params.cxr.prepare.size, epochs=k.epochs,
                               batch_size=k.batch_size, lr=k.lr, embed_dim=k.embed_dim, seed=k.seed, ckpt_dir=c.ckpt,
-                              device=c.device, checkpoint=k.checkpoint)
+                              device=c.device)
 
 
 # ============================================================================= RL
@@ -370,7 +376,7 @@ def anchor_bank_cxr(c: Ctx) -> dict:
 
     reports, labels = _train_reports(c)
     r = c.params.rl
-    return build_anchor_bank(c.deps["base"], reports, c.outs["bank"], k=r.cxr.bank_k, seed=r.cxr.seed,
+    return build_anchor_bank(c.deps["base"], reports, c.outs["bank"] / "bank.csv", k=r.cxr.bank_k, seed=r.cxr.seed,
                              num_steps=r.common.num_steps, guidance_scale=r.common.guidance_scale, eta=r.common.eta,
                              diag_dir=c.deps["diag"], dualenc_dir=c.deps["dualenc"], labels_for=labels.__getitem__,
                              device=c.device)
@@ -392,7 +398,7 @@ def rl_cxr(c: Ctx) -> dict:
     reports, labels = _train_reports(c)
     reward = CXRReward(c.deps["aligner"], c.deps["diag"], c.deps["dualenc"], l_align=v.l_align, l_diag=v.l_diag,
                        l_consist=v.l_consist, rlcf=v.rlcf, rlcf_mode=c.params.rl.cxr.rlcf_mode,
-                       labels_for=labels.__getitem__, anchor_bank=c.deps["bank"], device=c.device)
+                       labels_for=labels.__getitem__, anchor_bank=c.deps["bank"] / "bank.csv", device=c.device)
     cfg = _ddpo_config(c, "cxr", use_ace=v.ace, ace_tokens=c.params.rl.cxr.ace_tokens)
     return train_ddpo(c.deps["base"], c.outs["rl"], reward_fn=reward,
                       prompt_fn=lambda rng, n: [reports[i] for i in rng.integers(0, len(reports), n)],

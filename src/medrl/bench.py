@@ -217,11 +217,20 @@ def bench_model(
     }
 
 
+def _tiny_cfg(params_path: Path | None) -> dict:
+    """models.tiny from params.yaml when given and present, else the schema defaults."""
+    from medrl.config import Tiny, load_params
+
+    if params_path is not None and Path(params_path).is_file():
+        return load_params(params_path, check_paths=False).models.tiny.model_dump()
+    return Tiny().model_dump()
+
+
 def _tiny(args, device: torch.device) -> dict[str, Any]:
     from medrl.models.tiny_sd import load_components
 
     with tempfile.TemporaryDirectory(prefix="medrl-bench-") as tmp:
-        stack = tiny_stack(Path(tmp) / "stack", size=args.tiny_size, seed=args.seed)
+        stack = tiny_stack(Path(tmp) / "stack", size=args.tiny_size, tiny=_tiny_cfg(args.params), seed=args.seed)
         c = load_components(str(stack), device=str(device))
     return bench_model(
         f"tiny({args.tiny_size}px)", c.unet, c.vae, c.scheduler,
@@ -253,7 +262,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
     cols = [("model", "model"), ("device", "device"), ("batch", "B"), ("num_steps", "T"),
             ("trajectories_per_s", "traj/s"), ("sample_timesteps_per_s", "sample-t/s"),
             ("peak_mem_sample_MB", "peak MB (sample)"), ("peak_mem_train_MB", "peak MB (train)")]
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+        return str(v)
+
     cells = [[h for _, h in cols]] + [[fmt(r[k]) for k, _ in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
@@ -264,6 +277,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="medrl bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (tiny model)")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"),
+                    help="read models.tiny from this params file if it exists (else schema defaults)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps per trajectory (rl.common.num_steps)")
     ap.add_argument("--batch", type=int, default=8, help="trajectories per sampling call (tiny)")

@@ -229,7 +229,7 @@ class GenIsic(_S):
 
 
 class GenCxr(_S):
-    n_per_report: int = Field(2, ge=1)
+    n_per_report: int = Field(2, ge=2)  # MS-SSIM diversity compares samples of one report
     seed: int = 2000
 
 

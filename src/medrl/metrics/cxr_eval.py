@@ -45,7 +45,7 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
     df["item"] = [item_key(Path(p)) for p in df["path"]]
     df = df.sort_values("item", kind="stable").reset_index(drop=True)
     pairs = read_table(prepared_dir / "pairs.csv", ["image", "split", "impression", "path", *PATHOLOGIES])
-    test = pairs[pairs.split == "test"].drop_duplicates("image").set_index(pairs.loc[pairs.split == "test", "image"].astype(str).values)
+    test = pairs[pairs.split == "test"].astype({"image": str}).drop_duplicates("image").set_index("image")
     unknown = sorted(set(df["prompt_id"].astype(str)) - set(test.index))[:3]
     if unknown:
         raise DataError(f"{samples_dir / 'manifest.csv'}: prompt_id {unknown} not among the test pairs of "

@@ -223,7 +223,7 @@ def _resolve(path_or_id: str) -> tuple[str, bool]:
 def _load(cls, source: str, subfolder: str, is_local: bool, local_files_only: bool, **kw):
     try:
         return cls.from_pretrained(source, subfolder=subfolder, local_files_only=local_files_only, **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:  # diffusers/transformers/hub raise OSError subclasses
         where = f"{source}/{subfolder}" if is_local else f"hub id {source!r} ({subfolder}/)"
         hint = (" and not in the local Hugging Face cache (local_files_only=True: nothing is downloaded;"
                 " pre-fetch it with `huggingface-cli download` or give a local directory)"
@@ -243,6 +243,7 @@ def load_vae(path_or_id: str, *, device: str = "cpu", dtype: torch.dtype = torch
 
 def load_unet_weights(unet: torch.nn.Module, weights: str | Path) -> None:
     """Load a UNet state dict from .safetensors with strict key (and shape) checking."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights = Path(weights)
@@ -250,7 +251,7 @@ def load_unet_weights(unet: torch.nn.Module, weights: str | Path) -> None:
         raise DataError(f"{weights}: UNet weights file not found; expected a .safetensors UNet state dict")
     try:
         sd = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own SafetensorError / OSError
+    except (SafetensorError, OSError) as e:
         raise DataError(f"{weights}: not a readable .safetensors file ({e})") from None
     own = unet.state_dict()
     missing = sorted(set(own) - set(sd))

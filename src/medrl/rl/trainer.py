@@ -418,6 +418,7 @@ def train_ddpo(
         dt = time.time() - t0
         metrics: dict[str, float] = {
             "epoch": float(epoch),
+            "samples": float(len(rewards_all)),
             "reward_mean": float(rewards_all.mean()),
             "reward_std": float(rewards_all.std()),
             **{f"{k}_mean": float(v.mean()) for k, v in terms_all.items()},

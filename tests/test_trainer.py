@@ -1,0 +1,338 @@
+"""DDPO trainer: learning on a toy reward, anchor sampling, ACE, checkpoint/resume, 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medrl.rl.trainer import DDPOConfig, train_ddpo
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+            text_hidden_size=32, text_layers=1, text_heads=2, max_position_embeddings=16,
+            vae_block_out_channels=[16, 32], latent_channels=4)
+PROMPTS = ["melanoma with hair", "nevus", "nevus with ruler", "melanoma with ink"]
+
+
+def build_stack(root: Path, prediction_type: str = "epsilon") -> Path:
+    """Tiny SD stack (16 px images, 8x8 latents) in the real on-disk layout."""
+    from diffusers import DDIMScheduler
+
+    from medrl.bench import tiny_stack
+
+    stack = tiny_stack(root / "stack", size=16, tiny=TINY, seed=0, max_length=16)
+    if prediction_type != "epsilon":
+        sched = DDIMScheduler.from_pretrained(str(stack / "scheduler"))
+        DDIMScheduler.from_config({**sched.config, "prediction_type": prediction_type}).save_pretrained(str(stack / "scheduler"))
+    return stack
+
+
+class LinearRenderer(torch.nn.Module):
+    """Toy "VAE": image = 2x-upsampled first three latent channels, scaled into [0, 1].
+
+    A random-init AutoencoderKL's GroupNorms erase any global shift of the latents, so "image
+    brightness" would be (nearly) independent of what the policy does; with this renderer the
+    toy reward is a plain function of the latents the policy produces."""
+
+    class config:  # noqa: N801 - mimics diffusers' vae.config
+        scaling_factor = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def decode(self, z: torch.Tensor):
+        img = torch.nn.functional.interpolate(0.5 * z[:, :3], scale_factor=2)
+        return type("Decoded", (), {"sample": img})()
+
+
+def use_linear_renderer(monkeypatch) -> None:
+    import medrl.models.tiny_sd as tiny_sd
+
+    original = tiny_sd.load_components
+
+    def load(*a, **k):
+        c = original(*a, **k)
+        c.vae = LinearRenderer()
+        return c
+
+    monkeypatch.setattr(tiny_sd, "load_components", load)
+
+
+def prompt_fn(rng: np.random.Generator, n: int) -> list[str]:
+    return [PROMPTS[i] for i in rng.integers(0, len(PROMPTS), n)]
+
+
+def brightness(images, prompts, anchor_images=None):
+    r = images.mean(dim=(1, 2, 3))
+    return r, {"brightness": r}
+
+
+@pytest.fixture(scope="module")
+def stack_sample(tmp_path_factory) -> Path:
+    # x0-parameterised stack: a random UNet's epsilon outputs blow the x0 estimate up to
+    # |latents| ~ 5, while an x0-predicting one keeps latents O(1), as a trained model would.
+    return build_stack(tmp_path_factory.mktemp("stack_sample"), "sample")
+
+
+@pytest.fixture(scope="module")
+def stack_eps(tmp_path_factory) -> Path:
+    return build_stack(tmp_path_factory.mktemp("stack_eps"))
+
+
+def small_cfg(**kw) -> DDPOConfig:
+    base = dict(epochs=3, sample_batch_size=8, sample_batches_per_epoch=1, train_batch_size=4,
+                gradient_accumulation_steps=2, num_steps=3, eta=1.0, guidance_scale=2.0, lr=3e-3,
+                clip_range=0.2, adv_clip_max=5.0, timestep_fraction=0.67, num_inner_epochs=1,
+                per_prompt_buffer=8, per_prompt_min_count=4, lora_rank=2, checkpoint_every=1, seed=3)
+    base.update(kw)
+    return DDPOConfig(**base)
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_ddpo_raises_toy_reward(stack_sample, tmp_path, monkeypatch):
+    """8 epochs of DDPO on mean brightness: the reward goes up, measured two ways."""
+    import medrl.models.tiny_sd as tiny_sd
+    from medrl.rl.lora import load_adapter
+    from medrl.rl.sampling import sample_with_logprob
+
+    use_linear_renderer(monkeypatch)
+    cfg = DDPOConfig(
+        # One optimizer step per epoch over all 32 samples x 4 steps (2 batches accumulated): the
+        # DDPO gradient is unbiased but noisy; with this setting seeds 0-5 all gain > 5 s.e.
+        epochs=8, sample_batch_size=32, sample_batches_per_epoch=1, train_batch_size=16,
+        gradient_accumulation_steps=2, num_steps=4, eta=1.0, guidance_scale=2.0, lr=1e-2, clip_range=0.2,
+        per_prompt_buffer=32, per_prompt_min_count=8, lora_rank=4, checkpoint_every=100, seed=0,
+        # conv_out too: a random UNet's last GroupNorm removes any uniform shift the attention
+        # LoRA makes, so attention-only LoRA can barely move global brightness (a trained UNet can).
+        lora_target_modules=("to_q", "to_k", "to_v", "to_out.0", "conv_out"),
+    )
+    logged = []
+    out = tmp_path / "out"
+    summary = train_ddpo(stack_sample, out, reward_fn=brightness, prompt_fn=prompt_fn, cfg=cfg,
+                         ckpt_dir=tmp_path / "ckpt", log_fn=lambda m, s: logged.append((s, m)))
+    assert [s for s, _ in logged] == list(range(8))
+    df = pd.read_csv(out / "rewards.csv")
+    assert len(df) == 8
+    for col in ("reward_mean", "reward_std", "brightness_mean", "approx_kl", "clipfrac", "loss", "kl", "epoch_time_s"):
+        assert col in df.columns and np.isfinite(df[col]).all(), col
+    r = df["reward_mean"].to_numpy()
+    se = df["reward_std"].mean() / np.sqrt(cfg.sample_batch_size)  # s.e. of one epoch's mean
+    # Each epoch draws fresh noise: compare 3-epoch means, with a margin of several s.e.
+    assert r[-3:].mean() - r[:3].mean() > 3 * se, (r, se)
+    assert summary["finished"] == 1.0 and summary["reward_gain"] > 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert list((out / "samples").glob("*.png"))
+    assert not (tmp_path / "ckpt").exists()  # deleted on success
+
+    # Paired check on held-out noise: base vs base + adapter from the same seeds.
+    means = []
+    for adapter in (None, out / "adapter"):
+        c = tiny_sd.load_components(str(stack_sample))  # patched: linear renderer
+        if adapter is not None:
+            assert load_adapter(c.unet, adapter) is None  # no ACE trained
+        p = [PROMPTS[i % 4] for i in range(48)]
+        with torch.no_grad():
+            tr = sample_with_logprob(c.unet, c.vae, c.scheduler, tiny_sd.encode_prompts(c, p),
+                                     tiny_sd.encode_prompts(c, [""] * 48),
+                                     num_steps=4, guidance_scale=2.0, eta=1.0, generator=torch.Generator().manual_seed(99))
+        means.append(tr.images.mean(dim=(1, 2, 3)))
+    d = means[1] - means[0]
+    assert d.mean() > 5 * d.std() / np.sqrt(len(d)), (d.mean(), d.std())
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _run(stack, tmp, cfg, ckpt, max_epochs=None, reward=brightness):
+    logged = []
+    summary = train_ddpo(stack, tmp / "out", reward_fn=reward, prompt_fn=prompt_fn, cfg=cfg, ckpt_dir=ckpt,
+                         log_fn=lambda m, s: logged.append((s, m)), max_epochs_this_call=max_epochs)
+    return summary, logged
+
+
+COMPARE = ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "kl")
+
+
+def test_resume_after_kill_matches_uninterrupted(stack_eps, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = small_cfg(epochs=3, use_ace=True, ace_tokens=2)
+    full, logs_full = _run(stack_eps, tmp_path / "a", cfg, tmp_path / "a" / "ckpt")
+    assert full["finished"] == 1.0
+
+    ckpt = tmp_path / "b" / "ckpt"
+    part, logs1 = _run(stack_eps, tmp_path / "b", cfg, ckpt, max_epochs=1)
+    assert part["finished"] == 0.0 and part["epochs_done"] == 1.0
+    assert (ckpt / "latest" / "policy.safetensors").is_file()
+    state = json.loads((ckpt / "latest" / "state.json").read_text())
+    assert state["next_epoch"] == 1
+    # The optimizer state is loadable without unpickling arbitrary objects.
+    torch.load(ckpt / "latest" / "optimizer.pt", weights_only=True)
+    rest, logs2 = _run(stack_eps, tmp_path / "b", cfg, ckpt)
+    assert rest["finished"] == 1.0
+    assert [s for s, _ in logs1 + logs2] == [0, 1, 2]
+    for (s_a, m_a), (s_b, m_b) in zip(logs_full, logs1 + logs2):
+        for k in COMPARE:
+            assert m_a[k] == pytest.approx(m_b[k], rel=1e-5, abs=1e-7), (s_a, k, m_a[k], m_b[k])
+    wa = load_file(str(tmp_path / "a" / "out" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "out" / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
+    aa = load_file(str(tmp_path / "a" / "out" / "adapter" / "ace.safetensors"))["embeddings"]
+    ab = load_file(str(tmp_path / "b" / "out" / "adapter" / "ace.safetensors"))["embeddings"]
+    torch.testing.assert_close(aa, ab, rtol=1e-5, atol=1e-7)
+    # rewards.csv of the resumed run holds all epochs, as the uninterrupted one.
+    ra = pd.read_csv(tmp_path / "a" / "out" / "rewards.csv")
+    rb = pd.read_csv(tmp_path / "b" / "out" / "rewards.csv")
+    assert list(rb["epoch"]) == [0, 1, 2]
+    np.testing.assert_allclose(ra["reward_mean"], rb["reward_mean"], rtol=1e-5)
+
+
+def test_resume_refuses_changed_params(stack_eps, tmp_path):
+    from medrl.errors import DataError
+
+    ckpt = tmp_path / "ckpt"
+    _run(stack_eps, tmp_path, small_cfg(epochs=2), ckpt, max_epochs=1)
+    with pytest.raises(DataError, match="lr"):
+        _run(stack_eps, tmp_path, small_cfg(epochs=2, lr=1e-2), ckpt)
+
+
+# ----------------------------------------------------------------------------- anchor / ACE
+
+
+class AnchorReward:
+    """RLCF-style reward (direct term + comparison with the anchor) that records its inputs.
+
+    A purely comparative reward is identically 0 while the policy equals the anchor (zero-init
+    LoRA, no ACE), so it could never start learning; CXRL's r_align is a direct term too."""
+
+    needs_anchor = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, images, prompts, anchor_images=None):
+        assert anchor_images is not None and anchor_images.shape == images.shape
+        self.calls.append((images.clone(), anchor_images.clone()))
+        own = images.mean(dim=(1, 2, 3))
+        gain = own - anchor_images.mean(dim=(1, 2, 3))
+        return own + gain, {"own": own, "gain": gain}
+
+
+def test_anchor_shares_noise_and_disables_adapter(stack_eps, tmp_path):
+    reward = AnchorReward()
+    cfg = small_cfg(epochs=2, lr=3e-2, checkpoint_every=10)
+    _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt", reward=reward)
+    first_policy, first_anchor = reward.calls[0]
+    # Epoch 0: zero-init LoRA, no ACE -> the policy IS the anchor; same noise -> same images.
+    torch.testing.assert_close(first_policy, first_anchor, rtol=0, atol=1e-6)
+    last_policy, last_anchor = reward.calls[-1]
+    assert (last_policy - last_anchor).abs().max() > 1e-4  # trained policy differs from the anchor
+    df = pd.read_csv(tmp_path / "out" / "rewards.csv")
+    assert "gain_mean" in df.columns
+
+
+def test_ace_changes_condition_and_is_saved(stack_eps, tmp_path):
+    from medrl.rl.lora import load_adapter
+
+    reward = AnchorReward()
+    cfg = small_cfg(epochs=1, use_ace=True, ace_tokens=3, checkpoint_every=10)
+    _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt", reward=reward)
+    policy, anchor = reward.calls[0]
+    # ACE tokens (random init) already change the conditional branch at epoch 0; the anchor has no ACE.
+    assert (policy - anchor).abs().max() > 1e-5
+    from medrl.models.tiny_sd import load_components
+
+    c = load_components(str(stack_eps))
+    ace = load_adapter(c.unet, tmp_path / "out" / "adapter")
+    assert ace is not None and ace.embeddings.shape == (3, TINY["text_hidden_size"])
+    x = torch.randn(2, 5, TINY["text_hidden_size"])
+    y = ace(x)
+    assert y.shape == (2, 8, TINY["text_hidden_size"]) and torch.equal(y[:, 3:], x)
+
+
+def test_full_finetune_with_anchor(stack_eps, tmp_path):
+    reward = AnchorReward()
+    cfg = small_cfg(epochs=2, full_finetune=True, lr=1e-3, checkpoint_every=10)
+    _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt", reward=reward)
+    torch.testing.assert_close(reward.calls[0][0], reward.calls[0][1], rtol=0, atol=1e-6)
+    assert (tmp_path / "out" / "adapter" / "unet.safetensors").is_file()
+    assert (reward.calls[-1][0] - reward.calls[-1][1]).abs().max() > 1e-4
+
+
+def test_config_from_params():
+    from medrl.config import Params
+
+    p = Params().rl
+    cfg = DDPOConfig.from_params(p.common.model_dump(), p.cxr.model_dump(), use_ace=True)
+    assert cfg.ace_tokens == p.cxr.ace_tokens and cfg.clip_range == p.common.clip_range and cfg.use_ace
+    with pytest.raises(ValueError):
+        DDPOConfig.from_params({}, {}, not_a_field=1)
+
+
+# ----------------------------------------------------------------------------- 2 processes
+
+SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import pytest
+from test_trainer import small_cfg, prompt_fn, brightness
+from accelerate import PartialState
+from medrl.rl.trainer import train_ddpo
+calls = []
+def reward(images, prompts, anchor_images=None):
+    r, terms = brightness(images, prompts)
+    if not calls:  # each rank must draw its own noise and prompts
+        print("FIRST", PartialState().process_index, prompts, round(float(r[0]), 6), flush=True)
+    calls.append(1)
+    return r, terms
+cfg = small_cfg(epochs=3, sample_batch_size=4, train_batch_size=2, checkpoint_every=2, use_ace=True)
+out = train_ddpo(Path({stack!r}), Path({out!r}), reward_fn=reward, prompt_fn=prompt_fn, cfg=cfg,
+                 ckpt_dir=Path({ckpt!r}))
+print("SUMMARY", out, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_cpu(stack_eps, tmp_path):
+    script = tmp_path / "run.py"
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    script.write_text(textwrap.dedent(SCRIPT.format(tests=str(Path(__file__).parent), stack=str(stack_eps),
+                                                    out=str(out), ckpt=str(ckpt))))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # `accelerate launch --cpu` always starts ONE process (multi-CPU needs mpirun there); the
+    # torchrun-based launcher (--multi_gpu) with ACCELERATE_USE_CPU=1 gives 2 gloo CPU ranks.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(script)],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("SUMMARY") == 2  # both ranks finished
+    first = sorted(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("FIRST"))
+    assert [f[0] for f in first] == ["0", "1"] and first[0][1] != first[1][1]  # different samples per rank
+    df = pd.read_csv(out / "rewards.csv")
+    assert list(df["epoch"]) == [0, 1, 2]
+    assert (df["samples"] == 8).all()  # rewards gathered from both ranks (2 x 4)
+    assert np.isfinite(df[["reward_mean", "reward_std", "loss", "approx_kl", "kl"]].to_numpy()).all()
+    assert ((df["reward_mean"] > 0) & (df["reward_mean"] < 1)).all()
+    assert (df["reward_std"] > 0).all()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "ace.safetensors").is_file()
+    assert not ckpt.exists()
