@@ -12,8 +12,8 @@ from medrl.rl.sampling import guided_eps, pad_uncond, sample_with_logprob
 
 torch.set_num_threads(1)
 
-SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1)
+SD15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+            "set_alpha_to_one": False, "steps_offset": 1}
 
 
 def _sched(steps: int = 10, **kw) -> DDIMScheduler:
@@ -141,7 +141,7 @@ def tiny_unet():
 class _IdentityVAE(torch.nn.Module):
     """Stand-in decoder: first three latent channels as the image (no VAE needed for this test)."""
 
-    class config:  # noqa: N801 - mimics diffusers' config attribute
+    class config:
         scaling_factor = 1.0
 
     def __init__(self):
@@ -173,7 +173,7 @@ def test_trajectory_reevaluation_ratio_is_one(tiny_unet):
         _, logp = ddim_step_with_logprob(s, eps, t, traj.latents[idx, step], eta=1.0,
                                          prev_sample=traj.latents[idx, step + 1])
         diff = (logp - traj.log_probs[idx, step]).abs().max().item()
-        assert diff < 1e-4, diff
+        assert diff < 1e-5, diff  # 0.0 on CPU; batched-kernel rounding elsewhere
         assert torch.exp(logp - traj.log_probs[idx, step]).sub(1).abs().max() < 1e-4
 
 

@@ -14,11 +14,11 @@ from medrl.sampling.generate import MANIFEST_COLUMNS, generate, image_seed, slug
 
 torch.set_num_threads(1)
 
-TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-            text_hidden_size=32, text_layers=1, text_heads=2, max_position_embeddings=16,
-            vae_block_out_channels=[16, 32], latent_channels=4)
+TINY = {"block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32, "attention_head_dim": 8,
+            "text_hidden_size": 32, "text_layers": 1, "text_heads": 2, "max_position_embeddings": 16,
+            "vae_block_out_channels": [16, 32], "latent_channels": 4}
 PROMPTS = ["melanoma with hair", "nevus, ruler", "Nevus ruler"]
-GEN = dict(num_steps=3, guidance_scale=2.0, eta=1.0)
+GEN = {"num_steps": 3, "guidance_scale": 2.0, "eta": 1.0}
 
 
 @pytest.fixture(scope="module")

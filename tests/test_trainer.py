@@ -18,9 +18,9 @@ from medrl.rl.trainer import DDPOConfig, train_ddpo
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-            text_hidden_size=32, text_layers=1, text_heads=2, max_position_embeddings=16,
-            vae_block_out_channels=[16, 32], latent_channels=4)
+TINY = {"block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32, "attention_head_dim": 8,
+            "text_hidden_size": 32, "text_layers": 1, "text_heads": 2, "max_position_embeddings": 16,
+            "vae_block_out_channels": [16, 32], "latent_channels": 4}
 PROMPTS = ["melanoma with hair", "nevus", "nevus with ruler", "melanoma with ink"]
 
 
@@ -44,7 +44,7 @@ class LinearRenderer(torch.nn.Module):
     brightness" would be (nearly) independent of what the policy does; with this renderer the
     toy reward is a plain function of the latents the policy produces."""
 
-    class config:  # noqa: N801 - mimics diffusers' vae.config
+    class config:
         scaling_factor = 1.0
 
     def __init__(self) -> None:
@@ -57,7 +57,7 @@ class LinearRenderer(torch.nn.Module):
 
 
 def use_linear_renderer(monkeypatch) -> None:
-    import medrl.models.tiny_sd as tiny_sd
+    from medrl.models import tiny_sd
 
     original = tiny_sd.load_components
 
@@ -91,10 +91,10 @@ def stack_eps(tmp_path_factory) -> Path:
 
 
 def small_cfg(**kw) -> DDPOConfig:
-    base = dict(epochs=3, sample_batch_size=8, sample_batches_per_epoch=1, train_batch_size=4,
-                gradient_accumulation_steps=2, num_steps=3, eta=1.0, guidance_scale=2.0, lr=3e-3,
-                clip_range=0.2, adv_clip_max=5.0, timestep_fraction=0.67, num_inner_epochs=1,
-                per_prompt_buffer=8, per_prompt_min_count=4, lora_rank=2, checkpoint_every=1, seed=3)
+    base = {"epochs": 3, "sample_batch_size": 8, "sample_batches_per_epoch": 1, "train_batch_size": 4,
+                "gradient_accumulation_steps": 2, "num_steps": 3, "eta": 1.0, "guidance_scale": 2.0, "lr": 3e-3,
+                "clip_range": 0.2, "adv_clip_max": 5.0, "timestep_fraction": 0.67, "num_inner_epochs": 1,
+                "per_prompt_buffer": 8, "per_prompt_min_count": 4, "lora_rank": 2, "checkpoint_every": 1, "seed": 3}
     base.update(kw)
     return DDPOConfig(**base)
 
@@ -104,7 +104,7 @@ def small_cfg(**kw) -> DDPOConfig:
 
 def test_ddpo_raises_toy_reward(stack_sample, tmp_path, monkeypatch):
     """8 epochs of DDPO on mean brightness: the reward goes up, measured two ways."""
-    import medrl.models.tiny_sd as tiny_sd
+    from medrl.models import tiny_sd
     from medrl.rl.lora import load_adapter
     from medrl.rl.sampling import sample_with_logprob
 
@@ -322,7 +322,7 @@ def test_two_process_gloo_cpu(stack_eps, tmp_path):
     proc = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(script)],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600,
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("SUMMARY") == 2  # both ranks finished

@@ -91,7 +91,10 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
         raise SystemExit(f"stage {name} takes no --variant")
     wildcards = {"variant": variant} if stage.foreach else {}
     deps, outs, extra = stage_paths(stage, params, variant)
-    dep_list = [p for k, p in deps.items() if k not in extra] + [p for ps in extra.values() for p in ps]
+    named_deps = {k: p for k, p in deps.items() if k not in extra}
+    for k, ps in extra.items():  # an aggregate's per-variant deps: role.variant
+        named_deps.update({f"{k}.{p.name}": p for p in ps})
+    dep_list = list(named_deps.values())
     missing = [str(p) for p in dep_list if not (workspace / p).exists()]
     if missing:
         raise FileNotFoundError(f"stage {name}: missing inputs {missing}; run the upstream stages first")
@@ -105,7 +108,10 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
             shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
     ckpt = workspace / "data" / ".ckpt" / (name + (f"-{variant}" if variant else ""))
     ckpt.mkdir(parents=True, exist_ok=True)
-    sub = select(params, [expand(k, wildcards) for k in stage.params]) if stage.params else {}
+    # a wildcard's own params are logged under one key for every value ("...variants.selected.ace"),
+    # so the MLflow compare view puts the ablations' settings in the same rows
+    sub = {k.replace("{variant}", "selected"): v for k, v in
+           zip(stage.params, select(params, [expand(k, wildcards) for k in stage.params]).values())}
 
     def body(log, log_artifact) -> dict:
         ctx = Ctx(params=params, deps={k: workspace / p for k, p in deps.items()}, outs=tmp_outs, wildcards=wildcards,
@@ -131,9 +137,9 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
         return body(lambda m, step=None: None, lambda p: None)
 
     with tracked_stage(name, stage.track, workspace=workspace, params=sub,
-                       deps=[workspace / p for p in dep_list], wildcards=wildcards) as run:
+                       deps={k: workspace / p for k, p in named_deps.items()}, wildcards=wildcards) as run:
         metrics = body(run.log_metrics, run.log_artifact)
-        run.record_outputs([workspace / p for p in outs.values()])
+        run.record_outputs({k: workspace / p for k, p in outs.items()})
         run.log_metrics(metrics)
         for p in outs.values():
             _log_small_artifacts(run, workspace / p)

@@ -59,6 +59,14 @@ def _cmd_bench(argv: list[str]) -> int:
     return int(bench_main(argv) or 0)
 
 
+def _cmd_compare_screenshot(args: argparse.Namespace) -> int:
+    from medrl.mlflow_view import screenshot_compare
+
+    runs = screenshot_compare(Path(args.workspace), args.track, args.stage, Path(args.out))
+    print(f"{args.out}: compare view of {len(runs)} runs of {args.stage}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medrl", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("path", nargs="?", default="params.yaml")
     pc.add_argument("--no-paths", action="store_true", help="skip the checks that path-valued keys exist")
     pc.set_defaults(func=_cmd_params_check)
+
+    cs = sub.add_parser("compare-screenshot",
+                        help="PNG of the MLflow UI compare view of one stage's runs (mlflow server on 127.0.0.1 + headless Chromium)")
+    cs.add_argument("--track", default="cxr")
+    cs.add_argument("--stage", default="metrics_cxr", help="e.g. rl_cxr (training curves) or metrics_cxr (table metrics)")
+    cs.add_argument("--out", default="mlflow_compare.png")
+    cs.add_argument("--workspace", default=".")
+    cs.set_defaults(func=_cmd_compare_screenshot)
 
     # listed for --help only; main() forwards everything after `bench` untouched
     sub.add_parser("bench", help="benchmarks (medrl.bench); `medrl bench --help` for its options", add_help=False)

@@ -142,12 +142,21 @@ class StageRun:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
-    def record_outputs(self, outs: list[Path]) -> dict[str, str]:
-        self.outputs = {_relpath(p, self.workspace): hash_path(p) for p in outs}
+    def record_outputs(self, outs: dict[str, Path] | list[Path]) -> dict[str, str]:
+        named = _named(outs)
+        self.outputs = {_relpath(p, self.workspace): hash_path(p) for p in named.values()}
         self.client.set_tag(self.run_id, "medrl.outputs", json.dumps(self.outputs, sort_keys=True))
-        for i, (path, digest) in enumerate(sorted(self.outputs.items())):
-            self.client.log_param(self.run_id, f"out.{i}.{Path(path).name}"[:250], digest)
+        for role, p in named.items():
+            self.client.log_param(self.run_id, f"out.{role}"[:250], self.outputs[_relpath(p, self.workspace)])
         return self.outputs
+
+
+def _named(paths: dict[str, Path] | list[Path]) -> dict[str, Path]:
+    """Role -> path; params are keyed by role (not file name) so runs of different wildcard
+    values line up column by column in the MLflow compare view."""
+    if isinstance(paths, dict):
+        return {k: Path(v) for k, v in paths.items()}
+    return {str(i): Path(p) for i, p in enumerate(paths)}
 
 
 def _metric_key(k: str) -> str:
@@ -162,7 +171,7 @@ def tracked_stage(
     *,
     workspace: Path,
     params: dict[str, Any],
-    deps: list[Path],
+    deps: dict[str, Path] | list[Path],
     wildcards: dict[str, str] | None = None,
 ) -> Iterator[StageRun]:
     """Open an MLflow run for one stage execution; FAILED if the block raises."""
@@ -185,9 +194,10 @@ def tracked_stage(
         from mlflow.entities import Param
 
         flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(params).items()}
-        handle.inputs = {_relpath(p, workspace): hash_path(p) for p in deps}
-        for i, (path, digest) in enumerate(sorted(handle.inputs.items())):
-            flat[f"in.{i}.{Path(path).name}"[:250]] = digest
+        named = _named(deps)
+        handle.inputs = {_relpath(p, workspace): hash_path(p) for p in named.values()}
+        for role, p in named.items():
+            flat[f"in.{role}"[:250]] = handle.inputs[_relpath(p, workspace)]
         plist = [Param(k[:250], v[:_MAX_PARAM_LEN]) for k, v in flat.items()]
         for i in range(0, len(plist), 90):
             client.log_batch(handle.run_id, params=plist[i : i + 90])

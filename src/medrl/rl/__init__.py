@@ -24,7 +24,11 @@ _EXPORTS = {
     "train_ddpo": "medrl.rl.trainer",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # noqa: RUF022 - grouped by submodule, as _EXPORTS
+    "ddim_step_with_logprob", "Trajectory", "sample_with_logprob", "decode_latents",
+    "PerPromptStatTracker", "ppo_loss", "add_lora", "save_adapter", "load_adapter", "ACE",
+    "DDPOConfig", "train_ddpo",
+]
 
 
 def __getattr__(name: str) -> Any:

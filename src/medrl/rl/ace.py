@@ -67,7 +67,7 @@ class ACE(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ACE":
+    def load(cls, path: str | Path) -> ACE:
         path = Path(path)
         try:
             sd = load_file(str(path))

@@ -10,12 +10,13 @@ so generation loads "base stack + adapter" and the adapter stays a few hundred K
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medrl.errors import DataError
@@ -148,5 +149,5 @@ def _load_st(path: Path) -> dict[str, torch.Tensor]:
         raise DataError(f"{path}: adapter weights not found; expected a safetensors file")
     try:
         return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types
+    except (OSError, SafetensorError) as e:
         raise DataError(f"{path}: unreadable safetensors file ({e})") from None

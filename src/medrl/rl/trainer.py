@@ -19,9 +19,10 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -86,10 +87,9 @@ class DDPOConfig:
     adam_weight_decay: float = 1e-4
     adam_eps: float = 1e-8
     grid_every: int = 0  # sample grid every N epochs; 0 = every checkpoint_every epochs
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded in the checkpoint
 
     @classmethod
-    def from_params(cls, common: dict[str, Any], track: dict[str, Any], **overrides: Any) -> "DDPOConfig":
+    def from_params(cls, common: dict[str, Any], track: dict[str, Any], **overrides: Any) -> DDPOConfig:
         """Build from params.rl.common and params.rl.<track>; keys that are not fields (e.g. the
         CXR reward's rlcf_mode, bank_k, variants) are left to the caller."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -307,15 +307,14 @@ def train_ddpo(
         neg1 = encode_prompts(c, [""]).float()
 
     T = cfg.num_steps
-    n_train_t = max(1, int(math.floor(T * cfg.timestep_fraction)))
+    n_train_t = max(1, math.floor(T * cfg.timestep_fraction))
     n_local = cfg.sample_batch_size * cfg.sample_batches_per_epoch
     samples_dir = out_dir / "samples"
     grid_every = cfg.grid_every or cfg.checkpoint_every
-    epochs_run = 0
-    t_start = time.time()
 
     epoch_iter = range(start_epoch, cfg.epochs)
     for epoch in progress(epoch_iter, desc="ddpo", total=len(epoch_iter), disable=not is_main):
+        epochs_run = epoch - start_epoch  # completed in this call
         if max_epochs_this_call is not None and epochs_run >= max_epochs_this_call:
             break
         t0 = time.time()
