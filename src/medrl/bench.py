@@ -53,19 +53,6 @@ SD15_VAE = {
 # ----------------------------------------------------------------------------- tiny stack
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP byte -> printable-unicode table (the BPE base alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_byte_tokenizer(out_dir: Path, max_length: int = 77) -> Path:
     """A byte-level CLIPTokenizer (no merges beyond bytes) saved to ``out_dir``.
 
@@ -74,7 +61,9 @@ def write_byte_tokenizer(out_dir: Path, max_length: int = 77) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    from medrl.data.tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
     vocab = {ch: i for i, ch in enumerate(chars)}
     vocab.update({ch + "</w>": len(chars) + i for i, ch in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)

@@ -44,7 +44,7 @@ __all__ = [
     "predict_probs",
     "binary_metrics",
     "augment_batch",
-    "recalibrate_bn",
+    "recalibrate_bn_loader",
 ]
 
 ARCHS = ("efficientnet_b0",)
@@ -336,31 +336,14 @@ def predict_probs(
 # ----------------------------------------------------------------------------- training
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Any, device: torch.device) -> None:
-    """Re-estimate BatchNorm running statistics with the final weights (cumulative average).
+def recalibrate_bn_loader(model: nn.Module, loader: Any, device: torch.device) -> None:
+    """BatchNorm recalibration (medrl.models.posture.recalibrate_bn) over a loader's images.
 
     A from-scratch EfficientNet trained for a few hundred steps has running statistics that
-    lag far behind its fast-moving weights, which makes eval-mode outputs near chance while
-    train-mode outputs are right. One pass over the (un-augmented) training images fixes
-    that. Everything but BatchNorm stays in eval mode, so dropout/stochastic depth do not
-    distort the statistics."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    was_training = model.training
-    model.eval()
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    for batch in progress(loader, desc="recalibrate BatchNorm", total=len(loader)):
-        img, _ = _split_batch(batch)
-        model(img.to(device).float())
-    for bn, mom in zip(bns, momenta):
-        bn.momentum = mom
-    model.train(was_training)
+    lag its weights (eval-mode outputs near chance); one pass over un-augmented images fixes it."""
+    from medrl.models.posture import recalibrate_bn
+
+    recalibrate_bn(model, (_split_batch(b)[0].float() for b in progress(loader, desc="recalibrate BatchNorm", total=len(loader))), device)
 
 
 def _fingerprint(**kw: Any) -> str:
@@ -499,7 +482,7 @@ def train_classifier(
             _save_ckpt(ckpt, model, opt, sched, {"fingerprint": fingerprint, "epoch": epoch, "losses": losses})
         # Inside fork_rng for a clean global RNG; deterministic, so a resumed run agrees.
         bn_loader = torch.utils.data.DataLoader(ds, batch_size=max(batch_size, 64), shuffle=False, num_workers=num_workers)
-        recalibrate_bn(model, bn_loader, dev)
+        recalibrate_bn_loader(model, bn_loader, dev)
     train_s = time.perf_counter() - t0
 
     model.eval()

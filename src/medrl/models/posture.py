@@ -29,7 +29,7 @@ import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -270,7 +270,7 @@ def load_train_state(path: Path, fp: str) -> dict[str, Any] | None:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], device: str | torch.device = "cpu") -> None:
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> None:
     """Re-estimate BatchNorm running statistics with the final weights (cumulative mean over
     ``batches``, already preprocessed for ``model``). After a short from-scratch run the
     running statistics lag the weights and eval-mode outputs are off; one pass fixes it."""
