@@ -9,7 +9,7 @@ Path templates may contain ``{variant}`` (the CXRL ablation wildcard, values = t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
