@@ -165,6 +165,11 @@ def test_bank_built_from_the_same_model_and_seed_gives_zero(models, tmp_path):
     assert m2["consist_mean"] == pytest.approx(m["consist_mean"], abs=1e-7)
     _, tj = _reward(models, rlcf=True, rlcf_mode="bank", anchor_bank=tmp_path / "bank.json")(x, REPORTS)
     assert torch.equal(tj["r_consist"], torch.zeros(4))
+    # without RLCF a given bank is only a reference: anchor terms are reported, never subtracted
+    r0, t0 = _reward(models, rlcf=False, rlcf_mode="bank", anchor_bank=bank)(x, REPORTS)
+    assert torch.equal(t0["anchor_consist"], t["anchor_consist"]) and torch.equal(t0["anchor_diag"], t["anchor_diag"])
+    assert torch.equal(t0["r_consist"], t0["raw_consist"]) and torch.equal(t0["r_diag"], t0["raw_diag"])
+    assert torch.allclose(r0, t0["r_align"] + t0["raw_diag"] * 10 + t0["raw_consist"] * 10, atol=1e-5)
 
 
 def test_anchor_seeds_depend_on_report_not_position():

@@ -313,7 +313,9 @@ class CXRReward:
         self.bank: dict[str, tuple[float, float]] | None = None
         self.bank_path = Path(anchor_bank) if anchor_bank is not None else None
         comparative = self.l_diag != 0 or self.l_consist != 0
-        if self.rlcf and rlcf_mode == "bank" and (comparative or anchor_bank is not None):
+        # A given bank is loaded even without RLCF: its anchor scores are then logged as a reference
+        # (not subtracted), so every ablation reports the same terms and lines up in MLflow's compare view.
+        if rlcf_mode == "bank" and ((self.rlcf and comparative) or anchor_bank is not None):
             if anchor_bank is None:
                 raise DataError("CXRReward: rlcf_mode='bank' needs anchor_bank (the output of build_anchor_bank)")
             df = load_anchor_bank(anchor_bank)
@@ -357,19 +359,19 @@ class CXRReward:
         for j, n in enumerate(("sx", "sy", "tx", "ty", "theta")):
             terms[f"psi_{n}"] = psi[:, j]
         r_diag, r_consist = raw_diag, raw_consist
-        if self.rlcf:
-            anchor: tuple[torch.Tensor, torch.Tensor] | None = None
-            if self.rlcf_mode == "paired" and anchor_images is not None:
-                if anchor_images.shape != images.shape:
-                    raise ValueError(f"anchor_images: shape {tuple(anchor_images.shape)} != images {tuple(images.shape)}")
-                anchor = self.scorer.score(anchor_images.detach().float().clamp(0, 1), prompts)
-            elif self.rlcf_mode == "bank" and self.bank is not None:
-                anchor = self._bank_scores(prompts)
-            elif self.needs_anchor:
-                raise ValueError("CXRReward: paired RLCF needs anchor_images (same reports, same initial noise)")
-            if anchor is not None:
+        anchor: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.rlcf_mode == "paired" and anchor_images is not None:
+            if anchor_images.shape != images.shape:
+                raise ValueError(f"anchor_images: shape {tuple(anchor_images.shape)} != images {tuple(images.shape)}")
+            anchor = self.scorer.score(anchor_images.detach().float().clamp(0, 1), prompts)
+        elif self.rlcf_mode == "bank" and self.bank is not None:
+            anchor = self._bank_scores(prompts)
+        elif self.needs_anchor:
+            raise ValueError("CXRReward: paired RLCF needs anchor_images (same reports, same initial noise)")
+        if anchor is not None:
+            terms["anchor_diag"], terms["anchor_consist"] = anchor
+            if self.rlcf:
                 r_diag, r_consist = raw_diag - anchor[0], raw_consist - anchor[1]
-                terms["anchor_diag"], terms["anchor_consist"] = anchor
         terms["r_diag"], terms["r_consist"] = r_diag, r_consist
         reward = self.l_align * r_align + self.l_diag * r_diag + self.l_consist * r_consist
         return reward, terms
