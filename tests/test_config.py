@@ -97,6 +97,10 @@ def test_load_params_file_errors(tmp_path):
     top.write_text("- 1\n- 2\n")
     with pytest.raises(ParamsError, match="top level must be a mapping"):
         load_params(top)
+    twice = tmp_path / "twice.yaml"  # PyYAML would keep the last value silently
+    twice.write_text("run:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ParamsError, match=r"'seed' appears twice.*line 3"):
+        load_params(twice)
 
 
 def test_select_names_unknown_key():

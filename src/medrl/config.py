@@ -304,6 +304,21 @@ def validate_params(raw: dict[str, Any], *, source: str = "params.yaml", check_p
     return params
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml", *, check_paths: bool = True) -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
@@ -311,7 +326,7 @@ def load_params(path: str | Path = "params.yaml", *, check_paths: bool = True) -
         raise ParamsError(f"{path}: params file not found")
     with path.open() as f:
         try:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ParamsError(f"{path}: not valid YAML: {e}") from None
     return validate_params(raw, source=str(path), check_paths=check_paths)
