@@ -236,3 +236,44 @@ def test_bank_errors(models, tmp_path):
         _reward(models, rlcf=True, rlcf_mode="bank", anchor_bank=other)
     with pytest.raises(DataError, match="not found"):
         _reward(models, rlcf=True, rlcf_mode="bank", anchor_bank=tmp_path / "missing.csv")
+
+
+# ----------------------------------------------------------------------------- paired vs bank, measured
+
+
+def test_compare_rlcf_modes_on_the_same_samples(models, tmp_path):
+    from medrl.models.tiny_sd import load_components
+    from medrl.rewards.cxr import build_anchor_bank
+    from medrl.rewards.rlcf_modes import compare_rlcf_modes
+    from medrl.rl.lora import add_lora, save_adapter
+
+    bank = tmp_path / "bank.csv"
+    build_anchor_bank(models / "stack", REPORTS, bank, k=2, seed=3, diag_dir=models / "diag",
+                      dualenc_dir=models / "dualenc", batch_size=8, **SAMPLING)
+    kw = dict(aligner_dir=models / "aligner", diag_dir=models / "diag", dualenc_dir=models / "dualenc", bank=bank,
+              reports=REPORTS, n_samples=6, batch_size=4, seed=0, n_boot=50, samples_per_epoch=12, **SAMPLING)
+    # policy == anchor: paired RLCF is exactly zero (same noise), the bank's is not
+    m0, df0 = compare_rlcf_modes(models / "stack", None, **kw)
+    assert len(df0) == 6 and (df0["r_paired"] == 0).all()
+    assert m0["std_paired"]["value"] == 0 and m0["std_bank"]["value"] > 0
+    assert m0["seconds"]["anchor"] > 0 and m0["reward_seconds_per_epoch"]["bank"] == pytest.approx(
+        12 * m0["seconds_per_sample"]["bank"])
+    # a perturbed LoRA policy: both modes are score minus their own anchor, on the same images
+    c = load_components(str(models / "stack"))
+    add_lora(c.unet, 4, seed=1)
+    with torch.no_grad():
+        for n, p in c.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    save_adapter(c.unet, None, tmp_path / "adapter")
+    m1, df1 = compare_rlcf_modes(models / "stack", tmp_path / "adapter", **kw)
+    assert list(df1["seed"]) == list(df0["seed"]) and (df1["r_paired"] != 0).any()
+    paired = 10 * (df1.raw_diag - df1.anchor_diag_paired) + 10 * (df1.raw_consist - df1.anchor_consist_paired)
+    bank_r = 10 * (df1.raw_diag - df1.anchor_diag_bank) + 10 * (df1.raw_consist - df1.anchor_consist_bank)
+    assert np.allclose(df1["r_paired"], paired, atol=1e-5) and np.allclose(df1["r_bank"], bank_r, atol=1e-5)
+    # the anchor side of paired mode is the base model on the same noise: unchanged by the adapter
+    assert np.allclose(df1["anchor_consist_paired"], df0["anchor_consist_paired"], atol=1e-6)
+    d = m1["mean_diff_paired_minus_bank"]
+    assert d["value"] == pytest.approx(float((df1.r_paired - df1.r_bank).mean()), abs=1e-9) and d["lo"] <= d["hi"]
+    with pytest.raises(DataError, match="both 0"):
+        compare_rlcf_modes(models / "stack", None, **{**kw, "l_diag": 0.0, "l_consist": 0.0})

@@ -297,3 +297,26 @@ def test_paper_numbers_match_the_seed_text():
     for k, p in (("anchor", "RoentGen "), ("llm_cxr", "LLM-CXR "), ("full", "CXRL ")):
         v = [float(x) for x in re.findall(r"\.\d+", next(ln for ln in t3 if ln.startswith(p))[len(p):])]
         assert v == [P.CXRL_TABLE3[k][c] for c in (*P.CXR_CLASSES, "avg")], k
+
+
+def test_rlcf_modes_table(tmp_path):
+    from medrl.tables.cxrl import build_rlcf_modes_table
+
+    rng = np.random.default_rng(0)
+    m = {"n_samples": 40, "mean_paired": _metric(rng, 0.1, 0.2), "mean_bank": _metric(rng, 0.1, 0.5),
+         "mean_diff_paired_minus_bank": _metric(rng, 0.0, 0.4), "std_paired": _metric(rng, 0.2, 0.01),
+         "std_bank": _metric(rng, 0.5, 0.01), "var_ratio_paired_over_bank": _metric(rng, 0.16, 0.01),
+         "corr_policy_anchor_paired": 0.9, "seconds_per_sample": {"paired": 0.2, "bank": 0.1},
+         "samples_per_epoch": 64, "reward_seconds_per_epoch": {"paired": 12.8, "bank": 6.4},
+         "cost_ratio_paired_over_bank": 2.0}
+    paths = build_rlcf_modes_table(m, "abc123", tmp_path)
+    df = pd.read_csv(paths["csv"])
+    assert list(df["RLCF mode"]) == ["paired", "bank", "paired - bank"]
+    assert df.loc[0, "Reward s/epoch"] == 12.8 and df.loc[2, "Reward s/sample"] == "x2.00"
+    assert df.loc[1, "Mean comparative reward [CI]"] == fmt_ci(m["mean_bank"])
+    assert "Correlation of policy and paired-anchor scores: 0.90" in Path(paths["md"]).read_text()
+    values = pd.read_csv(paths["values"])
+    assert (values["run_id"] == "abc123").all() and len(values) == 6
+    del m["std_bank"]
+    with pytest.raises(DataError, match="std_bank"):
+        build_rlcf_modes_table(m, "abc123", tmp_path)

@@ -104,9 +104,10 @@ def test_engines_list_the_same_stages(full_workspace):
         assert ("gpu" in s["resources"]) == stage.gpu, f"{name}: gpu resource {s['resources']}"
         launcher = "accelerate launch" if stage.accelerate else "python"
         assert d["cmd"].startswith(f"{launcher} workflow/entry.py {stage.name}")
-        # the aggregate depends on every variant's output
+        # the aggregate depends on every variant's output (+ the anchor and the RLCF-mode comparison)
         if stage.name in AGGREGATES:
-            assert sum(1 for p in d["deps"] if p.startswith("data/metrics/cxr/")) == len(variants) + 1
+            assert {f"data/metrics/cxr/{v}" for v in variants} <= set(d["deps"])
+            assert sum(1 for p in d["deps"] if p.startswith("data/metrics/cxr/")) == len(variants) + 2
 
 
 def test_engine_clis_list_the_same_stage_names(full_workspace):

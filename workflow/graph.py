@@ -405,6 +405,37 @@ def rl_cxr(c: Ctx) -> dict:
                       cfg=cfg, ckpt_dir=c.ckpt, log_fn=c.log)
 
 
+@stage(track="cxr", deps={"base": "data/models/cxr/base", "prepared": "data/prepared/cxr",
+                          "aligner": "data/models/cxr/aligner", "diag": "data/models/cxr/diag",
+                          "dualenc": "data/models/cxr/dualenc", "bank": "data/models/cxr/anchor_bank",
+                          "rl": "data/rl/cxr/full"},
+       outs={"metrics": "data/metrics/cxr/rlcf_modes"},
+       params=("rl.common", "rl.cxr.seed", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch",
+               "rl.cxr.compare_samples", "rl.cxr.variants.full", "metrics.bootstrap", "metrics.ci"),
+       gpu=True)
+def rlcf_modes_cxr(c: Ctx) -> dict:
+    """RLCF paired vs bank on the same samples of the full policy: cost per epoch, reward mean and variance."""
+    from medrl.io import write_json, write_table
+    from medrl.rewards.rlcf_modes import compare_rlcf_modes
+
+    reports, labels = _train_reports(c)
+    r, v = c.params.rl, c.params.rl.cxr.variants["full"]
+    m, per_sample = compare_rlcf_modes(
+        c.deps["base"], c.deps["rl"] / "adapter", aligner_dir=c.deps["aligner"], diag_dir=c.deps["diag"],
+        dualenc_dir=c.deps["dualenc"], bank=c.deps["bank"] / "bank.csv", reports=reports, labels_for=labels.__getitem__,
+        n_samples=r.cxr.compare_samples, batch_size=r.cxr.sample_batch_size, seed=r.cxr.seed + 1,
+        num_steps=r.common.num_steps, guidance_scale=r.common.guidance_scale, eta=r.common.eta,
+        l_diag=v.l_diag if v.l_diag else 10.0, l_consist=v.l_consist if v.l_consist else 10.0,
+        samples_per_epoch=r.cxr.sample_batch_size * r.cxr.sample_batches_per_epoch,
+        n_boot=c.params.metrics.bootstrap, ci=c.params.metrics.ci, device=c.device)
+    write_json(c.outs["metrics"] / "metrics.json", m)
+    write_table(per_sample, c.outs["metrics"] / "per_sample.csv")
+    return {"cost_ratio_paired_over_bank": m["cost_ratio_paired_over_bank"],
+            "std_paired": m["std_paired"]["value"], "std_bank": m["std_bank"]["value"],
+            "var_ratio_paired_over_bank": m["var_ratio_paired_over_bank"]["value"],
+            "mean_diff_paired_minus_bank": m["mean_diff_paired_minus_bank"]["value"]}
+
+
 # ============================================================================= generation
 
 
@@ -558,18 +589,21 @@ def tables_isic(c: Ctx) -> dict:
     return {}
 
 
-@stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}"},
+@stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}",
+                          "rlcf_modes": "data/metrics/cxr/rlcf_modes"},
        outs={"tables": "data/tables/cxr"}, params=("rl.cxr.variants",))
 def tables_cxr(c: Ctx) -> dict:
     """CXRL Tables 1, 2a, 2b, 3 with the paper's numbers beside ours."""
     from medrl.io import read_json
     from medrl.lineage import run_id_of
-    from medrl.tables.cxrl import build_cxrl_tables
+    from medrl.tables.cxrl import build_cxrl_tables, build_rlcf_modes_table
 
     dirs = {"anchor": c.deps["anchor"], **{v: c.workspace / f"data/metrics/cxr/{v}" for v in c.params.rl.cxr.variants}}
     metrics = {k: read_json(d / "metrics.json") for k, d in dirs.items()}
     run_ids = {k: run_id_of(d, c.workspace) or "" for k, d in dirs.items()}
     build_cxrl_tables(metrics, run_ids, c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()})
+    build_rlcf_modes_table(read_json(c.deps["rlcf_modes"] / "metrics.json"),
+                           run_id_of(c.deps["rlcf_modes"], c.workspace) or "", c.outs["tables"])
     return {}
 
 

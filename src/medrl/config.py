@@ -206,6 +206,7 @@ class RLCxr(RLTrack):
     rlcf_mode: Literal["paired", "bank"] = "bank"
     bank_k: int = Field(4, ge=1)
     ace_tokens: int = Field(3, ge=1)
+    compare_samples: int = Field(64, ge=2)  # rlcf_modes_cxr: policy samples scored both ways
     variants: dict[str, Variant] = {}
 
     @field_validator("variants")

@@ -143,6 +143,25 @@ rule rl_cxr:
     shell: 'accelerate launch workflow/entry.py rl_cxr --variant {wildcards.variant}'
 
 
+rule rlcf_modes_cxr:
+    """RLCF paired vs bank on the same samples of the full policy: cost per epoch, reward mean and variance."""
+    input:
+        base='data/models/cxr/base',
+        prepared='data/prepared/cxr',
+        aligner='data/models/cxr/aligner',
+        diag='data/models/cxr/diag',
+        dualenc='data/models/cxr/dualenc',
+        bank='data/models/cxr/anchor_bank',
+        rl='data/rl/cxr/full',
+    output:
+        metrics=directory('data/metrics/cxr/rlcf_modes'),
+    params:
+        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.seed', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.compare_samples', 'rl.cxr.variants.full', 'metrics.bootstrap', 'metrics.ci'], wildcards),
+    resources:
+        **GPU_RESOURCES,
+    shell: 'python workflow/entry.py rlcf_modes_cxr'
+
+
 rule generate_cxr_anchor:
     """Anchor (base) samples for every test report."""
     input:
@@ -207,6 +226,7 @@ rule tables_cxr:
     input:
         anchor='data/metrics/cxr/anchor',
         variants=expand('data/metrics/cxr/{variant}', variant=variants('rl.cxr.variants')),
+        rlcf_modes='data/metrics/cxr/rlcf_modes',
     output:
         tables=directory('data/tables/cxr'),
     params:
