@@ -57,6 +57,12 @@ def screenshot_compare(workspace: Path, track: str, stage: str, out_png: Path, *
     if not runs:
         raise DataError(f"no finished runs of stage {stage!r} in {exp.name}")
     run_ids = [r.info.run_id for r in runs]
+    out_png = Path(out_png).resolve()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith(("http://", "https://")):  # already a server: render its own UI
+        with tempfile.TemporaryDirectory() as tmp:
+            _chromium_shot(uri.rstrip("/"), exp.experiment_id, run_ids, out_png, tmp, width, height, wait_ms)
+        return run_ids
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -76,18 +82,22 @@ def screenshot_compare(workspace: Path, track: str, stage: str, out_png: Path, *
                 if server.poll() is not None or time.time() > deadline:
                     raise DataError("mlflow server did not become healthy on 127.0.0.1")
                 time.sleep(1)
-            out_png = Path(out_png).resolve()
-            out_png.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run([find_chromium(), *_CHROMIUM_FLAGS, f"--user-data-dir={tmp}/chrome",
-                            f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}",
-                            f"--screenshot={out_png}", compare_url(base, exp.experiment_id, run_ids)],
-                           check=True, timeout=180, capture_output=True)
+            _chromium_shot(base, exp.experiment_id, run_ids, out_png, tmp, width, height, wait_ms)
         finally:
             server.terminate()
             try:
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 server.kill()
+    return run_ids
+
+
+def _chromium_shot(base: str, experiment_id: str, run_ids: list[str], out_png: Path, tmp: str, width: int,
+                   height: int, wait_ms: int) -> None:
+    out_png.unlink(missing_ok=True)
+    subprocess.run([find_chromium(), *_CHROMIUM_FLAGS, f"--user-data-dir={tmp}/chrome",
+                    f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}",
+                    f"--screenshot={out_png}", compare_url(base, experiment_id, run_ids)],
+                   check=True, timeout=180, capture_output=True)
     if not out_png.is_file():
         raise DataError(f"{out_png}: Chromium wrote no screenshot")
-    return run_ids
