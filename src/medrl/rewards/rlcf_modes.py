@@ -13,6 +13,7 @@ of the comparative reward ``l_diag * r_diag + l_consist * r_consist``, with boot
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Sequence
@@ -75,7 +76,8 @@ def compare_rlcf_modes(
     c = load_components(str(base_dir), device=device)
     anchor_unet = copy.deepcopy(c.unet).requires_grad_(False)  # a separate copy works for LoRA and full fine-tunes
     ace = load_adapter(c.unet, adapter_dir) if adapter_dir is not None else None
-    kw = dict(l_align=0.0, l_diag=l_diag, l_consist=l_consist, rlcf=True, labels_for=labels_for, device=device)
+    kw: dict[str, Any] = {"l_align": 0.0, "l_diag": l_diag, "l_consist": l_consist, "rlcf": True,
+                          "labels_for": labels_for, "device": device}
     paired = CXRReward(aligner_dir, diag_dir, dualenc_dir, rlcf_mode="paired", **kw)
     banked = CXRReward(aligner_dir, diag_dir, dualenc_dir, rlcf_mode="bank", anchor_bank=bank, **kw)
     # one scorer for both keeps their text-embedding caches warm alike (fair timing)
@@ -90,32 +92,34 @@ def compare_rlcf_modes(
     def gens(seeds: Sequence[int]) -> list[torch.Generator]:
         return [torch.Generator(device=dev).manual_seed(s) for s in seeds]
 
-    def timed(key: str, fn):
+    @contextlib.contextmanager
+    def clock(key: str):
         t0 = time.perf_counter()
-        out = fn()
+        yield
         t[key] += time.perf_counter() - t0
-        return out
+
+    def sample(unet: Any, cond: torch.Tensor, neg: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        g = gens(seeds)  # fresh generators from the same seeds -> same x_T and per-step noise for policy and anchor
+        x_T = initial_latents(unet, len(seeds), g, dev)
+        return sample_with_logprob(unet, c.vae, c.scheduler, cond, neg, num_steps=num_steps,
+                                   guidance_scale=guidance_scale, eta=eta, generator=g, latents=x_T).images
 
     with torch.no_grad():
         neg1 = encode_prompts(c, [""]).float()
         # warm-up outside the clock (first-call allocations, lazy inits)
-        sample_with_logprob(c.unet, c.vae, c.scheduler, encode_prompts(c, prompts_all[:1]).float(), neg1,
-                            num_steps=2, guidance_scale=guidance_scale, eta=eta, generator=gens(seeds_all[:1]))
+        sample(c.unet, encode_prompts(c, prompts_all[:1]).float(), neg1, seeds_all[:1])
         for start in progress(range(0, n_samples, batch_size), desc="rlcf modes", total=-(-n_samples // batch_size)):
             prompts, seeds = prompts_all[start:start + batch_size], seeds_all[start:start + batch_size]
             neg = neg1.expand(len(prompts), -1, -1)
-
-            def sample(unet, cond):
-                g = gens(seeds)  # same generators -> same x_T and per-step noise for policy and anchor
-                x_T = initial_latents(unet, len(seeds), g, dev)
-                return sample_with_logprob(unet, c.vae, c.scheduler, cond, neg, num_steps=num_steps,
-                                           guidance_scale=guidance_scale, eta=eta, generator=g, latents=x_T).images
-
-            text = timed("policy", lambda: encode_prompts(c, prompts).float())
-            x = timed("policy", lambda: sample(c.unet, ace(text) if ace is not None else text))
-            x_hat = timed("anchor", lambda: sample(anchor_unet, text))
-            r_p, tp = timed("score_paired", lambda: paired(x, prompts, anchor_images=x_hat))
-            r_b, tb = timed("score_bank", lambda: banked(x, prompts))
+            with clock("policy"):
+                text = encode_prompts(c, prompts).float()
+                x = sample(c.unet, ace(text) if ace is not None else text, neg, seeds)
+            with clock("anchor"):
+                x_hat = sample(anchor_unet, text, neg, seeds)
+            with clock("score_paired"):
+                r_p, tp = paired(x, prompts, anchor_images=x_hat)
+            with clock("score_bank"):
+                r_b, tb = banked(x, prompts)
             for i, p in enumerate(prompts):
                 rows.append({
                     "report": p, "seed": seeds[i], "r_paired": float(r_p[i]), "r_bank": float(r_b[i]),
@@ -126,7 +130,7 @@ def compare_rlcf_modes(
     df = pd.DataFrame(rows)
     n = len(df)
     rp, rb = df["r_paired"].to_numpy(), df["r_bank"].to_numpy()
-    boot = dict(n_boot=n_boot, ci=ci, seed=seed)
+    boot: dict[str, Any] = {"n_boot": n_boot, "ci": ci, "seed": seed}
     per_sample = {
         "paired": (t["policy"] + t["anchor"] + t["score_paired"]) / n,
         "bank": (t["policy"] + t["score_bank"]) / n,

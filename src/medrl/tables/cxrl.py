@@ -367,7 +367,8 @@ def build_rlcf_modes_table(m: Mapping[str, Any], run_id: str, out_dir: str | Pat
         f"{int(need(m, ['n_samples'], where=where))} samples of the full policy, each scored against its own anchor "
         "sample (paired: same x_T and noise) and against the anchor bank's per-report mean (bank).",
         "Comparative reward = l_diag * r_diag + l_consist * r_consist (r_align is never compared). Both modes estimate "
-        "the same expectation, so the paired - bank CI should include 0.",
+        "the same expectation over anchor noise; a bank of K samples per report adds a fixed per-report error of "
+        "its own (its std shrinks as 1/sqrt(K)), which a paired - bank gap on few reports can reflect.",
         f"Correlation of policy and paired-anchor scores: {float(m.get('corr_policy_anchor_paired', float('nan'))):.2f} "
         "(the shared noise lowers paired variance only while this is high).",
         f"Reward s/epoch: sampling + scoring for {int(need(m, ['samples_per_epoch'], where=where))} samples; the PPO "
