@@ -156,3 +156,33 @@ def test_credentials_never_reach_mlflow(tracked, tmp_path):
         for p in ([root] if root.is_file() else [q for q in root.rglob("*") if q.is_file()]):
             data = p.read_bytes()
             assert SECRET.encode() not in data and URI_SECRET.encode() not in data, p
+
+
+def test_terminated_stage_is_killed_in_mlflow_and_promotes_nothing(workspace_factory):
+    """SIGTERM (what Snakemake, DVC and scancel send) mid-stage: the run is closed as KILLED,
+    not left RUNNING, and the temp output never replaces the final path."""
+    import signal
+    import subprocess
+    import time
+
+    import mlflow
+
+    from medrl_testutil import VENV_BIN, engine_env
+
+    ws = workspace_factory("term", {"isic": {"phantom": {"n_images": 100000}}}, dvc=False)
+    env = engine_env(ws, MLFLOW_TRACKING_URI=f"sqlite:///{ws / 'mlflow.db'}")
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "workflow/entry.py", "download_isic"], cwd=ws, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = mlflow.tracking.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp_ids = lambda: [e.experiment_id for e in client.search_experiments()]  # noqa: E731
+    deadline = time.time() + 300
+    while not client.search_runs(exp_ids(), filter_string="attributes.status = 'RUNNING'"):  # the stage is under way
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    runs = client.search_runs(exp_ids(), filter_string="tags.`medrl.stage` = 'download_isic'")
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert not (ws / "data/datasets/isic").exists()

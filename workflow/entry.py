@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -156,11 +157,18 @@ def _log_small_artifacts(run, path: Path) -> None:
         run.log_artifact(f, artifact_path=path.name)
 
 
+def _terminate(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", help="stage name (see workflow/graph.py)")
     ap.add_argument("--variant", help="wildcard value for foreach stages (a key of rl.cxr.variants)")
     args = ap.parse_args(argv)
+    # Snakemake, DVC and SLURM (scancel, time limit) stop a job with SIGTERM; turn it into an
+    # exception so the MLflow run is closed as KILLED and temp outputs are not promoted.
+    signal.signal(signal.SIGTERM, _terminate)
     run_stage(args.stage, args.variant)
     return 0
 

@@ -174,7 +174,8 @@ def tracked_stage(
     deps: dict[str, Path] | list[Path],
     wildcards: dict[str, str] | None = None,
 ) -> Iterator[StageRun]:
-    """Open an MLflow run for one stage execution; FAILED if the block raises."""
+    """Open an MLflow run for one stage execution; FAILED if the block raises, KILLED if it is
+    interrupted (KeyboardInterrupt / SystemExit), so a cancelled job never stays RUNNING."""
     client = _client(workspace)
     exp_id = _experiment_id(client, f"{EXPERIMENT_PREFIX}{track}", workspace)
     wildcards = wildcards or {}
@@ -203,6 +204,9 @@ def tracked_stage(
             client.log_batch(handle.run_id, params=plist[i : i + 90])
         client.set_tag(handle.run_id, "medrl.inputs", json.dumps(handle.inputs, sort_keys=True))
         yield handle
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from Snakemake/SLURM (see workflow/entry.py)
+        client.set_terminated(handle.run_id, status="KILLED")
+        raise
     except BaseException:
         client.set_terminated(handle.run_id, status="FAILED")
         raise
