@@ -86,6 +86,15 @@ def test_bad_variant_name_is_named():
         validate_params(raw)
 
 
+def test_prompt_repeats_must_divide_batch():
+    raw = _raw()
+    raw["rl"]["common"]["prompt_repeats"] = 3
+    raw["rl"]["cxr"]["sample_batch_size"] = 9
+    with pytest.raises(ParamsError, match=r"'rl\.common\.prompt_repeats': 3 does not divide rl\.isic\.sample_batch_size=32") as e:
+        validate_params(raw)
+    assert "rl.cxr" not in str(e.value)  # 9 is divisible by 3
+
+
 def test_load_params_file_errors(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "absent.yaml")

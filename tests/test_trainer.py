@@ -246,6 +246,32 @@ def test_anchor_shares_noise_and_disables_adapter(stack_eps, tmp_path):
     assert "gain_mean" in df.columns
 
 
+def test_prompt_repeats_and_base_reward(stack_eps, tmp_path):
+    """Grouped prompts (each drawn prompt repeated) and the paired policy-minus-base gain."""
+    seen: list[list[str]] = []
+
+    def recording(images, prompts, anchor_images=None):
+        assert anchor_images is not None  # log_base_reward samples the base model
+        seen.append(list(prompts))
+        return brightness(images, prompts)
+
+    cfg = small_cfg(epochs=3, lr=3e-2, checkpoint_every=10, prompt_repeats=4, log_base_reward=True)
+    summary, logged = _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt", reward=recording)
+    policy_batches = seen[0::2]  # calls alternate: policy images, then base images
+    assert len(policy_batches) == 3
+    for batch in policy_batches:  # 8 samples = 2 prompts x 4 repeats, in runs of 4
+        assert all(len(set(batch[i:i + 4])) == 1 for i in range(0, 8, 4)), batch
+    df = pd.read_csv(tmp_path / "out" / "rewards.csv")
+    # Epoch 0: zero-init LoRA, same noise -> the policy is the base model, gain exactly 0.
+    assert df.loc[0, "reward_gain_vs_base"] == pytest.approx(0.0, abs=1e-6)
+    assert df.loc[0, "base_reward_mean"] == pytest.approx(df.loc[0, "reward_mean"], abs=1e-6)
+    assert df["reward_gain_vs_base"].abs().iloc[1:].max() > 0  # trained policy differs from base
+    assert np.isfinite(df["reward_gain_vs_base_se"]).all()
+    assert "gain_vs_base_last" in summary
+    with pytest.raises(ValueError, match="prompt_repeats"):
+        small_cfg(prompt_repeats=3).validate()  # 3 does not divide sample_batch_size=8
+
+
 def test_ace_changes_condition_and_is_saved(stack_eps, tmp_path):
     from medrl.rl.lora import load_adapter
 
@@ -336,3 +362,4 @@ def test_two_process_gloo_cpu(stack_eps, tmp_path):
     assert (df["reward_std"] > 0).all()
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "ace.safetensors").is_file()
     assert not ckpt.exists()
+

@@ -184,6 +184,8 @@ class RLCommon(_S):
     gradient_accumulation_steps: int = Field(4, ge=1)
     per_prompt_buffer: int = Field(16, ge=1)
     per_prompt_min_count: int = Field(16, ge=1)
+    prompt_repeats: int = Field(1, ge=1)
+    log_base_reward: bool = False
     checkpoint_every: int = Field(5, ge=1)
 
 
@@ -296,6 +298,12 @@ def validate_params(raw: dict[str, Any], *, source: str = "params.yaml", check_p
             else:
                 lines.append(f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})")
         raise ParamsError("\n".join(lines)) from None
+    reps = params.rl.common.prompt_repeats
+    bad = [t for t in ("isic", "cxr") if getattr(params.rl, t).sample_batch_size % reps]
+    if bad:
+        raise ParamsError("\n".join(
+            f"{source}: key 'rl.common.prompt_repeats': {reps} does not divide "
+            f"rl.{t}.sample_batch_size={getattr(params.rl, t).sample_batch_size}; expected a divisor" for t in bad))
     if check_paths:
         flat = flatten(params.model_dump())
         for key in PATH_KEYS:

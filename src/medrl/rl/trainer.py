@@ -48,7 +48,7 @@ _RESUME_KEYS = (
     "sample_batch_size", "sample_batches_per_epoch", "train_batch_size", "gradient_accumulation_steps",
     "num_steps", "eta", "guidance_scale", "lr", "clip_range", "adv_clip_max", "timestep_fraction",
     "num_inner_epochs", "per_prompt_buffer", "per_prompt_min_count", "lora_rank", "lora_alpha", "lora_target_modules",
-    "full_finetune", "seed", "use_ace", "ace_tokens", "mixed_precision",
+    "full_finetune", "seed", "use_ace", "ace_tokens", "mixed_precision", "prompt_repeats",
 )
 
 
@@ -75,6 +75,12 @@ class DDPOConfig:
     lora_rank: int = 4
     full_finetune: bool = False
     checkpoint_every: int = 5
+    # Each drawn prompt is sampled this many times per sample batch, so the per-prompt
+    # advantage has within-prompt statistics from the first epoch (1 = i.i.d. prompts, DDPO).
+    prompt_repeats: int = 1
+    # Also score the frozen base model on the same prompts and noise each epoch, and log the
+    # paired gain (reward_gain_vs_base): costs one extra sampling pass, removes prompt/noise luck.
+    log_base_reward: bool = False
     seed: int = 0
     use_ace: bool = False
     ace_tokens: int = 3
@@ -107,6 +113,9 @@ class DDPOConfig:
             raise ValueError(f"rl.common.timestep_fraction={self.timestep_fraction}; expected in (0, 1]")
         if self.eta <= 0:
             raise ValueError(f"rl.common.eta={self.eta}; DDPO needs a stochastic sampler (eta > 0)")
+        if self.prompt_repeats < 1 or self.sample_batch_size % self.prompt_repeats:
+            raise ValueError(f"rl.common.prompt_repeats={self.prompt_repeats}; expected >= 1 and a divisor of "
+                             f"sample_batch_size={self.sample_batch_size}")
 
 
 class Policy(nn.Module):
@@ -261,7 +270,9 @@ def train_ddpo(
     Logged per epoch: reward_mean/std, <term>_mean, loss, approx_kl, clipfrac, kl (sample
     estimate of KL(pi_old || pi_new) per denoising step, E_old[log pi_old - log pi_new] over the
     trained (sample, timestep) pairs, i.e. how far the PPO updates moved the policy during the
-    epoch), epoch_time_s, and trajectories_per_s.
+    epoch), grad_norm (pre-clip), epoch_time_s, and trajectories_per_s; with ``cfg.log_base_reward`` also
+    base_reward_mean and reward_gain_vs_base (+ its s.e.): policy minus frozen base model on the
+    same prompts and noise, the epoch's paired measure of what training has gained so far.
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -280,7 +291,7 @@ def train_ddpo(
     c = load_components(str(base_dir), device=str(device))
     unet, vae, scheduler = c.unet, c.vae, c.scheduler
     anchor_unet = None
-    need_anchor = bool(anchor or getattr(reward_fn, "needs_anchor", False))
+    need_anchor = bool(anchor or getattr(reward_fn, "needs_anchor", False) or cfg.log_base_reward)
     if cfg.full_finetune:
         if need_anchor:
             anchor_unet = copy.deepcopy(unet).requires_grad_(False)
@@ -323,9 +334,12 @@ def train_ddpo(
         # ---------------------------------------------------------------- sampling
         policy.eval()
         lat, logps, tsteps, embeds, prompts_local, rewards_l, terms_l = [], [], [], [], [], [], {}
+        base_rewards_l = []
         first_images = None
         for b in range(cfg.sample_batches_per_epoch):
-            prompts = _check_prompts(prompt_fn(rng, cfg.sample_batch_size), cfg.sample_batch_size)
+            n_groups = cfg.sample_batch_size // cfg.prompt_repeats
+            prompts = _check_prompts(prompt_fn(rng, n_groups), n_groups)
+            prompts = [p for p in prompts for _ in range(cfg.prompt_repeats)]
             noise_seed = _seed(cfg.seed, epoch, rank, 1, b)
             with torch.no_grad():
                 text = encode_prompts(c, prompts).float()
@@ -348,6 +362,10 @@ def train_ddpo(
                                 generator=_torch_gen(device, noise_seed + 1), latents=x_T,
                             ).images
             r, terms = _check_rewards(reward_fn(traj.images, prompts, anchor_images=anchor_images), len(prompts))
+            if cfg.log_base_reward:
+                # The base model scored as if it were the policy (RLCF terms are then zero).
+                rb, _ = _check_rewards(reward_fn(anchor_images, prompts, anchor_images=anchor_images), len(prompts))
+                base_rewards_l.append(rb)
             lat.append(traj.latents)
             logps.append(traj.log_probs.float())
             tsteps.append(traj.timesteps)
@@ -373,10 +391,12 @@ def train_ddpo(
         adv_all = tracker.update(prompts_all, rewards_all)
         adv = torch.as_tensor(adv_all.reshape(world, -1)[rank], dtype=torch.float32, device=device)
         terms_all = {k: accelerator.gather(torch.cat(v).to(device)).cpu().numpy() for k, v in terms_l.items()}
+        base_all = accelerator.gather(torch.cat(base_rewards_l).to(device)).cpu().numpy() if base_rewards_l else None
 
         # ---------------------------------------------------------------- PPO updates
         policy.train()
         acc = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": []}
+        grad_norms: list[torch.Tensor] = []
         micro_per_step = cfg.gradient_accumulation_steps * n_train_t
         for inner in range(cfg.num_inner_epochs):
             perm = rng.permutation(n_local)
@@ -404,7 +424,7 @@ def train_ddpo(
                         # Mean over the accumulation group: each micro-step is one (batch, timestep).
                         accelerator.backward(loss / group_size)
                     if sync:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        grad_norms.append(torch.as_tensor(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)).detach().float())
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     acc["loss"].append(loss.detach())
@@ -412,7 +432,8 @@ def train_ddpo(
                         acc[k].append(info[k])
                     micro += 1
 
-        stats = torch.stack([torch.stack(acc[k]).mean() for k in ("loss", "approx_kl", "clipfrac", "kl")])
+        gn = torch.stack(grad_norms).to(device) if grad_norms else torch.zeros(1, device=device)
+        stats = torch.stack([torch.stack(acc[k]).mean() for k in ("loss", "approx_kl", "clipfrac", "kl")] + [gn.mean()])
         stats = accelerator.reduce(stats, reduction="mean").cpu().tolist()
         dt = time.time() - t0
         metrics: dict[str, float] = {
@@ -421,10 +442,15 @@ def train_ddpo(
             "reward_mean": float(rewards_all.mean()),
             "reward_std": float(rewards_all.std()),
             **{f"{k}_mean": float(v.mean()) for k, v in terms_all.items()},
+            **({"base_reward_mean": float(base_all.mean()),
+                "reward_gain_vs_base": float((rewards_all - base_all).mean()),
+                "reward_gain_vs_base_se": float((rewards_all - base_all).std(ddof=1) / math.sqrt(len(base_all)))
+                if len(base_all) > 1 else 0.0} if base_all is not None else {}),
             "loss": stats[0],
             "approx_kl": stats[1],
             "clipfrac": stats[2],
             "kl": stats[3],
+            "grad_norm": stats[4],  # before clipping to max_grad_norm; mean over the epoch's optimizer steps
             "epoch_time_s": dt,
             "trajectories_per_s": float(len(rewards_all)) / max(dt, 1e-9),
         }
@@ -459,6 +485,9 @@ def train_ddpo(
             clipfrac_last=history[-1]["clipfrac"],
             train_time_s=float(sum(h["epoch_time_s"] for h in history)),
         )
+        if "reward_gain_vs_base" in history[-1]:
+            g = [h["reward_gain_vs_base"] for h in history]
+            summary.update(gain_vs_base_first=float(np.mean(g[:k])), gain_vs_base_last=float(np.mean(g[-k:])))
     accelerator.wait_for_everyone()
     if finished and is_main:
         save_adapter(policy.unet, policy.ace, out_dir / "adapter")
