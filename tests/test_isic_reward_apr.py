@@ -177,3 +177,23 @@ def test_evaluate_apr_bad_manifest(tmp_path):
     pd.DataFrame([{"prompt_id": 0, "prompt": prompt("MEL"), "seed": 0, "model": "sd", "path": "nope/x.png"}]).to_csv(gone, index=False)
     with pytest.raises(DataError, match="do not exist"):
         evaluate_apr(gone, d)
+
+
+def test_reward_head_breakdown_hand_made():
+    from medrl.metrics.isic_eval import reward_head_breakdown
+
+    # two prompts x 2 images; head "a" never fires, head "b" fires on half of prompt p's images
+    prompts = ["p", "p", "q", "q"]
+    target = np.array([[1, 1], [1, 1], [0, 0], [0, 0]])
+    pred = np.array([[0, 1], [0, 0], [0, 0], [0, 0]])
+    out = reward_head_breakdown(pred, target, ["a", "b"], prompts)
+    a, b = out["heads"]["a"], out["heads"]["b"]
+    assert a["match"] == 0.5 and a["p_pred_asked"] == 0.0 and a["p_pred_not_asked"] == 0.0
+    assert a["within_prompt_var"] == 0.0  # constant within each prompt: no per-prompt signal
+    assert b["match"] == 0.75 and b["p_pred_asked"] == 0.5
+    assert b["within_prompt_var"] == pytest.approx((0.25 + 0.0) / 2)  # var of (1, 0) is 0.25 for p
+    reward = (pred == target).mean(1)  # 0.5, 0, 1, 1
+    assert out["reward_var"] == pytest.approx(reward.var())
+    assert out["reward_within_prompt_var"] == pytest.approx((0.0625 + 0.0) / 2)
+    with pytest.raises(ValueError, match="expected"):
+        reward_head_breakdown(pred[:3], target, ["a", "b"], prompts)

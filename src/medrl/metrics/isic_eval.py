@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -33,6 +34,39 @@ def _real_by_prompt(prepared: Path) -> dict[str, list[Path]]:
     for p in prompts:
         folder = prepared / "real_by_prompt" / slug(p)
         out[p] = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    return out
+
+
+def reward_head_breakdown(pred: np.ndarray, target: np.ndarray, heads: list[str], prompts: list[str]) -> dict[str, Any]:
+    """Where the H=6 reward's signal is, head by head, on one model's samples.
+
+    pred, target: (N, H) 0/1. Per head: ``match`` (share of images where the head agrees with
+    the prompt), ``p_pred_asked`` / ``p_pred_not_asked`` (how often the head fires when the
+    prompt asks for its label or not: a head that never fires cannot be rewarded for what the
+    prompt asks) and ``within_prompt_var`` (mean over prompts of the variance of its match):
+    DDPO's per-prompt advantage only sees within-prompt variation, so a head with none gives
+    no learning signal. Also the reward's total and mean within-prompt variance.
+    """
+    pred, target = np.asarray(pred, dtype=float), np.asarray(target, dtype=float)
+    if pred.shape != target.shape or pred.ndim != 2 or pred.shape[1] != len(heads) or pred.shape[0] != len(prompts):
+        raise ValueError(f"pred {pred.shape}, target {target.shape}: expected (len(prompts)={len(prompts)}, len(heads)={len(heads)})")
+    match = (pred == target).astype(float)
+    groups = pd.Series(range(len(prompts))).groupby(pd.Series(prompts)).indices.values()
+
+    def within(x: np.ndarray) -> float:
+        return float(np.mean([x[list(ix)].var() for ix in groups]))
+
+    out: dict[str, Any] = {"heads": {}}
+    for j, h in enumerate(heads):
+        asked = target[:, j] == 1
+        out["heads"][h] = {
+            "match": float(match[:, j].mean()),
+            "p_pred_asked": float(pred[asked, j].mean()) if asked.any() else float("nan"),
+            "p_pred_not_asked": float(pred[~asked, j].mean()) if (~asked).any() else float("nan"),
+            "within_prompt_var": within(match[:, j]),
+        }
+    reward = match.mean(axis=1)
+    out.update(reward_var=float(reward.var()), reward_within_prompt_var=within(reward))
     return out
 
 
@@ -63,12 +97,17 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
     order = [h6.heads.index(h) for h in HEADS6]
     target6 = torch.tensor([[prompt_to_labels(p)[h] for h in HEADS6] for p in per_image["prompt"]], dtype=torch.float32)
     per_image["reward"] = match_reward(probs6[:, order], target6).numpy()
+    pred6 = (probs6[:, order] > 0.5).numpy()
+    for j, h in enumerate(HEADS6):
+        per_image[f"h6_pred_{h}"] = pred6[:, j].astype(int)
+    breakdown = reward_head_breakdown(pred6, target6.numpy(), list(HEADS6), per_image["prompt"].tolist())
 
     boot = dict(n_boot=n_boot, ci=ci, seed=seed, keep_boot=True)
     result: dict[str, Any] = {
         "apr": bootstrap_ci(per_image["exact"].to_numpy(float), items=items, **boot),
         "reward": bootstrap_ci(per_image["reward"].to_numpy(float), items=items, **boot),
         "n_images": int(len(per_image)),
+        "reward_heads": breakdown,
     }
     result["apr_per_prompt"] = {
         prompt: bootstrap_ci(g["exact"].to_numpy(float), items=g["item"].tolist(), **boot)
@@ -110,7 +149,9 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
     write_json(out_dir / "metrics.json", result)
     return {"apr": result["apr"]["value"], "reward": result["reward"]["value"], "fid": result["fid"]["value"],
             "kid": result["kid"]["value"], "perceptual": result["perceptual"]["value"],
-            "n_images": float(len(per_image)), **{f"h4_{k}": v for k, v in apr_summary.items() if k.startswith("acc_")}}
+            "n_images": float(len(per_image)), "reward_within_prompt_var": breakdown["reward_within_prompt_var"],
+            **{f"h6_within_var_{h}": v["within_prompt_var"] for h, v in breakdown["heads"].items()},
+            **{f"h4_{k}": v for k, v in apr_summary.items() if k.startswith("acc_")}}
 
 
 def perceptual_distance_call(real_by_prompt, fake_by_prompt, net, seed, device, n_boot, ci) -> tuple[pd.DataFrame, dict]:
