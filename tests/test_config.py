@@ -132,3 +132,21 @@ def test_cli_params_check(tmp_path):
     proc = subprocess.run([str(medrl), "params-check", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown key 'generate.isic.n_per_promt'" in proc.stderr
+
+
+def test_track_lr_overrides_common():
+    """rl.<track>.lr (null = rl.common.lr) reaches the trainer's config through the stage."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "workflow"))
+    from graph import _ddpo_config
+
+    raw = _raw()
+    raw["rl"]["isic"]["lr"], raw["rl"]["cxr"]["lr"] = 0.02, None
+    params = validate_params(raw)
+    ctx = type("Ctx", (), {"params": params})()
+    assert _ddpo_config(ctx, "isic").lr == 0.02
+    assert _ddpo_config(ctx, "cxr").lr == params.rl.common.lr
+    raw["rl"]["isic"]["lr"] = 0
+    with pytest.raises(ParamsError, match=r"rl\.isic\.lr"):
+        validate_params(raw)

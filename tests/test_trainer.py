@@ -306,6 +306,9 @@ def test_config_from_params():
     p = Params().rl
     cfg = DDPOConfig.from_params(p.common.model_dump(), p.cxr.model_dump(), use_ace=True)
     assert cfg.ace_tokens == p.cxr.ace_tokens and cfg.clip_range == p.common.clip_range and cfg.use_ace
+    assert cfg.lr == p.common.lr  # rl.cxr.lr null -> rl.common.lr
+    track = {**p.isic.model_dump(), "lr": 0.01}
+    assert DDPOConfig.from_params(p.common.model_dump(), track).lr == 0.01  # a track's lr wins
     with pytest.raises(ValueError):
         DDPOConfig.from_params({}, {}, not_a_field=1)
 

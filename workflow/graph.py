@@ -336,7 +336,10 @@ def _ddpo_config(c: Ctx, track: str, **extra: Any):
     from medrl.rl.trainer import DDPOConfig
 
     t = getattr(c.params.rl, track)
-    return DDPOConfig(**c.params.rl.common.model_dump(), epochs=t.epochs, sample_batch_size=t.sample_batch_size,
+    common = c.params.rl.common.model_dump()
+    if t.lr is not None:  # the track's own learning rate
+        common["lr"] = t.lr
+    return DDPOConfig(**common, epochs=t.epochs, sample_batch_size=t.sample_batch_size,
                       sample_batches_per_epoch=t.sample_batches_per_epoch, seed=t.seed,
                       mixed_precision=c.params.run.mixed_precision, **extra)
 
@@ -386,7 +389,7 @@ def anchor_bank_cxr(c: Ctx) -> dict:
                           "aligner": "data/models/cxr/aligner", "diag": "data/models/cxr/diag",
                           "dualenc": "data/models/cxr/dualenc", "bank": "data/models/cxr/anchor_bank"},
        outs={"rl": "data/rl/cxr/{variant}"},
-       params=("rl.common", "rl.cxr.epochs", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch",
+       params=("rl.common", "rl.cxr.epochs", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch", "rl.cxr.lr",
                "rl.cxr.seed", "rl.cxr.rlcf_mode", "rl.cxr.ace_tokens", "rl.cxr.variants.{variant}"),
        gpu=True, accelerate=True, foreach="rl.cxr.variants")
 def rl_cxr(c: Ctx) -> dict:

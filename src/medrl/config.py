@@ -193,6 +193,7 @@ class RLTrack(_S):
     epochs: int = Field(30, ge=1)
     sample_batch_size: int = Field(32, ge=1)
     sample_batches_per_epoch: int = Field(2, ge=1)
+    lr: float | None = Field(None, gt=0)  # overrides rl.common.lr for this track
     seed: int = 0
 
 

@@ -99,7 +99,8 @@ class DDPOConfig:
         """Build from params.rl.common and params.rl.<track>; keys that are not fields (e.g. the
         CXR reward's rlcf_mode, bank_k, variants) are left to the caller."""
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for src in (common, track) for k, v in src.items() if k in names}
+        # a track's null (e.g. rl.cxr.lr: null) means "use rl.common's value"
+        kw = {k: v for src in (common, track) for k, v in src.items() if k in names and v is not None}
         kw.update(overrides)
         unknown = sorted(set(overrides) - names)
         if unknown:
