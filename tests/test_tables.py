@@ -320,3 +320,17 @@ def test_rlcf_modes_table(tmp_path):
     del m["std_bank"]
     with pytest.raises(DataError, match="std_bank"):
         build_rlcf_modes_table(m, "abc123", tmp_path)
+
+
+def test_verdict_directions_and_identical_samples():
+    from medrl.tables.render import verdict
+
+    assert verdict({"lo": 0.1, "hi": 0.3}, True).startswith("supported")
+    assert verdict({"lo": 0.1, "hi": 0.3}, False).startswith("contradicted")
+    assert verdict({"lo": -0.1, "hi": 0.3}, True).startswith("inconclusive")
+    # a CI within rounding of 0 at the shown precision is no direction, whichever side it is on
+    assert verdict({"lo": -1.5e-6, "hi": -0.7e-6}, True, digits=3) == "no difference (CI within rounding of 0)"
+    assert verdict({"lo": 1e-4, "hi": 3e-4}, False, digits=3) == "no difference (CI within rounding of 0)"
+    assert verdict({"lo": -1.5e-6, "hi": -0.7e-6}, True).startswith("contradicted")  # no precision given
+    assert verdict({"lo": 0.0004, "hi": 0.0006}, True, digits=3).startswith("supported")  # rounds to 0.001
+    assert verdict(None, True).startswith("n/a")

@@ -310,11 +310,12 @@ def _claims(metrics: Mapping[str, Any], run_ids: Mapping[str, str], out_dir: Pat
             "Paper difference": rec.paper(claim, "paper", pd_, model=f"{a}-{b}", digits=3) if pd_ is not None else "",
             "Ours difference [CI]": rec.ours(claim, "ours", d, model=f"{a}-{b}",
                                              run_id=f"{run_ids[a]} - {run_ids[b]}", digits=digits, source="diff"),
-            "Verdict (ours)": verdict(d, hib),
+            "Verdict (ours)": verdict(d, hib, digits),
             "MLflow runs": f"{run_ids[a]} - {run_ids[b]}",
         })
     notes = common + ["Verdict: the paired-bootstrap CI of the difference lies on the claimed side of 0 "
-                      "(supported), on the other side (contradicted), or includes 0 (inconclusive).",
+                      "(supported), on the other side (contradicted), or includes 0 (inconclusive); a CI within rounding of 0 "
+                      "at the shown precision is no difference.",
                       "Paper difference: computed from the published numbers (Tables 1, 2a, 2b)."]
     notes += _unpaired(problems)
     return write_with_values(pd.DataFrame(rows), out_dir / "cxrl_claims", rec,

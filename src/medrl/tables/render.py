@@ -148,13 +148,21 @@ def need_metric(d: Any, path: Sequence[str], *, where: str) -> dict[str, Any]:
     return check_metric(m, where=f"{where}: '{'.'.join(path)}'")
 
 
-def verdict(diff: Mapping[str, Any] | None, higher_is_better: bool) -> str:
-    """Direction of a paired difference 'a - b' (a = the model the claim favours)."""
+def verdict(diff: Mapping[str, Any] | None, higher_is_better: bool, digits: int | None = None) -> str:
+    """Direction of a paired difference 'a - b' (a = the model the claim favours).
+
+    With ``digits`` (the precision the table shows), a CI that lies entirely within half a
+    shown unit of 0 is "no difference": e.g. two variants that train identically up to
+    floating-point noise give a CI like [-1.5e-6, -0.7e-6], which excludes 0 but is no
+    direction anybody can read off the table.
+    """
     if diff is None or not (_isnum(diff.get("lo")) and _isnum(diff.get("hi"))):
         return "n/a (no paired CI)"
     lo, hi = float(diff["lo"]), float(diff["hi"])
     if not higher_is_better:
         lo, hi = -hi, -lo
+    if digits is not None and max(abs(lo), abs(hi)) < 0.5 * 10.0 ** -digits:
+        return "no difference (CI within rounding of 0)"
     if lo > 0:
         return "supported (CI excludes 0)"
     if hi < 0:

@@ -259,13 +259,13 @@ def build_rl4med_tables(
                      "Difference": "rl - sd", "Better": "higher" if hib else "lower",
                      "Ours difference [CI]": rec.ours(head, "RL - SD", diffs[key], model="rl-sd",
                                                               run_id=pair_run, digits=digits, source="diff"),
-                     "Verdict (ours)": verdict(diffs[key], hib), "MLflow runs": pair_run})
+                     "Verdict (ours)": verdict(diffs[key], hib, digits), "MLflow runs": pair_run})
     for claim, d in aug_claims:
         rows.append({"Claim": claim, "Difference": f"{claim.split(' ')[0]} - real (overall AUROC)",
                      "Better": "higher",
                      "Ours difference [CI]": rec.ours(claim, "diff", d, model="augment",
                                                               run_id=rid["augment"], digits=3, source="diff"),
-                     "Verdict (ours)": verdict(d, True), "MLflow runs": rid["augment"]})
+                     "Verdict (ours)": verdict(d, True, 3), "MLflow runs": rid["augment"]})
     claim_notes = common + [
         "Verdict: the paired-bootstrap CI of the difference lies on the claimed side of 0 (supported), on the other "
         "side (contradicted), or includes 0 (inconclusive). The perceptual distance has no stated direction.",
