@@ -355,7 +355,10 @@ def train_ddpo(
                     anchor_images = None
                     if need_anchor:
                         # Same x_T and same per-step noise stream as the policy sample: the
-                        # comparison (RLCF) then isolates the effect of the fine-tuning.
+                        # comparison (RLCF) then isolates the effect of the fine-tuning. A reward
+                        # that *subtracts* these anchor scores (RLCF paired mode) biases the
+                        # policy gradient, since they depend on the sample's own noise
+                        # (docs/RESULTS.md); as a paired *measurement* (log_base_reward) it is exact.
                         with _base_model(policy, anchor_unet) as base_unet:
                             anchor_images = sample_with_logprob(
                                 base_unet, vae, scheduler, text, neg,
