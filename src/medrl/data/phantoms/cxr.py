@@ -664,6 +664,11 @@ _NEGATIONS = {
     "Cardiomegaly": ["Heart size is normal."],
     "Fracture": ["No acute fracture."],
     "Enlarged Cardiomediastinum": ["Normal mediastinal contours."],
+    # without these three, test reports only ever name them positively or hedged, and their
+    # AUROC (CXRL Table 3) is undefined
+    "Atelectasis": ["No atelectasis."],
+    "Lung Lesion": ["No suspicious pulmonary nodule or mass.", "No pulmonary nodules."],
+    "Lung Opacity": ["No focal opacity."],
 }
 _NEG_WORD = {"Pneumothorax": "pneumothorax", "Effusion": "pleural effusion", "Consolidation": "focal consolidation",
              "Edema": "pulmonary edema"}
