@@ -365,4 +365,3 @@ def test_two_process_gloo_cpu(stack_eps, tmp_path):
     assert (df["reward_std"] > 0).all()
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "ace.safetensors").is_file()
     assert not ckpt.exists()
-

@@ -335,13 +335,9 @@ def dualenc_cxr(c: Ctx) -> dict:
 def _ddpo_config(c: Ctx, track: str, **extra: Any):
     from medrl.rl.trainer import DDPOConfig
 
-    t = getattr(c.params.rl, track)
-    common = c.params.rl.common.model_dump()
-    if t.lr is not None:  # the track's own learning rate
-        common["lr"] = t.lr
-    return DDPOConfig(**common, epochs=t.epochs, sample_batch_size=t.sample_batch_size,
-                      sample_batches_per_epoch=t.sample_batches_per_epoch, seed=t.seed,
-                      mixed_precision=c.params.run.mixed_precision, **extra)
+    # rl.<track> overrides rl.common field by field (a null lr keeps the common one)
+    return DDPOConfig.from_params(c.params.rl.common.model_dump(), getattr(c.params.rl, track).model_dump(),
+                                  mixed_precision=c.params.run.mixed_precision, **extra)
 
 
 @stage(track="isic", deps={"base": "data/models/isic/base", "clf": "data/models/isic/clf_h6", "prepared": "data/prepared/isic"},

@@ -367,7 +367,7 @@ def train_ddpo(
                             ).images
             r, terms = _check_rewards(reward_fn(traj.images, prompts, anchor_images=anchor_images), len(prompts))
             if cfg.log_base_reward:
-                # The base model scored as if it were the policy (RLCF terms are then zero).
+                # The base model scored as if it were the policy (paired RLCF terms are then zero).
                 rb, _ = _check_rewards(reward_fn(anchor_images, prompts, anchor_images=anchor_images), len(prompts))
                 base_rewards_l.append(rb)
             lat.append(traj.latents)
@@ -446,10 +446,6 @@ def train_ddpo(
             "reward_mean": float(rewards_all.mean()),
             "reward_std": float(rewards_all.std()),
             **{f"{k}_mean": float(v.mean()) for k, v in terms_all.items()},
-            **({"base_reward_mean": float(base_all.mean()),
-                "reward_gain_vs_base": float((rewards_all - base_all).mean()),
-                "reward_gain_vs_base_se": float((rewards_all - base_all).std(ddof=1) / math.sqrt(len(base_all)))
-                if len(base_all) > 1 else 0.0} if base_all is not None else {}),
             "loss": stats[0],
             "approx_kl": stats[1],
             "clipfrac": stats[2],
@@ -458,6 +454,10 @@ def train_ddpo(
             "epoch_time_s": dt,
             "trajectories_per_s": float(len(rewards_all)) / max(dt, 1e-9),
         }
+        if base_all is not None:
+            gain = rewards_all - base_all
+            metrics.update(base_reward_mean=float(base_all.mean()), reward_gain_vs_base=float(gain.mean()),
+                           reward_gain_vs_base_se=float(gain.std(ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else 0.0)
         history.append(metrics)
         epochs_run += 1
         if is_main:
