@@ -252,12 +252,14 @@ def test_compare_rlcf_modes_on_the_same_samples(models, tmp_path):
                       dualenc_dir=models / "dualenc", batch_size=8, **SAMPLING)
     kw = dict(aligner_dir=models / "aligner", diag_dir=models / "diag", dualenc_dir=models / "dualenc", bank=bank,
               reports=REPORTS, n_samples=6, batch_size=4, seed=0, n_boot=50, samples_per_epoch=12, **SAMPLING)
-    # policy == anchor: paired RLCF is exactly zero (same noise), the bank's is not
+    # policy == anchor: paired RLCF with shared step noise is exactly zero, with the anchor's own
+    # step noise (the trainer's paired mode) it is not, and neither is the bank's
     m0, df0 = compare_rlcf_modes(models / "stack", None, **kw)
-    assert len(df0) == 6 and (df0["r_paired"] == 0).all()
-    assert m0["std_paired"]["value"] == 0 and m0["std_bank"]["value"] > 0
+    assert len(df0) == 6 and (df0["r_paired_shared"] == 0).all() and (df0["r_paired"] != 0).any()
+    assert m0["std_paired_shared"]["value"] == 0 and m0["std_paired"]["value"] > 0 and m0["std_bank"]["value"] > 0
     assert m0["seconds"]["anchor"] > 0 and m0["reward_seconds_per_epoch"]["bank"] == pytest.approx(
         12 * m0["seconds_per_sample"]["bank"])
+    assert m0["cost_ratio_paired_over_bank"] > 1
     # a perturbed LoRA policy: both modes are score minus their own anchor, on the same images
     c = load_components(str(models / "stack"))
     add_lora(c.unet, 4, seed=1)
@@ -268,12 +270,15 @@ def test_compare_rlcf_modes_on_the_same_samples(models, tmp_path):
     save_adapter(c.unet, None, tmp_path / "adapter")
     m1, df1 = compare_rlcf_modes(models / "stack", tmp_path / "adapter", **kw)
     assert list(df1["seed"]) == list(df0["seed"]) and (df1["r_paired"] != 0).any()
-    paired = 10 * (df1.raw_diag - df1.anchor_diag_paired) + 10 * (df1.raw_consist - df1.anchor_consist_paired)
-    bank_r = 10 * (df1.raw_diag - df1.anchor_diag_bank) + 10 * (df1.raw_consist - df1.anchor_consist_bank)
-    assert np.allclose(df1["r_paired"], paired, atol=1e-5) and np.allclose(df1["r_bank"], bank_r, atol=1e-5)
-    # the anchor side of paired mode is the base model on the same noise: unchanged by the adapter
-    assert np.allclose(df1["anchor_consist_paired"], df0["anchor_consist_paired"], atol=1e-6)
-    d = m1["mean_diff_paired_minus_bank"]
-    assert d["value"] == pytest.approx(float((df1.r_paired - df1.r_bank).mean()), abs=1e-9) and d["lo"] <= d["hi"]
+    for mode in ("paired", "paired_shared", "bank"):
+        expect = (10 * (df1.raw_diag - df1[f"anchor_diag_{mode}"])
+                  + 10 * (df1.raw_consist - df1[f"anchor_consist_{mode}"]))
+        assert np.allclose(df1[f"r_{mode}"], expect, atol=1e-5), mode
+        # the anchor side is the base model on the same seeds: unchanged by the adapter
+        assert np.allclose(df1[f"anchor_consist_{mode}"], df0[f"anchor_consist_{mode}"], atol=1e-6), mode
+    for mode in ("paired", "paired_shared"):
+        d = m1[f"mean_diff_{mode}_minus_bank"]
+        assert d["value"] == pytest.approx(float((df1[f"r_{mode}"] - df1.r_bank).mean()), abs=1e-9)
+        assert d["lo"] <= d["hi"]
     with pytest.raises(DataError, match="both 0"):
         compare_rlcf_modes(models / "stack", None, **{**kw, "l_diag": 0.0, "l_consist": 0.0})

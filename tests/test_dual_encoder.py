@@ -1,6 +1,8 @@
 """Dual encoder: tokenizer, embeddings, our format, CXR-CLIP checkpoint format, CLIP training."""
 from __future__ import annotations
 
+import os
+
 import math
 
 import numpy as np
@@ -46,6 +48,28 @@ def test_wordpiece_tokenizer_is_a_bert_tokenizer(tokenizer, tmp_path):
     tokenizer.save_pretrained(str(tmp_path / "t"))
     again = AutoTokenizer.from_pretrained(str(tmp_path / "t"), local_files_only=True)
     assert again("small left")["input_ids"] == tokenizer("small left")["input_ids"]
+
+
+def test_wordpiece_vocabulary_is_the_same_in_every_process(tmp_path):
+    """The vocabulary (hence token ids, hence the trained dual encoder) must not depend on the
+    process: the tokenizers trainer's hash-map tie-breaking made it differ run to run."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from medrl.models.dual_encoder import build_wordpiece_tokenizer as b; "
+            "t = b(sys.argv[2:] * 5, sys.argv[1], vocab_size=120); "
+            "print(sorted(t.get_vocab().items(), key=lambda kv: kv[1]))")
+    outs = {subprocess.run([sys.executable, "-c", code, str(tmp_path / f"t{i}"), *REPORTS], capture_output=True,
+                           text=True, check=True, env={**os.environ, "PYTHONHASHSEED": str(i)}).stdout
+            for i in range(3)}
+    assert len(outs) == 1
+    tok = build_wordpiece_tokenizer(REPORTS * 5, tmp_path / "t", vocab_size=120)
+    assert tok.tokenize("effusion") == ["effusion"]  # a frequent word is one token
+    pieces = tok.tokenize("leftion")  # an unseen word of seen characters is spelled out, not [UNK]
+    assert pieces[0] == "left" and "".join(t.removeprefix("##") for t in pieces) == "leftion"
+    assert len(tok.get_vocab()) <= 120 and tok.unk_token_id == 1
+    with pytest.raises(DataError, match="no text"):
+        build_wordpiece_tokenizer([None], tmp_path / "empty")
 
 
 def test_embeddings_are_normalised_and_round_trip(tokenizer, tmp_path):

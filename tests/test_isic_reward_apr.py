@@ -197,3 +197,37 @@ def test_reward_head_breakdown_hand_made():
     assert out["reward_within_prompt_var"] == pytest.approx((0.0625 + 0.0) / 2)
     with pytest.raises(ValueError, match="expected"):
         reward_head_breakdown(pred[:3], target, ["a", "b"], prompts)
+
+
+def test_vae_artifact_ceiling(tmp_path):
+    """Real held-out images before and after the stack's VAE, scored by the H=4 model: a
+    classifier that ignores the image gives the same exact-set APR on both, computed by hand."""
+    from medrl.bench import tiny_stack
+    from medrl.metrics.isic_eval import vae_artifact_ceiling
+
+    tiny = {"block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32,
+            "attention_head_dim": 8, "text_hidden_size": 32, "text_layers": 1, "text_heads": 2,
+            "max_position_embeddings": 16, "vae_block_out_channels": [16, 32], "latent_channels": 4}
+    stack = tiny_stack(tmp_path / "stack", size=16, tiny=tiny, seed=0, max_length=16)
+    d = constant_classifier(tmp_path, ARTIFACTS4, on={"ruler"}, size=16)
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        path = tmp_path / "prepared" / "images" / f"{i}.png"
+        save_image(torch.rand(3, 16, 16), path)
+        labels = {a: int(rng.uniform() < 0.5) for a in ARTIFACTS4}
+        rows.append({"path": str(path), "split": "test" if i < 8 else "train", **labels})
+    items = pd.DataFrame(rows)
+    items.to_csv(tmp_path / "prepared" / "items.csv", index=False)
+    out = vae_artifact_ceiling(stack, tmp_path / "prepared", d, size=16, n_boot=50, ci=0.95, seed=0, batch_size=3)
+    test = items[items.split == "test"]
+    want = float(((test.ruler == 1) & (test[["hair", "gel_bubble", "ink"]].sum(axis=1) == 0)).mean())
+    assert out["n_images"] == 8
+    for block in ("real", "vae_roundtrip"):
+        assert out[block]["apr"]["value"] == pytest.approx(want)
+        assert out[block]["apr"]["lo"] <= want <= out[block]["apr"]["hi"]
+        assert out[block]["fires_when_present"]["ruler"] in (1.0, None)
+        assert out[block]["fires_when_present"]["hair"] in (0.0, None)
+    items.drop(columns=["ink"]).to_csv(tmp_path / "prepared" / "items.csv", index=False)
+    with pytest.raises(DataError, match="ink"):
+        vae_artifact_ceiling(stack, tmp_path / "prepared", d, size=16, n_boot=50, ci=0.95, seed=0)

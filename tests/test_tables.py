@@ -220,6 +220,22 @@ def test_rl4med_tables(isic_inputs, tmp_path):
     assert tex.count(r"\\") >= 33
 
 
+def test_rl4med_vae_ceiling_rows(isic_inputs, tmp_path):
+    metrics, augment, run_ids, _ = isic_inputs
+    ci = lambda v: {"value": v, "lo": v - 0.05, "hi": v + 0.05, "n": 256, "ci": 0.95}  # noqa: E731
+    metrics["sd"]["vae_ceiling"] = {
+        "n_images": 256, "heads": ["hair", "ruler"],
+        "real": {"apr": ci(0.32), "fires_when_present": {"hair": 0.98, "ruler": 0.89}},
+        "vae_roundtrip": {"apr": ci(0.10), "fires_when_present": {"hair": 0.0, "ruler": None}}}
+    out = build_rl4med_tables(metrics, augment, run_ids, tmp_path)
+    main = pd.read_csv(out["rl4med_main"]["csv"], dtype=str, keep_default_na=False)
+    assert list(main["Model"])[3:] == ["Real test images (H=4 reference)", "Real test images through the VAE (APR ceiling)"]
+    assert main["APR \u2191"].iloc[4] == fmt_ci(ci(0.10), 3) and main["FID \u2193"].iloc[4] == ""
+    assert list(main["MLflow run"][3:]) == ["sdrun1", "sdrun1"]
+    md = Path(out["rl4med_main"]["md"]).read_text()
+    assert "hair 98 % -> 0 %, ruler 89 % -> n/a" in md
+
+
 def test_rl4med_validation(isic_inputs, tmp_path):
     metrics, augment, run_ids, _ = isic_inputs
     bad = copy.deepcopy(metrics)
@@ -303,22 +319,33 @@ def test_rlcf_modes_table(tmp_path):
     from medrl.tables.cxrl import build_rlcf_modes_table
 
     rng = np.random.default_rng(0)
-    m = {"n_samples": 40, "mean_paired": _metric(rng, 0.1, 0.2), "mean_bank": _metric(rng, 0.1, 0.5),
-         "mean_diff_paired_minus_bank": _metric(rng, 0.0, 0.4), "std_paired": _metric(rng, 0.2, 0.01),
-         "std_bank": _metric(rng, 0.5, 0.01), "var_ratio_paired_over_bank": _metric(rng, 0.16, 0.01),
-         "corr_policy_anchor_paired": 0.9, "seconds_per_sample": {"paired": 0.2, "bank": 0.1},
-         "samples_per_epoch": 64, "reward_seconds_per_epoch": {"paired": 12.8, "bank": 6.4},
-         "cost_ratio_paired_over_bank": 2.0}
+    m = {"n_samples": 40, "samples_per_epoch": 64, "corr_policy_anchor_paired": 0.4,
+         "corr_policy_anchor_paired_shared": 0.9,
+         "seconds_per_sample": {"paired": 0.2, "paired_shared": 0.21, "bank": 0.1},
+         "reward_seconds_per_epoch": {"paired": 12.8, "paired_shared": 13.4, "bank": 6.4}}
+    for mode, (mean, std) in {"paired": (0.1, 0.45), "paired_shared": (0.1, 0.2), "bank": (0.1, 0.5)}.items():
+        m[f"mean_{mode}"], m[f"std_{mode}"] = _metric(rng, mean, 0.2), _metric(rng, std, 0.01)
+    for mode, ratio in {"paired": 0.81, "paired_shared": 0.16}.items():
+        m[f"mean_diff_{mode}_minus_bank"] = _metric(rng, 0.0, 0.4)
+        m[f"var_ratio_{mode}_over_bank"] = _metric(rng, ratio, 0.01)
+        m[f"cost_ratio_{mode}_over_bank"] = m["seconds_per_sample"][mode] / 0.1
     paths = build_rlcf_modes_table(m, "abc123", tmp_path)
     df = pd.read_csv(paths["csv"])
-    assert list(df["RLCF mode"]) == ["paired", "bank", "paired - bank"]
-    assert df.loc[0, "Reward s/epoch"] == 12.8 and df.loc[2, "Reward s/sample"] == "x2.00"
-    assert df.loc[1, "Mean comparative reward [CI]"] == fmt_ci(m["mean_bank"])
-    assert "Correlation of policy and paired-anchor scores: 0.90" in Path(paths["md"]).read_text()
+    assert list(df["RLCF mode"]) == ["paired", "paired_shared", "bank", "paired - bank", "paired_shared - bank"]
+    assert df.loc[0, "Reward s/epoch"] == 12.8 and df.loc[3, "Reward s/sample"] == "x2.00"
+    assert df.loc[4, "Reward s/sample"] == "x2.10"
+    assert df.loc[2, "Mean comparative reward [CI]"] == fmt_ci(m["mean_bank"])
+    assert df.loc[4, "Std over samples [CI]"] == "var ratio " + fmt_ci(m["var_ratio_paired_shared_over_bank"], 2)
+    md = Path(paths["md"]).read_text()
+    assert "Correlation of policy and anchor scores: paired 0.40, paired_shared 0.90" in md
     values = pd.read_csv(paths["values"])
-    assert (values["run_id"] == "abc123").all() and len(values) == 6
+    assert (values["run_id"] == "abc123").all() and len(values) == 10
     del m["std_bank"]
     with pytest.raises(DataError, match="std_bank"):
+        build_rlcf_modes_table(m, "abc123", tmp_path)
+    m["std_bank"] = m["std_paired"]
+    del m["seconds_per_sample"]["paired_shared"]
+    with pytest.raises(DataError, match="seconds_per_sample.paired_shared"):
         build_rlcf_modes_table(m, "abc123", tmp_path)
 
 

@@ -32,6 +32,33 @@ SNAKEMAKE = str(VENV_BIN / "snakemake")
 TRIGGERS = ("--rerun-triggers", "params", "mtime", "input")
 
 
+# ============================================================================= resumable state
+
+
+def test_checkpoint_dir_is_keyed_by_params_and_inputs(tmp_path):
+    """A stage killed and rerun unchanged finds its checkpoint; one rerun after its params or an
+    input changed starts afresh (the stale state is pruned), instead of resuming it."""
+    import os
+
+    from entry import checkpoint_dir
+
+    dep = tmp_path / "data" / "prepared"
+    dep.mkdir(parents=True)
+    (dep / "a.csv").write_text("x\n1\n")
+    root = tmp_path / "data" / ".ckpt" / "rl_cxr-full"
+    params = {"rl.cxr.rlcf_mode": "bank", "rl.cxr.epochs": 16}
+    first = checkpoint_dir(root, params, [dep], prune=True)
+    (first / "state.json").write_text("{}")
+    assert checkpoint_dir(root, dict(params), [dep], prune=True) == first and (first / "state.json").is_file()
+    worker = checkpoint_dir(root, params, [dep], prune=False)  # another process of the same launch
+    assert worker == first
+    other = checkpoint_dir(root, {**params, "rl.cxr.rlcf_mode": "paired"}, [dep], prune=True)
+    assert other != first and not first.exists() and list(root.iterdir()) == [other]
+    st = (dep / "a.csv").stat()
+    os.utime(dep / "a.csv", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the input was rewritten
+    assert checkpoint_dir(root, {**params, "rl.cxr.rlcf_mode": "paired"}, [dep], prune=True) != other
+
+
 # ============================================================================= (a) drift
 
 

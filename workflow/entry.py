@@ -72,6 +72,27 @@ def _flat_metrics(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def checkpoint_dir(root: Path, params: dict, deps: list[Path], *, prune: bool) -> Path:
+    """The stage's resumable-state directory, keyed by its params and its inputs' file stats:
+    ``root/<key>``. A run killed and restarted with the same params and inputs resumes; one
+    whose params or inputs changed in between starts afresh instead of continuing a
+    checkpoint made for something else. Every process of a launch computes the same key;
+    ``prune`` (the main process) deletes the state of other keys."""
+    from medrl.config import params_hash
+    from medrl.io import stat_signature
+
+    key = params_hash({"params": params, "deps": {str(p): stat_signature(p) for p in deps}})
+    ckpt = root / key
+    if prune and root.is_dir():
+        for old in root.iterdir():
+            if old.name != key:
+                print(f"[medrl] {root.name}: discarding a checkpoint made with other params or inputs ({old.name})",
+                      file=sys.stderr)
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    return ckpt
+
+
 def run_stage(name: str, variant: str | None = None, workspace: Path | None = None) -> dict:
     import torch
 
@@ -107,12 +128,12 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
     if main_process:
         for t in tmp_outs.values():
             shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
-    ckpt = workspace / "data" / ".ckpt" / (name + (f"-{variant}" if variant else ""))
-    ckpt.mkdir(parents=True, exist_ok=True)
     # a wildcard's own params are logged under one key for every value ("...variants.selected.ace"),
     # so the MLflow compare view puts the ablations' settings in the same rows
     sub = {k.replace("{variant}", "selected"): v for k, v in
            zip(stage.params, select(params, [expand(k, wildcards) for k in stage.params]).values())}
+    ckpt_root = workspace / "data" / ".ckpt" / (name + (f"-{variant}" if variant else ""))
+    ckpt = checkpoint_dir(ckpt_root, sub, [workspace / p for p in dep_list], prune=main_process)
 
     def body(log, log_artifact) -> dict:
         ctx = Ctx(params=params, deps={k: workspace / p for k, p in deps.items()}, outs=tmp_outs, wildcards=wildcards,
@@ -144,7 +165,7 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
         run.log_metrics(metrics)
         for p in outs.values():
             _log_small_artifacts(run, workspace / p)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.rmtree(ckpt_root, ignore_errors=True)
     print(f"[medrl] {name}{'[' + variant + ']' if variant else ''} done in {metrics['stage_seconds']:.1f}s "
           f"(mlflow run {run.run_id})", file=sys.stderr)
     return metrics

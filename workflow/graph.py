@@ -386,7 +386,8 @@ def anchor_bank_cxr(c: Ctx) -> dict:
                           "dualenc": "data/models/cxr/dualenc", "bank": "data/models/cxr/anchor_bank"},
        outs={"rl": "data/rl/cxr/{variant}"},
        params=("rl.common", "rl.cxr.epochs", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch", "rl.cxr.lr",
-               "rl.cxr.seed", "rl.cxr.rlcf_mode", "rl.cxr.ace_tokens", "rl.cxr.variants.{variant}"),
+               "rl.cxr.seed", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise", "rl.cxr.ace_tokens",
+               "rl.cxr.variants.{variant}"),
        gpu=True, accelerate=True, foreach="rl.cxr.variants")
 def rl_cxr(c: Ctx) -> dict:
     """CXRL: DDPO with r = l_align r_align + l_diag r_diag + l_consist r_consist, RLCF and ACE per variant."""
@@ -398,7 +399,8 @@ def rl_cxr(c: Ctx) -> dict:
     reward = CXRReward(c.deps["aligner"], c.deps["diag"], c.deps["dualenc"], l_align=v.l_align, l_diag=v.l_diag,
                        l_consist=v.l_consist, rlcf=v.rlcf, rlcf_mode=c.params.rl.cxr.rlcf_mode,
                        labels_for=labels.__getitem__, anchor_bank=c.deps["bank"] / "bank.csv", device=c.device)
-    cfg = _ddpo_config(c, "cxr", use_ace=v.ace, ace_tokens=c.params.rl.cxr.ace_tokens)
+    cfg = _ddpo_config(c, "cxr", use_ace=v.ace, ace_tokens=c.params.rl.cxr.ace_tokens,
+                       anchor_noise=c.params.rl.cxr.rlcf_paired_noise)
     return train_ddpo(c.deps["base"], c.outs["rl"], reward_fn=reward,
                       prompt_fn=lambda rng, n: [reports[i] for i in rng.integers(0, len(reports), n)],
                       cfg=cfg, ckpt_dir=c.ckpt, log_fn=c.log)
@@ -413,7 +415,8 @@ def rl_cxr(c: Ctx) -> dict:
                "rl.cxr.compare_samples", "rl.cxr.variants.full", "metrics.bootstrap", "metrics.ci"),
        gpu=True)
 def rlcf_modes_cxr(c: Ctx) -> dict:
-    """RLCF paired vs bank on the same samples of the full policy: cost per epoch, reward mean and variance."""
+    """RLCF paired (own / shared step noise) vs bank on the same samples of the full policy: cost per epoch,
+    reward mean and variance."""
     from medrl.io import write_json, write_table
     from medrl.rewards.rlcf_modes import compare_rlcf_modes
 
@@ -429,10 +432,12 @@ def rlcf_modes_cxr(c: Ctx) -> dict:
         n_boot=c.params.metrics.bootstrap, ci=c.params.metrics.ci, device=c.device)
     write_json(c.outs["metrics"] / "metrics.json", m)
     write_table(per_sample, c.outs["metrics"] / "per_sample.csv")
-    return {"cost_ratio_paired_over_bank": m["cost_ratio_paired_over_bank"],
-            "std_paired": m["std_paired"]["value"], "std_bank": m["std_bank"]["value"],
-            "var_ratio_paired_over_bank": m["var_ratio_paired_over_bank"]["value"],
-            "mean_diff_paired_minus_bank": m["mean_diff_paired_minus_bank"]["value"]}
+    out = {f"std_{mode}": m[f"std_{mode}"]["value"] for mode in ("paired", "paired_shared", "bank")}
+    for mode in ("paired", "paired_shared"):
+        out.update({f"cost_ratio_{mode}_over_bank": m[f"cost_ratio_{mode}_over_bank"],
+                    f"var_ratio_{mode}_over_bank": m[f"var_ratio_{mode}_over_bank"]["value"],
+                    f"mean_diff_{mode}_minus_bank": m[f"mean_diff_{mode}_minus_bank"]["value"]})
+    return out
 
 
 # ============================================================================= generation
@@ -508,14 +513,17 @@ def _metrics_isic(c: Ctx) -> dict:
     from medrl.metrics.isic_eval import evaluate_isic_samples
 
     m = c.params.metrics
+    stack = c.deps.get("stack")
     return evaluate_isic_samples(c.deps["samples"], c.deps["prepared"], c.deps["clf_h4"], c.deps["clf_h6"],
-                                 c.outs["metrics"], metrics=m.model_dump(), device=c.device)
+                                 c.outs["metrics"], metrics=m.model_dump(), device=c.device, stack_dir=stack,
+                                 image_size=c.params.isic.prepare.size if stack is not None else None)
 
 
-@stage(track="isic", deps={"samples": "data/samples/isic/sd", **_MET_ISIC_DEPS},
-       outs={"metrics": "data/metrics/isic/sd"}, params=("metrics",))
+@stage(track="isic", deps={"samples": "data/samples/isic/sd", "stack": "data/models/isic/stack", **_MET_ISIC_DEPS},
+       outs={"metrics": "data/metrics/isic/sd"}, params=("metrics", "isic.prepare.size"))
 def metrics_isic_sd(c: Ctx) -> dict:
-    """APR (H=4), APR per prompt, H=6 reward, perceptual distance, FID/KID of the SD samples."""
+    """APR (H=4), APR per prompt, H=6 reward, perceptual distance, FID/KID of the SD samples; and the APR
+    ceiling of the stack's VAE (real test images before / after a VAE round trip)."""
     return _metrics_isic(c)
 
 

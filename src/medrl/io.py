@@ -144,6 +144,26 @@ def hash_path(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def stat_signature(path: str | Path) -> str:
+    """Cheap identity of a file or directory tree: sha256 of (relative path, size, mtime_ns) of
+    every non-hidden file. Changes whenever a file is rewritten, without reading any content
+    (for keying resumable state on inputs; ``hash_path`` is the content identity)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if not path.exists():
+        return "missing"
+    files = [path] if path.is_file() else []
+    if path.is_dir():
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [Path(root, n) for n in sorted(names) if not n.startswith(".")]
+    for f in files:
+        st = f.stat()
+        rel = f.relative_to(path).as_posix() if f != path else f.name
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------- tables
 
 

@@ -137,14 +137,14 @@ rule rl_cxr:
     output:
         rl=directory('data/rl/cxr/{variant}'),
     params:
-        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.rlcf_mode', 'rl.cxr.ace_tokens', 'rl.cxr.variants.{variant}'], wildcards),
+        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.variants.{variant}'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'accelerate launch workflow/entry.py rl_cxr --variant {wildcards.variant}'
 
 
 rule rlcf_modes_cxr:
-    """RLCF paired vs bank on the same samples of the full policy: cost per epoch, reward mean and variance."""
+    """RLCF paired (own / shared step noise) vs bank on the same samples of the full policy: cost per epoch,"""
     input:
         base='data/models/cxr/base',
         prepared='data/prepared/cxr',

@@ -140,16 +140,17 @@ rule generate_rl_isic:
 
 
 rule metrics_isic_sd:
-    """APR (H=4), APR per prompt, H=6 reward, perceptual distance, FID/KID of the SD samples."""
+    """APR (H=4), APR per prompt, H=6 reward, perceptual distance, FID/KID of the SD samples; and the APR"""
     input:
         samples='data/samples/isic/sd',
+        stack='data/models/isic/stack',
         prepared='data/prepared/isic',
         clf_h4='data/models/isic/clf_h4',
         clf_h6='data/models/isic/clf_h6',
     output:
         metrics=directory('data/metrics/isic/sd'),
     params:
-        medrl=lambda wildcards: P(['metrics'], wildcards),
+        medrl=lambda wildcards: P(['metrics', 'isic.prepare.size'], wildcards),
     shell: 'python workflow/entry.py metrics_isic_sd'
 
 

@@ -16,6 +16,7 @@ import torch
 
 from medrl.errors import DataError
 from medrl.io import read_json, read_table, write_json, write_table
+from medrl.progress import progress
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,9 +71,69 @@ def reward_head_breakdown(pred: np.ndarray, target: np.ndarray, heads: list[str]
     return out
 
 
+@torch.no_grad()
+def vae_artifact_ceiling(stack_dir: str | Path, prepared_dir: str | Path, clf_h4_dir: str | Path, *, size: int,
+                         n_boot: int, ci: float, seed: int, device: str = "cpu", max_images: int = 512,
+                         batch_size: int = 32) -> dict[str, Any]:
+    """What APR can a generator on this stack's latents reach at all? The H=4 metric model on
+    real held-out images as they are ("real") and after a round trip through the stack's VAE
+    ("vae_roundtrip": encode, take the posterior mode, decode). If the VAE erases an artifact,
+    no diffusion model sampling in its latent space can draw it recognisably.
+
+    Per block: APR (exact artifact set, bootstrap CI) and, per head, how often it fires on
+    images that have the artifact (recall) and on images that do not."""
+    from medrl.metrics.apr import exact_match
+    from medrl.metrics.bootstrap import bootstrap_ci
+    from medrl.models.classifiers import load_classifier
+    from medrl.models.tiny_sd import load_vae
+    from medrl.models.vae_train import load_images
+
+    items = read_table(Path(prepared_dir) / "items.csv", ["path", "split"])
+    test = items[items["split"] == "test"].head(max_images).reset_index(drop=True)
+    if test.empty:
+        raise DataError(f"{Path(prepared_dir) / 'items.csv'}: no rows with split == 'test'; expected held-out images")
+    h4 = load_classifier(clf_h4_dir, device=device)
+    missing = [h for h in h4.heads if h not in test.columns]
+    if missing:
+        raise DataError(f"{Path(prepared_dir) / 'items.csv'}: missing label columns {missing} of the H=4 classifier")
+    target = test[h4.heads].to_numpy(float)
+    vae = load_vae(str(stack_dir), device=device)
+
+    def classify(x01: torch.Tensor) -> np.ndarray:
+        x01 = torch.nn.functional.interpolate(x01, size=(h4.size, h4.size), mode="bilinear", antialias=True,
+                                              align_corners=False) if x01.shape[-1] != h4.size else x01
+        return torch.sigmoid(h4(x01.to(device))).float().cpu().numpy()
+
+    probs: dict[str, list[np.ndarray]] = {"real": [], "vae_roundtrip": []}
+    paths = [Path(p) for p in test["path"]]
+    for i in progress(range(0, len(paths), batch_size), desc="VAE ceiling", total=-(-len(paths) // batch_size)):
+        x = load_images(paths[i:i + batch_size], size, "RGB").to(device)  # [-1, 1]
+        z = vae.encode(x.to(vae.dtype)).latent_dist.mode()
+        rec = vae.decode(z).sample.float().clamp(-1, 1)
+        probs["real"].append(classify((x + 1) / 2))
+        probs["vae_roundtrip"].append(classify((rec + 1) / 2))
+    items_key = test["path"].astype(str).tolist()
+    out: dict[str, Any] = {"n_images": len(test), "heads": list(h4.heads)}
+    for name, chunks in probs.items():
+        pr = np.concatenate(chunks)
+        fires = pr > 0.5
+        has = target > 0.5
+        out[name] = {
+            "apr": bootstrap_ci(exact_match(pr, target).astype(float), items=items_key, n_boot=n_boot, ci=ci, seed=seed),
+            "fires_when_present": {h: float(fires[has[:, k], k].mean()) if has[:, k].any() else None
+                                   for k, h in enumerate(h4.heads)},
+            "fires_when_absent": {h: float(fires[~has[:, k], k].mean()) if (~has[:, k]).any() else None
+                                  for k, h in enumerate(h4.heads)},
+        }
+    return out
+
+
 def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Path, clf_h6_dir: Path, out_dir: Path,
-                          *, metrics: dict[str, Any], device: str = "cpu") -> dict[str, float]:
-    """Write ``out_dir/metrics.json`` (tables.rl4med schema) and ``out_dir/per_image.csv``."""
+                          *, metrics: dict[str, Any], device: str = "cpu", stack_dir: Path | None = None,
+                          image_size: int | None = None) -> dict[str, float]:
+    """Write ``out_dir/metrics.json`` (tables.rl4med schema) and ``out_dir/per_image.csv``.
+    With ``stack_dir`` (and the VAE's ``image_size``) also the APR ceiling of that stack's VAE
+    (``vae_artifact_ceiling``) under ``vae_ceiling``."""
     from medrl.data.prompts import HEADS6, prompt_to_labels
     from medrl.metrics.apr import evaluate_apr
     from medrl.metrics.bootstrap import bootstrap_ci
@@ -143,6 +204,18 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
     if perc.get("prompts_skipped"):
         result["perceptual_prompts_skipped"] = perc["prompts_skipped"]
 
+    extra: dict[str, float] = {}
+    if stack_dir is not None:
+        if image_size is None:
+            raise DataError("evaluate_isic_samples: stack_dir given without image_size (the VAE's input size)")
+        vc = vae_artifact_ceiling(stack_dir, prepared_dir, clf_h4_dir, size=image_size, n_boot=n_boot, ci=ci,
+                                  seed=seed, device=device)
+        result["vae_ceiling"] = vc
+        for name in ("real", "vae_roundtrip"):
+            extra[f"ceiling_apr_{name}"] = vc[name]["apr"]["value"]
+            extra.update({f"ceiling_recall_{name}_{h}": v for h, v in vc[name]["fires_when_present"].items()
+                          if v is not None})
+
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(per_image, out_dir / "per_image.csv")
     write_table(pairs, out_dir / "perceptual_pairs.csv")
@@ -151,7 +224,7 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
             "kid": result["kid"]["value"], "perceptual": result["perceptual"]["value"],
             "n_images": float(len(per_image)), "reward_within_prompt_var": breakdown["reward_within_prompt_var"],
             **{f"h6_within_var_{h}": v["within_prompt_var"] for h, v in breakdown["heads"].items()},
-            **{f"h4_{k}": v for k, v in apr_summary.items() if k.startswith("acc_")}}
+            **{f"h4_{k}": v for k, v in apr_summary.items() if k.startswith("acc_")}, **extra}
 
 
 def perceptual_distance_call(real_by_prompt, fake_by_prompt, net, seed, device, n_boot, ci) -> tuple[pd.DataFrame, dict]:

@@ -217,19 +217,42 @@ class DualEncoder(nn.Module):
 
 
 def build_wordpiece_tokenizer(texts: Sequence[str], out_dir: str | Path, *, vocab_size: int = 2000, min_frequency: int = 2):
-    """Train a lower-casing WordPiece vocabulary on ``texts`` with ``tokenizers`` and save it
-    as a transformers ``BertTokenizerFast`` directory; returns the loaded tokenizer."""
-    import tempfile
+    """A lower-casing WordPiece vocabulary for ``texts``, saved as a transformers
+    ``BertTokenizerFast`` directory; returns the loaded tokenizer.
 
-    from tokenizers import BertWordPieceTokenizer
+    Built here rather than with the ``tokenizers`` WordPieceTrainer, whose BPE merge loop
+    breaks count ties in hash-map order: its vocabulary (ids and even the token set) changed
+    from one process to the next, and with it the trained dual encoder. Vocabulary: the
+    special tokens, every character alone and as a ``##`` continuation (so any word can be
+    spelled), then whole words (BERT normalisation and pre-tokenisation) seen at least
+    ``min_frequency`` times, most frequent first, ties in lexicographic order, up to
+    ``vocab_size``."""
+    import tempfile
+    from collections import Counter
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
     from transformers import BertTokenizerFast
 
+    norm, pre = BertNormalizer(lowercase=True), BertPreTokenizer()
+    counts: Counter = Counter()
+    for t in texts:
+        if isinstance(t, str):
+            counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    if not counts:
+        raise DataError("build_wordpiece_tokenizer: no text given; expected report strings")
+    chars = sorted({c for w in counts for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    seen = set(vocab)
+    for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size or c < min_frequency:
+            break
+        if w not in seen:
+            vocab.append(w)
+            seen.add(w)
     out_dir = Path(out_dir)
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator([t for t in texts if isinstance(t, str)], vocab_size=vocab_size,
-                           min_frequency=min_frequency, show_progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        wp.save_model(tmp)  # vocab.txt: the one input every transformers version builds a BERT tokenizer from
+        (Path(tmp) / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
         tok = BertTokenizerFast.from_pretrained(tmp, do_lower_case=True, local_files_only=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(out_dir))

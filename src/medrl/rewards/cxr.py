@@ -13,10 +13,12 @@ Per generated image x for report y:
 Without RLCF ``r_diag = diag(x, y)`` and ``r_consist = consist(x, y)``. With RLCF they are
 differences to the anchor (frozen base) model's image(s) for the same report:
 
-* ``rlcf_mode="paired"``: the trainer passes ``anchor_images`` sampled from the same x_T and
-  noise stream (paper Eq. 2's x-hat); ``r = score(x) - score(x_hat)``. Lower reward
-  variance, but score(x_hat) depends on the sample's own noise, so the policy gradient is
-  biased (measured: the full policy degrades; docs/RESULTS.md).
+* ``rlcf_mode="paired"``: the trainer passes ``anchor_images`` sampled for the same report
+  from the same x_T (paper Eq. 2's x-hat), with their own per-step noise unless
+  ``rl.cxr.rlcf_paired_noise: shared``; ``r = score(x) - score(x_hat)``. Sharing the step
+  noise too lowers the reward variance further, but score(x_hat) then depends on the
+  sample's own noise and the policy gradient is biased (measured: the full policy degrades;
+  docs/RESULTS.md).
 * ``rlcf_mode="bank"``: ``r = score(x) - mean_k score(x_hat_k)`` with the mean over K
   anchor samples per report precomputed by ``build_anchor_bank`` (no anchor sampling during
   RL; same expectation, lower variance in the baseline, none of the shared-noise

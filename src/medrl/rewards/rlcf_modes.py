@@ -1,15 +1,19 @@
-"""Measure the two RLCF modes against each other on the same policy samples.
+"""Measure the RLCF modes against each other on the same policy samples.
 
-``paired`` (the paper) samples an anchor image for every policy sample from the same x_T and
-per-step noise; ``bank`` subtracts the anchor's mean score over K precomputed samples per
-report. Both estimate the same expected reward; they differ in cost (paired needs a second
-sampling pass and a second scoring pass per epoch) and in variance: the shared noise makes
-paired a control variate, which helps while the policy is close to the anchor and stops
-helping as it drifts, while the bank's baseline carries no per-sample noise of its own.
+``paired`` (the paper) samples an anchor image for every policy sample from the same report
+and x_T, with its own per-step noise (what the trainer does by default); ``paired_shared``
+also shares every step's noise (lower variance, but a baseline that depends on the sample's
+own noise biases the policy gradient); ``bank`` subtracts the anchor's mean score over K
+precomputed samples per report. All estimate the same expected reward; they differ in cost
+(paired needs a second sampling pass and a second scoring pass per epoch) and in variance:
+the shared noise makes a paired anchor a control variate, which helps while the policy is
+close to the anchor and stops helping as it drifts, while the bank's baseline carries no
+per-sample noise of its own.
 
-``compare_rlcf_modes`` draws policy samples (base + adapter), their paired anchor samples,
-scores both ways and reports cost per sample and per RL epoch, mean, std and variance ratio
-of the comparative reward ``l_diag * r_diag + l_consist * r_consist``, with bootstrap CIs.
+``compare_rlcf_modes`` draws policy samples (base + adapter), both kinds of paired anchor
+samples, scores every way and reports cost per sample and per RL epoch, mean, std and
+variance ratio (over bank) of the comparative reward ``l_diag * r_diag + l_consist *
+r_consist``, with bootstrap CIs.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ import torch
 from medrl.errors import DataError
 from medrl.progress import progress
 
-__all__ = ["compare_rlcf_modes"]
+__all__ = ["MODES", "compare_rlcf_modes"]
+
+MODES = ("paired", "paired_shared", "bank")
 
 
 def _ratio_of_variances(a: np.ndarray, b: np.ndarray) -> float:
@@ -86,7 +92,8 @@ def compare_rlcf_modes(
     rng = np.random.default_rng(seed)
     prompts_all = [reports[i] for i in rng.integers(0, len(reports), n_samples)]
     seeds_all = [int(s) for s in rng.integers(0, 2**62, n_samples)]
-    t = {"policy": 0.0, "anchor": 0.0, "score_paired": 0.0, "score_bank": 0.0}
+    t = {"policy": 0.0, "anchor": 0.0, "anchor_shared": 0.0, "score_paired": 0.0, "score_paired_shared": 0.0,
+         "score_bank": 0.0}
     rows: list[dict[str, Any]] = []
 
     def gens(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -98,9 +105,12 @@ def compare_rlcf_modes(
         yield
         t[key] += time.perf_counter() - t0
 
-    def sample(unet: Any, cond: torch.Tensor, neg: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        g = gens(seeds)  # fresh generators from the same seeds -> same x_T and per-step noise for policy and anchor
+    def sample(unet: Any, cond: torch.Tensor, neg: torch.Tensor, seeds: Sequence[int], own_steps: bool = False
+               ) -> torch.Tensor:
+        g = gens(seeds)  # x_T, then the per-step noise, from each sample's seed
         x_T = initial_latents(unet, len(seeds), g, dev)
+        if own_steps:  # same x_T, independent per-step noise
+            g = gens([(s + 0x9E3779B97F4A7C15) % 2**63 for s in seeds])
         return sample_with_logprob(unet, c.vae, c.scheduler, cond, neg, num_steps=num_steps,
                                    guidance_scale=guidance_scale, eta=eta, generator=g, latents=x_T).images
 
@@ -115,44 +125,52 @@ def compare_rlcf_modes(
                 text = encode_prompts(c, prompts).float()
                 x = sample(c.unet, ace(text) if ace is not None else text, neg, seeds)
             with clock("anchor"):
-                x_hat = sample(anchor_unet, text, neg, seeds)
+                x_hat = sample(anchor_unet, text, neg, seeds, own_steps=True)
+            with clock("anchor_shared"):
+                x_hat_s = sample(anchor_unet, text, neg, seeds)
             with clock("score_paired"):
                 r_p, tp = paired(x, prompts, anchor_images=x_hat)
+            with clock("score_paired_shared"):
+                r_s, ts = paired(x, prompts, anchor_images=x_hat_s)
             with clock("score_bank"):
                 r_b, tb = banked(x, prompts)
             for i, p in enumerate(prompts):
                 rows.append({
-                    "report": p, "seed": seeds[i], "r_paired": float(r_p[i]), "r_bank": float(r_b[i]),
+                    "report": p, "seed": seeds[i], "r_paired": float(r_p[i]), "r_paired_shared": float(r_s[i]),
+                    "r_bank": float(r_b[i]),
                     "raw_diag": float(tp["raw_diag"][i]), "raw_consist": float(tp["raw_consist"][i]),
                     "anchor_diag_paired": float(tp["anchor_diag"][i]), "anchor_consist_paired": float(tp["anchor_consist"][i]),
+                    "anchor_diag_paired_shared": float(ts["anchor_diag"][i]),
+                    "anchor_consist_paired_shared": float(ts["anchor_consist"][i]),
                     "anchor_diag_bank": float(tb["anchor_diag"][i]), "anchor_consist_bank": float(tb["anchor_consist"][i]),
                 })
     df = pd.DataFrame(rows)
     n = len(df)
-    rp, rb = df["r_paired"].to_numpy(), df["r_bank"].to_numpy()
+    r = {m: df[f"r_{m}"].to_numpy() for m in MODES}
     boot: dict[str, Any] = {"n_boot": n_boot, "ci": ci, "seed": seed}
     per_sample = {
         "paired": (t["policy"] + t["anchor"] + t["score_paired"]) / n,
+        "paired_shared": (t["policy"] + t["anchor_shared"] + t["score_paired_shared"]) / n,
         "bank": (t["policy"] + t["score_bank"]) / n,
     }
     per_epoch = samples_per_epoch or n
-    metrics: dict[str, Any] = {
-        "n_samples": n,
-        "with_adapter": adapter_dir is not None,
-        "mean_paired": bootstrap_ci(rp, **boot),
-        "mean_bank": bootstrap_ci(rb, **boot),
-        "mean_diff_paired_minus_bank": bootstrap_ci(rp - rb, **boot),
-        "std_paired": bootstrap_ci(rp, lambda a: float(np.std(a, ddof=1)), **boot),
-        "std_bank": bootstrap_ci(rb, lambda a: float(np.std(a, ddof=1)), **boot),
-        "var_ratio_paired_over_bank": bootstrap_ci((rp, rb), _ratio_of_variances, **boot),
-        # how much of the policy score's spread each baseline removes
-        "corr_policy_anchor_paired": float(np.corrcoef(l_diag * df.raw_diag + l_consist * df.raw_consist,
-                                                       l_diag * df.anchor_diag_paired + l_consist * df.anchor_consist_paired)[0, 1]),
+    own = l_diag * df.raw_diag + l_consist * df.raw_consist
+    metrics: dict[str, Any] = {"n_samples": n, "with_adapter": adapter_dir is not None}
+    for m in MODES:
+        metrics[f"mean_{m}"] = bootstrap_ci(r[m], **boot)
+        metrics[f"std_{m}"] = bootstrap_ci(r[m], lambda a: float(np.std(a, ddof=1)), **boot)
+    for m in ("paired", "paired_shared"):
+        metrics[f"mean_diff_{m}_minus_bank"] = bootstrap_ci(r[m] - r["bank"], **boot)
+        metrics[f"var_ratio_{m}_over_bank"] = bootstrap_ci((r[m], r["bank"]), _ratio_of_variances, **boot)
+        # how much of the policy score's spread each paired baseline can remove
+        metrics[f"corr_policy_anchor_{m}"] = float(np.corrcoef(
+            own, l_diag * df[f"anchor_diag_{m}"] + l_consist * df[f"anchor_consist_{m}"])[0, 1])
+        metrics[f"cost_ratio_{m}_over_bank"] = per_sample[m] / per_sample["bank"]
+    metrics.update({
         "seconds": dict(t),
         "seconds_per_sample": per_sample,
         "samples_per_epoch": per_epoch,
-        # sampling + scoring only: the PPO update that follows is the same in both modes
+        # sampling + scoring only: the PPO update that follows is the same in every mode
         "reward_seconds_per_epoch": {k: v * per_epoch for k, v in per_sample.items()},
-        "cost_ratio_paired_over_bank": per_sample["paired"] / per_sample["bank"],
-    }
+    })
     return metrics, df

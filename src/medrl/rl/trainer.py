@@ -48,7 +48,7 @@ _RESUME_KEYS = (
     "sample_batch_size", "sample_batches_per_epoch", "train_batch_size", "gradient_accumulation_steps",
     "num_steps", "eta", "guidance_scale", "lr", "clip_range", "adv_clip_max", "timestep_fraction",
     "num_inner_epochs", "per_prompt_buffer", "per_prompt_min_count", "lora_rank", "lora_alpha", "lora_target_modules",
-    "full_finetune", "seed", "use_ace", "ace_tokens", "mixed_precision", "prompt_repeats",
+    "full_finetune", "seed", "use_ace", "ace_tokens", "mixed_precision", "prompt_repeats", "anchor_noise",
 )
 
 
@@ -81,6 +81,11 @@ class DDPOConfig:
     # Also score the frozen base model on the same prompts and noise each epoch, and log the
     # paired gain (reward_gain_vs_base): costs one extra sampling pass, removes prompt/noise luck.
     log_base_reward: bool = False
+    # Noise the anchor images handed to a reward (RLCF paired mode) share with the policy sample:
+    # "initial" = x_T only (its per-step noise is independent, so the subtracted anchor score
+    # does not depend on the actions and the policy gradient stays unbiased); "shared" = x_T and
+    # every step's noise (lower variance, biased: docs/RESULTS.md, experiment B').
+    anchor_noise: str = "initial"
     seed: int = 0
     use_ace: bool = False
     ace_tokens: int = 3
@@ -117,6 +122,8 @@ class DDPOConfig:
         if self.prompt_repeats < 1 or self.sample_batch_size % self.prompt_repeats:
             raise ValueError(f"rl.common.prompt_repeats={self.prompt_repeats}; expected >= 1 and a divisor of "
                              f"sample_batch_size={self.sample_batch_size}")
+        if self.anchor_noise not in ("initial", "shared"):
+            raise ValueError(f"rl.cxr.rlcf_paired_noise={self.anchor_noise!r}; expected 'initial' or 'shared'")
 
 
 class Policy(nn.Module):
@@ -292,7 +299,8 @@ def train_ddpo(
     c = load_components(str(base_dir), device=str(device))
     unet, vae, scheduler = c.unet, c.vae, c.scheduler
     anchor_unet = None
-    need_anchor = bool(anchor or getattr(reward_fn, "needs_anchor", False) or cfg.log_base_reward)
+    reward_uses_anchor = bool(anchor or getattr(reward_fn, "needs_anchor", False))
+    need_anchor = reward_uses_anchor or cfg.log_base_reward
     if cfg.full_finetune:
         if need_anchor:
             anchor_unet = copy.deepcopy(unet).requires_grad_(False)
@@ -354,16 +362,19 @@ def train_ddpo(
                     )
                     anchor_images = None
                     if need_anchor:
-                        # Same x_T and same per-step noise stream as the policy sample: the
-                        # comparison (RLCF) then isolates the effect of the fine-tuning. A reward
-                        # that *subtracts* these anchor scores (RLCF paired mode) biases the
-                        # policy gradient, since they depend on the sample's own noise
-                        # (docs/RESULTS.md); as a paired *measurement* (log_base_reward) it is exact.
+                        # Always the same x_T. The per-step noise is the sample's own when the
+                        # anchor only serves as a measurement (log_base_reward: an exact paired
+                        # gain), and independent when a reward subtracts the anchor's score
+                        # (RLCF paired mode), unless anchor_noise="shared": a baseline that
+                        # depends on the sample's step noise biases the policy gradient.
+                        step_seed = noise_seed + 1
+                        if reward_uses_anchor and cfg.anchor_noise == "initial":
+                            step_seed = _seed(cfg.seed, epoch, rank, 2, b)
                         with _base_model(policy, anchor_unet) as base_unet:
                             anchor_images = sample_with_logprob(
                                 base_unet, vae, scheduler, text, neg,
                                 num_steps=T, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                                generator=_torch_gen(device, noise_seed + 1), latents=x_T,
+                                generator=_torch_gen(device, step_seed), latents=x_T,
                             ).images
             r, terms = _check_rewards(reward_fn(traj.images, prompts, anchor_images=anchor_images), len(prompts))
             if cfg.log_base_reward:

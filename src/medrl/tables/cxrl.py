@@ -333,47 +333,51 @@ build_cxrl_tables.__doc__ = (build_cxrl_tables.__doc__ or "") + CXR_SCHEMA_DOC
 
 
 def build_rlcf_modes_table(m: Mapping[str, Any], run_id: str, out_dir: str | Path) -> dict[str, str]:
-    """``cxrl_rlcf_modes``: RLCF paired vs bank on the same policy samples (the output of
-    ``medrl.rewards.rlcf_modes.compare_rlcf_modes``): comparative reward mean and std with CIs,
-    reward-side cost per sample and per RL epoch."""
+    """``cxrl_rlcf_modes``: RLCF paired (own step noise), paired with shared step noise, and bank
+    on the same policy samples (the output of ``medrl.rewards.rlcf_modes.compare_rlcf_modes``):
+    comparative reward mean and std with CIs, reward-side cost per sample and per RL epoch."""
     where = "rlcf_modes metrics.json"
     rec = Recorder("cxrl_rlcf_modes")
     rid = run_id or NA
-    per_sample = need(m, ["seconds_per_sample"], where=where)
-    per_epoch = need(m, ["reward_seconds_per_epoch"], where=where)
+    modes = ("paired", "paired_shared", "bank")
     rows = []
-    for mode in ("paired", "bank"):
+    for mode in modes:
         rows.append({
             "RLCF mode": mode,
             "Mean comparative reward [CI]": rec.ours(mode, "mean", need_metric(m, [f"mean_{mode}"], where=where),
                                                      model=mode, run_id=rid, digits=3),
             "Std over samples [CI]": rec.ours(mode, "std", need_metric(m, [f"std_{mode}"], where=where),
                                               model=mode, run_id=rid, digits=3),
-            "Reward s/sample": f"{float(per_sample[mode]):.3f}",
-            "Reward s/epoch": f"{float(per_epoch[mode]):.1f}",
+            "Reward s/sample": f"{float(need(m, ['seconds_per_sample', mode], where=where)):.3f}",
+            "Reward s/epoch": f"{float(need(m, ['reward_seconds_per_epoch', mode], where=where)):.1f}",
             "MLflow run": rid,
         })
-    diff = need_metric(m, ["mean_diff_paired_minus_bank"], where=where)
-    ratio = need_metric(m, ["var_ratio_paired_over_bank"], where=where)
-    rows.append({
-        "RLCF mode": "paired - bank",
-        "Mean comparative reward [CI]": rec.ours("paired - bank", "mean", diff, model="paired-bank", run_id=rid, digits=3),
-        "Std over samples [CI]": "var ratio " + rec.ours("paired / bank", "var_ratio", ratio, model="paired/bank",
-                                                         run_id=rid, digits=2),
-        "Reward s/sample": f"x{float(need(m, ['cost_ratio_paired_over_bank'], where=where)):.2f}",
-        "Reward s/epoch": "",
-        "MLflow run": rid,
-    })
+    for mode in modes[:2]:
+        diff = need_metric(m, [f"mean_diff_{mode}_minus_bank"], where=where)
+        ratio = need_metric(m, [f"var_ratio_{mode}_over_bank"], where=where)
+        rows.append({
+            "RLCF mode": f"{mode} - bank",
+            "Mean comparative reward [CI]": rec.ours(f"{mode} - bank", "mean", diff, model=f"{mode}-bank",
+                                                     run_id=rid, digits=3),
+            "Std over samples [CI]": "var ratio " + rec.ours(f"{mode} / bank", "var_ratio", ratio,
+                                                             model=f"{mode}/bank", run_id=rid, digits=2),
+            "Reward s/sample": f"x{float(need(m, [f'cost_ratio_{mode}_over_bank'], where=where)):.2f}",
+            "Reward s/epoch": "",
+            "MLflow run": rid,
+        })
+    corr = {mode: float(m.get(f"corr_policy_anchor_{mode}", float("nan"))) for mode in modes[:2]}
     notes = [
         f"{int(need(m, ['n_samples'], where=where))} samples of the full policy, each scored against its own anchor "
-        "sample (paired: same x_T and noise) and against the anchor bank's per-report mean (bank).",
-        "Comparative reward = l_diag * r_diag + l_consist * r_consist (r_align is never compared). Both modes estimate "
+        "sample from the same report and x_T (paired: its own per-step noise, as the trainer does; paired_shared: "
+        "the sample's per-step noise too) and against the anchor bank's per-report mean (bank).",
+        "Comparative reward = l_diag * r_diag + l_consist * r_consist (r_align is never compared). All modes estimate "
         "the same expectation over anchor noise; a bank of K samples per report adds a fixed per-report error of "
-        "its own (its std shrinks as 1/sqrt(K)), which a paired - bank gap on few reports can reflect.",
-        f"Correlation of policy and paired-anchor scores: {float(m.get('corr_policy_anchor_paired', float('nan'))):.2f} "
-        "(the shared noise lowers paired variance only while this is high).",
+        "its own (its std shrinks as 1/sqrt(K)), which a mode - bank gap on few reports can reflect.",
+        f"Correlation of policy and anchor scores: paired {corr['paired']:.2f}, paired_shared "
+        f"{corr['paired_shared']:.2f} (a paired anchor lowers the variance only while this is high). "
+        "paired_shared's baseline depends on the sample's own step noise, which biases the policy gradient.",
         f"Reward s/epoch: sampling + scoring for {int(need(m, ['samples_per_epoch'], where=where))} samples; the PPO "
-        "update after it costs the same in both modes.",
+        "update after it costs the same in every mode.",
     ]
     return write_with_values(pd.DataFrame(rows), Path(out_dir) / "cxrl_rlcf_modes", rec,
                              caption="CXRL: RLCF paired vs bank mode (cost and reward variance)",
