@@ -231,3 +231,47 @@ def test_vae_artifact_ceiling(tmp_path):
     items.drop(columns=["ink"]).to_csv(tmp_path / "prepared" / "items.csv", index=False)
     with pytest.raises(DataError, match="ink"):
         vae_artifact_ceiling(stack, tmp_path / "prepared", d, size=16, n_boot=50, ci=0.95, seed=0)
+
+
+def test_vae_ceiling_scores_the_reconstruction(tmp_path, monkeypatch):
+    """A "VAE" that erases everything (decodes to black) and a metric model whose ruler head is
+    the image brightness: white ruler images are found as they are (APR 1) and lost after the
+    round trip (APR 0)."""
+    from medrl.metrics.isic_eval import vae_artifact_ceiling
+    from medrl.models import classifiers, tiny_sd
+
+    class EraseVAE:
+        dtype = torch.float32
+
+        def encode(self, x):
+            return type("Enc", (), {"latent_dist": type("Dist", (), {"mode": lambda _self: x})()})()
+
+        def decode(self, z):
+            return type("Dec", (), {"sample": -torch.ones_like(z)})()
+
+    class RulerIsBrightness(torch.nn.Module):
+        def forward(self, x):  # ImageNet-normalised: white ~ +2, black ~ -2
+            logits = torch.full((x.shape[0], len(ARTIFACTS4)), -6.0)
+            logits[:, ARTIFACTS4.index("ruler")] = 5 * x.mean(dim=(1, 2, 3))
+            return logits
+
+    d = constant_classifier(tmp_path, ARTIFACTS4, on=set(), size=16)
+    load = classifiers.load_classifier
+
+    def load_bright(*a, **k):
+        m = load(*a, **k)
+        m.net = RulerIsBrightness()
+        return m
+
+    monkeypatch.setattr(classifiers, "load_classifier", load_bright)
+    monkeypatch.setattr(tiny_sd, "load_vae", lambda *a, **k: EraseVAE())
+    rows = []
+    for i in range(4):
+        path = tmp_path / "prepared" / f"{i}.png"
+        save_image(torch.ones(3, 16, 16), path)
+        rows.append({"path": str(path), "split": "test", "hair": 0, "gel_bubble": 0, "ruler": 1, "ink": 0})
+    pd.DataFrame(rows).to_csv(tmp_path / "prepared" / "items.csv", index=False)
+    out = vae_artifact_ceiling(tmp_path / "unused", tmp_path / "prepared", d, size=16, n_boot=20, ci=0.95, seed=0)
+    assert out["real"]["apr"]["value"] == 1.0 and out["real"]["fires_when_present"]["ruler"] == 1.0
+    assert out["vae_roundtrip"]["apr"]["value"] == 0.0 and out["vae_roundtrip"]["fires_when_present"]["ruler"] == 0.0
+    assert out["real"]["fires_when_present"]["hair"] is None  # no hair in the test set

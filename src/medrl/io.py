@@ -124,23 +124,26 @@ def hash_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def hash_path(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's sorted (relative path, file hash) list.
+def _visible_files(root: Path) -> Iterator[Path]:
+    """Files under ``root`` in a stable order, skipping hidden entries (names starting with '.')
+    so editor/OS droppings and our own temp files do not change a directory's identity."""
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        yield from (Path(d, name) for name in sorted(f for f in files if not f.startswith(".")))
 
-    Hidden entries (names starting with '.') are skipped so editor/OS droppings and our own
-    temp files do not change a directory's identity."""
+
+def hash_path(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's sorted (relative path, file hash) list of its
+    non-hidden files."""
     path = Path(path)
     if path.is_file():
         return hash_file(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: cannot hash, no such file or directory")
     h = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            full = Path(root, name)
-            h.update(full.relative_to(path).as_posix().encode() + b"\0")
-            h.update(hash_file(full).encode() + b"\n")
+    for full in _visible_files(path):
+        h.update(full.relative_to(path).as_posix().encode() + b"\0")
+        h.update(hash_file(full).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -149,17 +152,12 @@ def stat_signature(path: str | Path) -> str:
     every non-hidden file. Changes whenever a file is rewritten, without reading any content
     (for keying resumable state on inputs; ``hash_path`` is the content identity)."""
     path = Path(path)
-    h = hashlib.sha256()
     if not path.exists():
         return "missing"
-    files = [path] if path.is_file() else []
-    if path.is_dir():
-        for root, dirs, names in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            files += [Path(root, n) for n in sorted(names) if not n.startswith(".")]
-    for f in files:
+    h = hashlib.sha256()
+    for f in [path] if path.is_file() else _visible_files(path):
         st = f.stat()
-        rel = f.relative_to(path).as_posix() if f != path else f.name
+        rel = f.name if f == path else f.relative_to(path).as_posix()
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
