@@ -16,6 +16,7 @@ from medrl.io import save_image
 from medrl.models.dual_encoder import (
     DualEncoder,
     DualEncoderConfig,
+    augment_cxr,
     build_wordpiece_tokenizer,
     clip_loss,
     embed_images,
@@ -187,6 +188,13 @@ def test_clip_loss_and_retrieval_metrics_treat_identical_reports_as_matches():
     m = retrieval_metrics(e, e, texts)
     assert m["i2t_recall@1"] == 1.0 and m["t2i_recall@1"] == 1.0
     assert m["cosine_matched"] == pytest.approx(1.0) and m["cosine_unmatched"] == pytest.approx(0.0)
+    assert m["i2t_auroc"] == 1.0
+    # Image 0's own report "x" ties one other report and beats the third: (0.5 + 1) / 2.
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    m2 = retrieval_metrics(img, txt, ["x", "y", "z"])
+    # rows: own 1 vs (1, 0) -> 0.75; own 0 vs (0, 1) -> 0.25; own 1 vs (0, 0) -> 1.0
+    assert m2["i2t_auroc"] == pytest.approx((0.75 + 0.25 + 1.0) / 3)
     good = clip_loss(e, e, torch.tensor(math.log(10.0)), texts)
     bad = clip_loss(e, e.flip(0), torch.tensor(math.log(10.0)), texts)
     assert good < bad
@@ -211,6 +219,22 @@ def test_train_dual_encoder_aligns_images_and_reports(tmp_path):
     model = load_dual_encoder(tmp_path / "de")
     assert (tmp_path / "de" / "tokenizer").is_dir() and model.config.embed_dim == 16
     assert not (tmp_path / "ckpt" / "dualenc_state.pt").exists()
+
+
+def test_augment_cxr_is_a_small_reproducible_warp():
+    x = torch.zeros(4, 1, 32, 32)
+    x[:, :, 12:20, 6:14] = 1.0  # a bright "finding" on the right side of the image (patient's right)
+    assert torch.equal(augment_cxr(x, torch.Generator().manual_seed(0), 0.0), x)
+    y = augment_cxr(x, torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(y, augment_cxr(x, torch.Generator().manual_seed(0), 1.0))  # per-epoch generator: resume-exact
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert not torch.equal(y[0], y[1])  # each image its own warp
+    # Small: the finding moves by at most ~2-3 px and stays on its side (no flips).
+    cols = torch.arange(32.0)
+    blob = (y[:, 0] > 0.5).float()  # the finding, not the brightness-shifted background
+    centre_x = (blob.sum(1) * cols).sum(1) / blob.sum((1, 2))
+    assert ((centre_x - 9.5).abs() < 3.5).all() and (centre_x < 16).all()
+    assert (y.mean((1, 2, 3)) - x.mean((1, 2, 3))).abs().max() < 0.1 + 0.02  # brightness +-0.1, blob area +-20 %
 
 
 def test_missing_report_column_is_a_data_error(tmp_path):

@@ -17,7 +17,7 @@ from medrl.io import read_json
 from medrl.models.finetune import finetune_base
 from medrl.models.latents import extract_latents, load_latents
 from medrl.models.tiny_sd import build_stack, build_tiny_stack, encode_prompts, load_components
-from medrl.models.vae_train import load_images, recon_metrics, train_vae
+from medrl.models.vae_train import edge_loss, load_images, recon_metrics, train_vae
 
 PROMPTS = ["melanoma", "nevus", "melanoma with hair", "nevus with hair"]
 TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
@@ -88,6 +88,23 @@ def test_train_vae_resume_after_kill_is_exact(data, tmp_path: Path):
         torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=k)
     assert mb["vae_psnr"] == pytest.approx(ma["vae_psnr"], abs=1e-4)
     assert mb["vae_scaling_factor"] == pytest.approx(ma["vae_scaling_factor"], rel=1e-5)
+
+
+def test_edge_loss_weighs_a_lost_hair_above_a_brightness_shift():
+    x = torch.full((1, 3, 32, 32), 0.5)
+    x[..., 16, 4:28] = -1.0  # a one-pixel dark hair
+    no_hair = torch.full_like(x, 0.5)
+    shifted = x + 0.1
+    assert edge_loss(x, x) == 0 and edge_loss(shifted, x) < 1e-6  # only differences count
+    # Dropping the hair costs L1 = 24*1.5/1024; its edge loss counts two vertical edges per
+    # column crossed and its two ends (/ 32*31 differences), while the uniform shift has the
+    # larger L1 and no edge loss.
+    l1_hair, l1_shift = (no_hair - x).abs().mean(), (shifted - x).abs().mean()
+    assert l1_shift > l1_hair
+    assert float(edge_loss(no_hair, x)) == pytest.approx((2 * 24 + 2) * 1.5 / (32 * 31), rel=1e-5)
+    rec = no_hair.clone().requires_grad_(True)  # it must train: the gradient points to the hair row
+    edge_loss(rec, x).backward()
+    assert rec.grad[..., 16, 8].abs().min() > 0 and rec.grad[..., 4, 8].abs().max() == 0
 
 
 def test_build_stack_trains_vae_and_copies_pretrained(data, tmp_path: Path):

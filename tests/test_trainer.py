@@ -346,8 +346,10 @@ from medrl.rl.trainer import train_ddpo
 calls = []
 def reward(images, prompts, anchor_images=None):
     r, terms = brightness(images, prompts)
-    if not calls:  # each rank must draw its own noise and prompts
-        print("FIRST", PartialState().process_index, prompts, round(float(r[0]), 6), flush=True)
+    if not calls:  # each rank must draw its own noise and prompts; one file per rank, as the
+        # ranks share one stdout pipe and unbuffered print() interleaves their pieces
+        rank = PartialState().process_index
+        Path({first!r}, f"{{rank}}.txt").write_text(f"{{prompts}} {{round(float(r[0]), 6)}}")
     calls.append(1)
     return r, terms
 cfg = small_cfg(epochs=3, sample_batch_size=4, train_batch_size=2, checkpoint_every=2, use_ace=True)
@@ -362,7 +364,8 @@ def test_two_process_gloo_cpu(stack_eps, tmp_path):
     script = tmp_path / "run.py"
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     script.write_text(textwrap.dedent(SCRIPT.format(tests=str(Path(__file__).parent), stack=str(stack_eps),
-                                                    out=str(out), ckpt=str(ckpt))))
+                                                    out=str(out), ckpt=str(ckpt), first=str(tmp_path / "first"))))
+    (tmp_path / "first").mkdir()
     accelerate = Path(sys.executable).with_name("accelerate")
     # `accelerate launch --cpu` always starts ONE process (multi-CPU needs mpirun there); the
     # torchrun-based launcher (--multi_gpu) with ACCELERATE_USE_CPU=1 gives 2 gloo CPU ranks.
@@ -374,8 +377,8 @@ def test_two_process_gloo_cpu(stack_eps, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("SUMMARY") == 2  # both ranks finished
-    first = sorted(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("FIRST"))
-    assert [f[0] for f in first] == ["0", "1"] and first[0][1] != first[1][1]  # different samples per rank
+    first = {f.stem: f.read_text() for f in (tmp_path / "first").iterdir()}
+    assert sorted(first) == ["0", "1"] and first["0"] != first["1"]  # different samples per rank
     df = pd.read_csv(out / "rewards.csv")
     assert list(df["epoch"]) == [0, 1, 2]
     assert (df["samples"] == 8).all()  # rewards gathered from both ranks (2 x 4)

@@ -326,7 +326,7 @@ def dualenc_cxr(c: Ctx) -> dict:
         return {"pretrained": 1.0}
     return train_dual_encoder(_pairs(c), c.outs["model"], size=c.params.cxr.prepare.size, epochs=k.epochs,
                               batch_size=k.batch_size, lr=k.lr, embed_dim=k.embed_dim, seed=k.seed, ckpt_dir=c.ckpt,
-                              device=c.device)
+                              augment=k.augment, weight_decay=k.weight_decay, device=c.device)
 
 
 # ============================================================================= RL

@@ -116,6 +116,7 @@ class VaeTrain(_S):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
+    edge_weight: float = Field(1.0, ge=0)  # image-gradient L1 weight (keeps thin hairs/ticks)
     seed: int = 0
 
 
@@ -160,6 +161,8 @@ class Diag(TrainCfg):
 class DualEnc(TrainCfg):
     checkpoint: Optional[str] = None
     embed_dim: int = Field(64, ge=8)
+    augment: float = Field(1.0, ge=0, le=2)  # augment_cxr strength on training batches
+    weight_decay: float = Field(1e-4, ge=0)
 
 
 class Classifiers(_S):

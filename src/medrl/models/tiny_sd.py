@@ -357,6 +357,7 @@ def build_stack(
             vae, [Path(p) for p in train_images], size=image_size, mode=channels_mode,
             steps=int(vt["steps"]), batch_size=int(vt["batch_size"]), lr=float(vt["lr"]),
             kl_weight=float(vt["kl_weight"]), seed=int(vt.get("seed", seed)),
+            edge_weight=float(vt.get("edge_weight", 0.0)),
             ckpt_dir=ckpt_dir / "vae", hflip=channels_mode == "RGB", device=device,
         )
     except KeyError as e:
