@@ -24,7 +24,7 @@ TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim
             text_hidden_size=32, text_layers=1, text_heads=2, max_position_embeddings=77,
             vae_block_out_channels=[16, 32], latent_channels=4)
 SIZE = 32
-VAE_TRAIN = dict(steps=40, batch_size=4, lr=2e-3, kl_weight=1e-6, seed=0)
+VAE_TRAIN = dict(steps=40, batch_size=4, lr=2e-3, kl_weight=1e-6, edge_weight=1.0, seed=0)
 
 
 def _lesion(prompt: str, rng: np.random.Generator, mode: str = "RGB") -> Image.Image:

@@ -60,7 +60,8 @@ def _py(v: object) -> str:
 
 
 def smk_rule(s: Stage) -> str:
-    lines = [f"rule {s.name}:", f'    """{s.doc.splitlines()[0] if s.doc else s.name}"""']
+    summary = " ".join(s.doc.split("\n\n")[0].split()) if s.doc else s.name  # the docstring's first paragraph
+    lines = [f"rule {s.name}:", f'    """{summary}"""']
     if s.deps:
         lines.append("    input:")
         for name, tmpl in s.deps.items():

@@ -418,7 +418,7 @@ def rlcf_modes_cxr(c: Ctx) -> dict:
     """RLCF paired (own / shared step noise) vs bank on the same samples of the full policy: cost per epoch,
     reward mean and variance."""
     from medrl.io import write_json, write_table
-    from medrl.rewards.rlcf_modes import compare_rlcf_modes
+    from medrl.rewards.rlcf_modes import MODES, PAIRED_MODES, compare_rlcf_modes
 
     reports, labels = _train_reports(c)
     r, v = c.params.rl, c.params.rl.cxr.variants["full"]
@@ -432,8 +432,8 @@ def rlcf_modes_cxr(c: Ctx) -> dict:
         n_boot=c.params.metrics.bootstrap, ci=c.params.metrics.ci, device=c.device)
     write_json(c.outs["metrics"] / "metrics.json", m)
     write_table(per_sample, c.outs["metrics"] / "per_sample.csv")
-    out = {f"std_{mode}": m[f"std_{mode}"]["value"] for mode in ("paired", "paired_shared", "bank")}
-    for mode in ("paired", "paired_shared"):
+    out = {f"std_{mode}": m[f"std_{mode}"]["value"] for mode in MODES}
+    for mode in PAIRED_MODES:
         out.update({f"cost_ratio_{mode}_over_bank": m[f"cost_ratio_{mode}_over_bank"],
                     f"var_ratio_{mode}_over_bank": m[f"var_ratio_{mode}_over_bank"]["value"],
                     f"mean_diff_{mode}_minus_bank": m[f"mean_diff_{mode}_minus_bank"]["value"]})

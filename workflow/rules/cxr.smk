@@ -144,7 +144,7 @@ rule rl_cxr:
 
 
 rule rlcf_modes_cxr:
-    """RLCF paired (own / shared step noise) vs bank on the same samples of the full policy: cost per epoch,"""
+    """RLCF paired (own / shared step noise) vs bank on the same samples of the full policy: cost per epoch, reward mean and variance."""
     input:
         base='data/models/cxr/base',
         prepared='data/prepared/cxr',

@@ -140,7 +140,7 @@ rule generate_rl_isic:
 
 
 rule metrics_isic_sd:
-    """APR (H=4), APR per prompt, H=6 reward, perceptual distance, FID/KID of the SD samples; and the APR"""
+    """APR (H=4), APR per prompt, H=6 reward, perceptual distance, FID/KID of the SD samples; and the APR ceiling of the stack's VAE (real test images before / after a VAE round trip)."""
     input:
         samples='data/samples/isic/sd',
         stack='data/models/isic/stack',

@@ -357,11 +357,11 @@ def build_stack(
             vae, [Path(p) for p in train_images], size=image_size, mode=channels_mode,
             steps=int(vt["steps"]), batch_size=int(vt["batch_size"]), lr=float(vt["lr"]),
             kl_weight=float(vt["kl_weight"]), seed=int(vt.get("seed", seed)),
-            edge_weight=float(vt.get("edge_weight", 0.0)),
+            edge_weight=float(vt["edge_weight"]),
             ckpt_dir=ckpt_dir / "vae", hflip=channels_mode == "RGB", device=device,
         )
     except KeyError as e:
-        raise DataError(f"models.vae_train: missing key {e}; expected steps, batch_size, lr, kl_weight, seed") from None
+        raise DataError(f"models.vae_train: missing key {e}; expected steps, batch_size, lr, kl_weight, edge_weight, seed") from None
     vae.to("cpu").save_pretrained(str(out_dir / "vae"), safe_serialization=True)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     metrics.update(m)

@@ -31,9 +31,10 @@ import torch
 from medrl.errors import DataError
 from medrl.progress import progress
 
-__all__ = ["MODES", "compare_rlcf_modes"]
+__all__ = ["MODES", "PAIRED_MODES", "compare_rlcf_modes"]
 
-MODES = ("paired", "paired_shared", "bank")
+PAIRED_MODES = ("paired", "paired_shared")
+MODES = (*PAIRED_MODES, "bank")
 
 
 def _ratio_of_variances(a: np.ndarray, b: np.ndarray) -> float:
@@ -159,7 +160,7 @@ def compare_rlcf_modes(
     for m in MODES:
         metrics[f"mean_{m}"] = bootstrap_ci(r[m], **boot)
         metrics[f"std_{m}"] = bootstrap_ci(r[m], lambda a: float(np.std(a, ddof=1)), **boot)
-    for m in ("paired", "paired_shared"):
+    for m in PAIRED_MODES:
         metrics[f"mean_diff_{m}_minus_bank"] = bootstrap_ci(r[m] - r["bank"], **boot)
         metrics[f"var_ratio_{m}_over_bank"] = bootstrap_ci((r[m], r["bank"]), _ratio_of_variances, **boot)
         # how much of the policy score's spread each paired baseline can remove

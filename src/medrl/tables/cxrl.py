@@ -8,6 +8,7 @@ import pandas as pd
 
 from medrl.errors import DataError
 from medrl.metrics.bootstrap import diff_from_boot
+from medrl.rewards.rlcf_modes import MODES, PAIRED_MODES
 from medrl.tables import paper as P
 from medrl.tables.render import NA, Recorder, need, need_metric, resolve_run_ids, verdict, write_with_values
 
@@ -339,9 +340,8 @@ def build_rlcf_modes_table(m: Mapping[str, Any], run_id: str, out_dir: str | Pat
     where = "rlcf_modes metrics.json"
     rec = Recorder("cxrl_rlcf_modes")
     rid = run_id or NA
-    modes = ("paired", "paired_shared", "bank")
     rows = []
-    for mode in modes:
+    for mode in MODES:
         rows.append({
             "RLCF mode": mode,
             "Mean comparative reward [CI]": rec.ours(mode, "mean", need_metric(m, [f"mean_{mode}"], where=where),
@@ -352,7 +352,7 @@ def build_rlcf_modes_table(m: Mapping[str, Any], run_id: str, out_dir: str | Pat
             "Reward s/epoch": f"{float(need(m, ['reward_seconds_per_epoch', mode], where=where)):.1f}",
             "MLflow run": rid,
         })
-    for mode in modes[:2]:
+    for mode in PAIRED_MODES:
         diff = need_metric(m, [f"mean_diff_{mode}_minus_bank"], where=where)
         ratio = need_metric(m, [f"var_ratio_{mode}_over_bank"], where=where)
         rows.append({
@@ -365,7 +365,7 @@ def build_rlcf_modes_table(m: Mapping[str, Any], run_id: str, out_dir: str | Pat
             "Reward s/epoch": "",
             "MLflow run": rid,
         })
-    corr = {mode: float(m.get(f"corr_policy_anchor_{mode}", float("nan"))) for mode in modes[:2]}
+    corr = {mode: float(m.get(f"corr_policy_anchor_{mode}", float("nan"))) for mode in PAIRED_MODES}
     notes = [
         f"{int(need(m, ['n_samples'], where=where))} samples of the full policy, each scored against its own anchor "
         "sample from the same report and x_T (paired: its own per-step noise, as the trainer does; paired_shared: "
