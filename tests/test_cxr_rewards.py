@@ -103,7 +103,10 @@ def test_direct_reward_terms_match_the_models(models):
     psi = predict_psi(load_aligner(models / "aligner"), x)
     assert torch.allclose(t["r_align"], align_reward(psi), atol=1e-6)
     labels = np.array([[label_report(p)[c] for c in load_diag(models / "diag").medrl_classes] for p in REPORTS], np.float32)
-    assert torch.allclose(t["raw_diag"], label_accuracy(predict_probs(load_diag(models / "diag"), x), labels))
+    probs = predict_probs(load_diag(models / "diag"), x)
+    assert torch.allclose(t["raw_diag"], label_accuracy(probs, labels, unmentioned="ignore"))  # the default
+    _, t_neg = _reward(models, rlcf=False, diag_unmentioned="negative")(x, REPORTS)
+    assert torch.allclose(t_neg["raw_diag"], label_accuracy(probs, labels, unmentioned="negative"))
     de = load_dual_encoder(models / "dualenc")
     assert torch.allclose(t["raw_consist"], (embed_images(de, x) * embed_texts(de, REPORTS)).sum(-1), atol=1e-6)
     assert torch.equal(t["r_diag"], t["raw_diag"]) and torch.equal(t["r_consist"], t["raw_consist"])

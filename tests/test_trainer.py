@@ -286,6 +286,8 @@ def test_prompt_repeats_and_base_reward(stack_eps, tmp_path):
     assert df.loc[0, "base_reward_mean"] == pytest.approx(df.loc[0, "reward_mean"], abs=1e-6)
     assert df["reward_gain_vs_base"].abs().iloc[1:].max() > 0  # trained policy differs from base
     assert np.isfinite(df["reward_gain_vs_base_se"]).all()
+    # brightness is the reward's only term: its paired gain is the reward's
+    np.testing.assert_allclose(df["brightness_gain_vs_base"], df["reward_gain_vs_base"], atol=1e-6)
     assert "gain_vs_base_last" in summary
     with pytest.raises(ValueError, match="prompt_repeats"):
         small_cfg(prompt_repeats=3).validate()  # 3 does not divide sample_batch_size=8

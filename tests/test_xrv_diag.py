@@ -130,6 +130,22 @@ def test_label_policy():
     assert float(label_accuracy(probs, np.full((1, 11), -1.0))[0]) == 0.0
 
 
+def test_label_accuracy_ignoring_unmentioned_does_not_pay_for_erased_findings():
+    labels = np.array([[1, 0, -1] + [np.nan] * 8], dtype=np.float32)  # one positive, one negative stated
+    blank = torch.full((1, 11), 0.1)  # an image the model reads as normal
+    # unmentioned read as negative: 9 of the 10 compared classes right without showing the finding
+    assert float(label_accuracy(blank, labels, unmentioned="negative")[0]) == pytest.approx(0.9)
+    # stated classes only: half right
+    assert float(label_accuracy(blank, labels, unmentioned="ignore")[0]) == pytest.approx(0.5)
+    target, mask = label_targets(labels, "ignore")
+    assert mask[0].tolist() == [1, 1] + [0] * 9
+    shown = blank.clone()
+    shown[0, 0] = 0.9
+    assert float(label_accuracy(shown, labels, unmentioned="ignore")[0]) == 1.0
+    with pytest.raises(ValueError, match="unmentioned"):
+        label_targets(labels, "positive")
+
+
 def test_train_diag_learns_a_visible_pathology(tmp_path):
     """Effusion = a bright lower band; everything else absent. 3 short epochs must find it."""
     rng = np.random.default_rng(0)

@@ -367,7 +367,8 @@ def _train_reports(c: Ctx) -> tuple[list[str], dict[str, dict[str, float]]]:
 @stage(track="cxr", deps={"base": "data/models/cxr/base", "prepared": "data/prepared/cxr",
                           "diag": "data/models/cxr/diag", "dualenc": "data/models/cxr/dualenc"},
        outs={"bank": "data/models/cxr/anchor_bank"},
-       params=("rl.cxr.bank_k", "rl.cxr.seed", "rl.common.num_steps", "rl.common.guidance_scale", "rl.common.eta"),
+       params=("rl.cxr.bank_k", "rl.cxr.seed", "rl.cxr.diag_unmentioned", "rl.common.num_steps", "rl.common.guidance_scale",
+               "rl.common.eta"),
        gpu=True)
 def anchor_bank_cxr(c: Ctx) -> dict:
     """RLCF 'bank' mode: the frozen anchor's diag/consist scores per train report (K samples each)."""
@@ -378,7 +379,7 @@ def anchor_bank_cxr(c: Ctx) -> dict:
     return build_anchor_bank(c.deps["base"], reports, c.outs["bank"] / "bank.csv", k=r.cxr.bank_k, seed=r.cxr.seed,
                              num_steps=r.common.num_steps, guidance_scale=r.common.guidance_scale, eta=r.common.eta,
                              diag_dir=c.deps["diag"], dualenc_dir=c.deps["dualenc"], labels_for=labels.__getitem__,
-                             device=c.device)
+                             diag_unmentioned=r.cxr.diag_unmentioned, device=c.device)
 
 
 @stage(track="cxr", deps={"base": "data/models/cxr/base", "prepared": "data/prepared/cxr",
@@ -386,7 +387,7 @@ def anchor_bank_cxr(c: Ctx) -> dict:
                           "dualenc": "data/models/cxr/dualenc", "bank": "data/models/cxr/anchor_bank"},
        outs={"rl": "data/rl/cxr/{variant}"},
        params=("rl.common", "rl.cxr.epochs", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch", "rl.cxr.lr",
-               "rl.cxr.seed", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise", "rl.cxr.ace_tokens",
+               "rl.cxr.seed", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise", "rl.cxr.ace_tokens", "rl.cxr.diag_unmentioned",
                "rl.cxr.variants.{variant}"),
        gpu=True, accelerate=True, foreach="rl.cxr.variants")
 def rl_cxr(c: Ctx) -> dict:
@@ -398,7 +399,8 @@ def rl_cxr(c: Ctx) -> dict:
     reports, labels = _train_reports(c)
     reward = CXRReward(c.deps["aligner"], c.deps["diag"], c.deps["dualenc"], l_align=v.l_align, l_diag=v.l_diag,
                        l_consist=v.l_consist, rlcf=v.rlcf, rlcf_mode=c.params.rl.cxr.rlcf_mode,
-                       labels_for=labels.__getitem__, anchor_bank=c.deps["bank"] / "bank.csv", device=c.device)
+                       labels_for=labels.__getitem__, anchor_bank=c.deps["bank"] / "bank.csv",
+                       diag_unmentioned=c.params.rl.cxr.diag_unmentioned, device=c.device)
     cfg = _ddpo_config(c, "cxr", use_ace=v.ace, ace_tokens=c.params.rl.cxr.ace_tokens,
                        anchor_noise=c.params.rl.cxr.rlcf_paired_noise)
     return train_ddpo(c.deps["base"], c.outs["rl"], reward_fn=reward,
@@ -412,7 +414,7 @@ def rl_cxr(c: Ctx) -> dict:
                           "rl": "data/rl/cxr/full"},
        outs={"metrics": "data/metrics/cxr/rlcf_modes"},
        params=("rl.common", "rl.cxr.seed", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch",
-               "rl.cxr.compare_samples", "rl.cxr.variants.full", "metrics.bootstrap", "metrics.ci"),
+               "rl.cxr.compare_samples", "rl.cxr.diag_unmentioned", "rl.cxr.variants.full", "metrics.bootstrap", "metrics.ci"),
        gpu=True)
 def rlcf_modes_cxr(c: Ctx) -> dict:
     """RLCF paired (own / shared step noise) vs bank on the same samples of the full policy: cost per epoch,
@@ -428,6 +430,7 @@ def rlcf_modes_cxr(c: Ctx) -> dict:
         n_samples=r.cxr.compare_samples, batch_size=r.cxr.sample_batch_size, seed=r.cxr.seed + 1,
         num_steps=r.common.num_steps, guidance_scale=r.common.guidance_scale, eta=r.common.eta,
         l_diag=v.l_diag if v.l_diag else 10.0, l_consist=v.l_consist if v.l_consist else 10.0,
+        diag_unmentioned=r.cxr.diag_unmentioned,
         samples_per_epoch=r.cxr.sample_batch_size * r.cxr.sample_batches_per_epoch,
         n_boot=c.params.metrics.bootstrap, ci=c.params.metrics.ci, device=c.device)
     write_json(c.outs["metrics"] / "metrics.json", m)

@@ -212,6 +212,7 @@ class RLCxr(RLTrack):
     rlcf_mode: Literal["paired", "bank"] = "bank"
     rlcf_paired_noise: Literal["initial", "shared"] = "initial"  # what a paired anchor shares with its sample
     bank_k: int = Field(4, ge=1)
+    diag_unmentioned: Literal["ignore", "negative"] = "ignore"  # r_diag: classes a report does not mention
     ace_tokens: int = Field(3, ge=1)
     compare_samples: int = Field(64, ge=2)  # rlcf_modes_cxr: policy samples scored both ways
     variants: dict[str, Variant] = {}

@@ -119,7 +119,7 @@ rule anchor_bank_cxr:
     output:
         bank=directory('data/models/cxr/anchor_bank'),
     params:
-        medrl=lambda wildcards: P(['rl.cxr.bank_k', 'rl.cxr.seed', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
+        medrl=lambda wildcards: P(['rl.cxr.bank_k', 'rl.cxr.seed', 'rl.cxr.diag_unmentioned', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py anchor_bank_cxr'
@@ -137,7 +137,7 @@ rule rl_cxr:
     output:
         rl=directory('data/rl/cxr/{variant}'),
     params:
-        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.variants.{variant}'], wildcards),
+        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'accelerate launch workflow/entry.py rl_cxr --variant {wildcards.variant}'
@@ -156,7 +156,7 @@ rule rlcf_modes_cxr:
     output:
         metrics=directory('data/metrics/cxr/rlcf_modes'),
     params:
-        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.seed', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.compare_samples', 'rl.cxr.variants.full', 'metrics.bootstrap', 'metrics.ci'], wildcards),
+        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.seed', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.compare_samples', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.full', 'metrics.bootstrap', 'metrics.ci'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py rlcf_modes_cxr'

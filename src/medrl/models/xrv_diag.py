@@ -297,24 +297,37 @@ def predict_probs(model, images: torch.Tensor, batch_size: int = 128) -> torch.T
 # ----------------------------------------------------------------------------- labels
 
 
-def label_targets(labels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+UNMENTIONED = ("negative", "ignore")
+
+
+def label_targets(labels: np.ndarray | torch.Tensor, unmentioned: str = "negative") -> tuple[torch.Tensor, torch.Tensor]:
     """CheXpert values (1 / 0 / -1 / NaN) -> (target, mask).
 
-    1 -> positive; 0 and NaN (not mentioned) -> negative; -1 (uncertain) -> masked out
-    ("U-Ignore", as torchxrayvision trains: its datasets map uncertain to NaN = no loss)."""
+    1 -> positive; 0 -> negative; -1 (uncertain) -> masked out ("U-Ignore", as torchxrayvision
+    trains: its datasets map uncertain to NaN = no loss); NaN (not mentioned) -> negative, or
+    masked out too with ``unmentioned="ignore"``."""
+    if unmentioned not in UNMENTIONED:
+        raise ValueError(f"unmentioned={unmentioned!r}; expected one of {UNMENTIONED}")
     lab = torch.as_tensor(np.array(labels, dtype=np.float32))  # a copy: pandas arrays may be read-only
     target = (lab == 1).float()
     mask = (lab != -1).float()
+    if unmentioned == "ignore":
+        mask = mask * (~torch.isnan(lab)).float()
     return target, mask
 
 
-def label_accuracy(probs: torch.Tensor, labels: np.ndarray | torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def label_accuracy(
+    probs: torch.Tensor, labels: np.ndarray | torch.Tensor, threshold: float = 0.5, unmentioned: str = "negative"
+) -> torch.Tensor:
     """Per-image accuracy of thresholded predictions against report labels (B,).
 
-    Compared classes: stated positive (1), stated negative (0) and not mentioned (NaN, read
-    as negative, the reading a radiologist's silence has); uncertain (-1) classes are left out.
-    An image whose 11 classes are all uncertain has no comparable class and scores 0."""
-    target, mask = label_targets(labels)
+    Compared classes: stated positive (1), stated negative (0) and, with
+    ``unmentioned="negative"``, not mentioned (NaN, read as negative, the reading a
+    radiologist's silence has); uncertain (-1) classes are left out. An image with no
+    comparable class scores 0. As a reward, "negative" pays for erasing findings: most
+    classes of a report are unmentioned, so an image the model reads as normal scores high
+    (docs/RESULTS.md, experiment F); "ignore" compares the stated classes only."""
+    target, mask = label_targets(labels, unmentioned)
     pred = (probs.float().cpu() >= threshold).float()
     hits = ((pred == target).float() * mask).sum(-1)
     n = mask.sum(-1)

@@ -6,8 +6,9 @@ Per generated image x for report y:
 * ``r_align = align_reward(aligner(x))`` (``medrl.rewards.align``); never comparative.
 * ``diag(x, y)`` = accuracy of the diagnostic model's thresholded (p >= 0.5) predictions
   against the report's labels over the 11 classes (``label_accuracy``: stated positive and
-  negative classes count, a class the report does not mention counts as negative, an
-  uncertain one is left out).
+  negative classes count, an uncertain one is left out, and a class the report does not
+  mention is left out too with ``diag_unmentioned="ignore"`` or counts as negative with
+  ``"negative"``, which a policy exploits by erasing findings).
 * ``consist(x, y)`` = cosine(embed_image(x), embed_text(y)) of the dual encoder.
 
 Without RLCF ``r_diag = diag(x, y)`` and ``r_consist = consist(x, y)``. With RLCF they are
@@ -84,16 +85,19 @@ class ReportScorer:
     Text embeddings and report labels are cached per report string: RL revisits the same
     reports every epoch."""
 
-    def __init__(self, diag: Any, dualenc: Any, *, labels_for: LabelFn | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, diag: Any, dualenc: Any, *, labels_for: LabelFn | None = None, device: str | torch.device = "cpu",
+                 diag_unmentioned: str = "ignore") -> None:
         from medrl.data.reports import PATHOLOGIES
         from medrl.models.dual_encoder import load_dual_encoder
-        from medrl.models.xrv_diag import load_diag
+        from medrl.models.xrv_diag import label_targets, load_diag
 
         self.device = torch.device(device)
         self.diag = load_diag(diag, device=str(self.device)) if isinstance(diag, (str, Path)) else diag.to(self.device).eval()
         self.dualenc = load_dual_encoder(dualenc, device=str(self.device)) if isinstance(dualenc, (str, Path)) else dualenc.to(self.device).eval()
         self.classes = list(PATHOLOGIES)
         self.labels_for = labels_for or _default_labels()
+        label_targets(np.zeros((0, len(self.classes))), diag_unmentioned)  # fail here, not at the first batch
+        self.diag_unmentioned = diag_unmentioned
         self._labels: dict[str, np.ndarray] = {}
         self._text: dict[str, torch.Tensor] = {}
 
@@ -123,7 +127,7 @@ class ReportScorer:
     def diag_scores(self, images: torch.Tensor, reports: Sequence[str]) -> torch.Tensor:
         from medrl.models.xrv_diag import label_accuracy, predict_probs
 
-        return label_accuracy(predict_probs(self.diag, images), self.labels(reports))
+        return label_accuracy(predict_probs(self.diag, images), self.labels(reports), unmentioned=self.diag_unmentioned)
 
     @torch.no_grad()
     def consist_scores(self, images: torch.Tensor, reports: Sequence[str]) -> torch.Tensor:
@@ -147,10 +151,12 @@ def score_anchor_images(
     dualenc: Any,
     labels_for: LabelFn | None = None,
     device: str = "cpu",
+    diag_unmentioned: str = "ignore",
 ) -> dict[str, torch.Tensor]:
     """{"diag": (N,), "consist": (N,)} for anchor images vs their reports (``diag`` and
     ``dualenc``: model directories or loaded models, or pass a ``ReportScorer`` as diag)."""
-    scorer = diag if isinstance(diag, ReportScorer) else ReportScorer(diag, dualenc, labels_for=labels_for, device=device)
+    scorer = diag if isinstance(diag, ReportScorer) else ReportScorer(diag, dualenc, labels_for=labels_for, device=device,
+                                                                      diag_unmentioned=diag_unmentioned)
     d, c = scorer.score(images, list(reports))
     return {"diag": d, "consist": c}
 
@@ -230,6 +236,7 @@ def build_anchor_bank(
     batch_size: int = 32,
     device: str = "cpu",
     unet_weights: str | None = None,
+    diag_unmentioned: str = "ignore",
 ) -> dict[str, float]:
     """Sample K images per (unique) report with the frozen base model (``load_components``),
     score them (``ReportScorer``) and write the per-report mean/std table atomically to
@@ -243,7 +250,7 @@ def build_anchor_bank(
     if not uniq:
         raise DataError("build_anchor_bank: no reports given")
     c = load_components(str(base_dir), unet_weights=unet_weights, device=device)
-    scorer = ReportScorer(diag_dir, dualenc_dir, labels_for=labels_for, device=device)
+    scorer = ReportScorer(diag_dir, dualenc_dir, labels_for=labels_for, device=device, diag_unmentioned=diag_unmentioned)
     jobs = [(r, j) for r in uniq for j in range(k)]
     diag: dict[str, list[float]] = {r: [] for r in uniq}
     cons: dict[str, list[float]] = {r: [] for r in uniq}
@@ -304,6 +311,7 @@ class CXRReward:
         labels_for: LabelFn | None = None,
         anchor_bank: str | Path | None = None,
         device: str | torch.device = "cpu",
+        diag_unmentioned: str = "ignore",
     ) -> None:
         from medrl.models.posture import load_aligner
 
@@ -313,7 +321,8 @@ class CXRReward:
         self.rlcf, self.rlcf_mode = bool(rlcf), rlcf_mode
         self.device = torch.device(device)
         self.aligner = load_aligner(aligner_dir, device=str(self.device))
-        self.scorer = ReportScorer(diag_dir, dualenc_dir, labels_for=labels_for, device=self.device)
+        self.scorer = ReportScorer(diag_dir, dualenc_dir, labels_for=labels_for, device=self.device,
+                                   diag_unmentioned=diag_unmentioned)
         self.bank: dict[str, tuple[float, float]] | None = None
         self.bank_path = Path(anchor_bank) if anchor_bank is not None else None
         comparative = self.l_diag != 0 or self.l_consist != 0

@@ -60,6 +60,7 @@ def compare_rlcf_modes(
     eta: float,
     l_diag: float = 10.0,
     l_consist: float = 10.0,
+    diag_unmentioned: str = "ignore",
     samples_per_epoch: int | None = None,
     n_boot: int = 1000,
     ci: float = 0.95,
@@ -84,7 +85,7 @@ def compare_rlcf_modes(
     anchor_unet = copy.deepcopy(c.unet).requires_grad_(False)  # a separate copy works for LoRA and full fine-tunes
     ace = load_adapter(c.unet, adapter_dir) if adapter_dir is not None else None
     kw: dict[str, Any] = {"l_align": 0.0, "l_diag": l_diag, "l_consist": l_consist, "rlcf": True,
-                          "labels_for": labels_for, "device": device}
+                          "labels_for": labels_for, "device": device, "diag_unmentioned": diag_unmentioned}
     paired = CXRReward(aligner_dir, diag_dir, dualenc_dir, rlcf_mode="paired", **kw)
     banked = CXRReward(aligner_dir, diag_dir, dualenc_dir, rlcf_mode="bank", anchor_bank=bank, **kw)
     # one scorer for both keeps their text-embedding caches warm alike (fair timing)

@@ -280,7 +280,8 @@ def train_ddpo(
     trained (sample, timestep) pairs, i.e. how far the PPO updates moved the policy during the
     epoch), grad_norm (pre-clip), epoch_time_s, and trajectories_per_s; with ``cfg.log_base_reward`` also
     base_reward_mean and reward_gain_vs_base (+ its s.e.): policy minus frozen base model on the
-    same prompts and noise, the epoch's paired measure of what training has gained so far.
+    same prompts and noise, the epoch's paired measure of what training has gained so far, and
+    <term>_gain_vs_base for every reward term.
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -343,7 +344,7 @@ def train_ddpo(
         # ---------------------------------------------------------------- sampling
         policy.eval()
         lat, logps, tsteps, embeds, prompts_local, rewards_l, terms_l = [], [], [], [], [], [], {}
-        base_rewards_l = []
+        base_rewards_l, base_terms_l = [], {}
         first_images = None
         for b in range(cfg.sample_batches_per_epoch):
             n_groups = cfg.sample_batch_size // cfg.prompt_repeats
@@ -379,8 +380,10 @@ def train_ddpo(
             r, terms = _check_rewards(reward_fn(traj.images, prompts, anchor_images=anchor_images), len(prompts))
             if cfg.log_base_reward:
                 # The base model scored as if it were the policy (paired RLCF terms are then zero).
-                rb, _ = _check_rewards(reward_fn(anchor_images, prompts, anchor_images=anchor_images), len(prompts))
+                rb, tb = _check_rewards(reward_fn(anchor_images, prompts, anchor_images=anchor_images), len(prompts))
                 base_rewards_l.append(rb)
+                for k, v in tb.items():
+                    base_terms_l.setdefault(k, []).append(v)
             lat.append(traj.latents)
             logps.append(traj.log_probs.float())
             tsteps.append(traj.timesteps)
@@ -407,6 +410,7 @@ def train_ddpo(
         adv = torch.as_tensor(adv_all.reshape(world, -1)[rank], dtype=torch.float32, device=device)
         terms_all = {k: accelerator.gather(torch.cat(v).to(device)).cpu().numpy() for k, v in terms_l.items()}
         base_all = accelerator.gather(torch.cat(base_rewards_l).to(device)).cpu().numpy() if base_rewards_l else None
+        base_terms = {k: accelerator.gather(torch.cat(v).to(device)).cpu().numpy() for k, v in base_terms_l.items()}
 
         # ---------------------------------------------------------------- PPO updates
         policy.train()
@@ -469,6 +473,9 @@ def train_ddpo(
             gain = rewards_all - base_all
             metrics.update(base_reward_mean=float(base_all.mean()), reward_gain_vs_base=float(gain.mean()),
                            reward_gain_vs_base_se=float(gain.std(ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else 0.0)
+            # Per reward term too: which term a combined reward's gain (or loss) comes from.
+            metrics.update({f"{k}_gain_vs_base": float((terms_all[k] - base_terms[k]).mean())
+                            for k in terms_all if k in base_terms})
         history.append(metrics)
         epochs_run += 1
         if is_main:
