@@ -146,6 +146,17 @@ def test_label_accuracy_ignoring_unmentioned_does_not_pay_for_erased_findings():
         label_targets(labels, "positive")
 
 
+def test_finding_recall_counts_stated_positives_only():
+    from medrl.models.xrv_diag import finding_recall
+
+    labels = np.array([[1, 1, 0, -1] + [np.nan] * 7, [0] + [np.nan] * 10], dtype=np.float32)
+    probs = np.full((2, 11), 0.9)
+    probs[0, 1] = 0.1  # one of the two stated findings missed; predictions elsewhere do not count
+    r = finding_recall(probs, labels)
+    assert r[0] == pytest.approx(0.5) and np.isnan(r[1])  # image 2's report states no finding
+    assert finding_recall(np.zeros((2, 11)), labels)[0] == 0.0  # an image read as normal
+
+
 def test_train_diag_learns_a_visible_pathology(tmp_path):
     """Effusion = a bright lower band; everything else absent. 3 short epochs must find it."""
     rng = np.random.default_rng(0)

@@ -35,7 +35,7 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
     from medrl.metrics.msssim import msssim_within_groups
     from medrl.models.dual_encoder import embed_images, embed_texts, load_dual_encoder
     from medrl.models.posture import load_aligner, predict_psi
-    from medrl.models.xrv_diag import load_diag, predict_probs
+    from medrl.models.xrv_diag import finding_recall, load_diag, predict_probs
     from medrl.rewards.align import align_reward
 
     samples_dir, prepared_dir, out_dir = Path(samples_dir), Path(prepared_dir), Path(out_dir)
@@ -69,6 +69,12 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
         "auroc": auroc_with_ci(labels, probs, list(PATHOLOGIES), n_boot=n_boot, ci=ci, seed=seed, items=items),
         "n_images": int(len(df)),
     }
+    # Reward-hacking check for r_diag: do the images still show the findings their reports state?
+    recall = finding_recall(probs, labels)
+    has_pos = ~np.isnan(recall)
+    if has_pos.any():
+        result["finding_recall"] = bootstrap_ci(recall[has_pos], items=[i for i, k in zip(items, has_pos) if k], **boot)
+    result["positive_rate"] = bootstrap_ci((probs >= 0.5).mean(axis=1).astype(float), items=items, **boot)
 
     real = [Path(p) for p in test["path"]]
     if metrics.get("inception_weights"):
@@ -94,4 +100,6 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
     write_json(out_dir / "metrics.json", result)
     return {"r_align": result["r_align"]["value"], "similarity": result["similarity"]["value"],
             "auroc_avg": result["auroc"]["avg"]["value"], "fid": result["fid"]["value"], "kid": result["kid"]["value"],
-            "msssim": result["msssim"]["value"], "n_images": float(len(df))}
+            "msssim": result["msssim"]["value"], "n_images": float(len(df)),
+            "finding_recall": result["finding_recall"]["value"] if "finding_recall" in result else float("nan"),
+            "positive_rate": result["positive_rate"]["value"]}

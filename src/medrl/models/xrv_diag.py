@@ -68,6 +68,7 @@ from medrl.progress import progress
 __all__ = [
     "XRV_INPUT_RESOLUTION",
     "build_diag",
+    "finding_recall",
     "label_accuracy",
     "label_targets",
     "load_diag",
@@ -332,6 +333,17 @@ def label_accuracy(
     hits = ((pred == target).float() * mask).sum(-1)
     n = mask.sum(-1)
     return torch.where(n > 0, hits / n.clamp(min=1), torch.zeros_like(n))
+
+
+def finding_recall(probs: np.ndarray | torch.Tensor, labels: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Per image, the share of the classes its report states as present (1) that the model
+    predicts (p >= threshold); NaN for an image whose report states none. A reward the
+    policy satisfies by erasing findings shows here first (docs/RESULTS.md, experiment F)."""
+    pred = np.asarray(probs, dtype=np.float64) >= threshold
+    pos = np.asarray(labels, dtype=np.float32) == 1
+    n = pos.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (pred & pos).sum(-1) / np.maximum(n, 1), np.nan)
 
 
 # ----------------------------------------------------------------------------- training
