@@ -154,7 +154,7 @@ def test_bank_built_from_the_same_model_and_seed_gives_zero(models, tmp_path):
                           dualenc_dir=models / "dualenc", batch_size=len(REPORTS), **SAMPLING)
     assert m["n_reports"] == 4.0 and m["n_images"] == 4.0
     df = pd.read_csv(bank)
-    assert len(df) == 4 and (df["k"] == 1).all()
+    assert len(df) == 4 and (df["k"] == 1).all() and (df["diag_unmentioned"] == "ignore").all()
     # the policy *is* the base model with the bank's seeds: RLCF rewards vanish exactly
     c = load_components(str(models / "stack"))
     x = sample_images(c, REPORTS, [anchor_sample_seed(5, r, 0) for r in REPORTS], **SAMPLING)
@@ -225,7 +225,7 @@ def test_bank_errors(models, tmp_path):
     bank = tmp_path / "bank.csv"
     pd.DataFrame([{"report_hash": report_hash(REPORTS[0]), "k": 1, "diag_mean": 0.5, "diag_std": 0.0,
                    "consist_mean": 0.1, "consist_std": 0.0, "diag_model_sha": None, "dualenc_model_sha": None,
-                   "report": REPORTS[0]}], columns=BANK_COLUMNS).to_csv(bank, index=False)
+                   "diag_unmentioned": None, "report": REPORTS[0]}], columns=BANK_COLUMNS).to_csv(bank, index=False)
     rf = _reward(models, rlcf=True, rlcf_mode="bank", anchor_bank=bank)
     _, t = rf(_images(1, 0), REPORTS[:1])
     assert torch.allclose(t["r_consist"], t["raw_consist"] - 0.1)
@@ -237,6 +237,14 @@ def test_bank_errors(models, tmp_path):
     df.to_csv(other, index=False)
     with pytest.raises(DataError, match="different model"):
         _reward(models, rlcf=True, rlcf_mode="bank", anchor_bank=other)
+    df = pd.read_csv(bank)
+    df["diag_unmentioned"] = "negative"  # scored with the other reading of unmentioned classes
+    df.to_csv(other, index=False)
+    _reward(models, rlcf=True, rlcf_mode="bank", anchor_bank=other, diag_unmentioned="negative")  # matches: fine
+    with pytest.raises(DataError, match="diag_unmentioned"):
+        _reward(models, rlcf=True, rlcf_mode="bank", anchor_bank=other)  # the default, ignore
+    with pytest.raises(DataError, match="diag_unmentioned"):
+        _reward(models, rlcf=False, diag_unmentioned="positive")
     with pytest.raises(DataError, match="not found"):
         _reward(models, rlcf=True, rlcf_mode="bank", anchor_bank=tmp_path / "missing.csv")
 

@@ -66,6 +66,7 @@ from medrl.models.posture import (
 from medrl.progress import progress
 
 __all__ = [
+    "UNMENTIONED",
     "XRV_INPUT_RESOLUTION",
     "build_diag",
     "finding_recall",
@@ -342,8 +343,7 @@ def finding_recall(probs: np.ndarray | torch.Tensor, labels: np.ndarray, thresho
     pred = np.asarray(probs, dtype=np.float64) >= threshold
     pos = np.asarray(labels, dtype=np.float32) == 1
     n = pos.sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, (pred & pos).sum(-1) / np.maximum(n, 1), np.nan)
+    return np.where(n > 0, (pred & pos).sum(-1) / np.maximum(n, 1), np.nan)
 
 
 # ----------------------------------------------------------------------------- training

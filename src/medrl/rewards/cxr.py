@@ -58,7 +58,7 @@ __all__ = [
 
 LabelFn = Callable[[str], dict[str, float]]
 BANK_COLUMNS = ["report_hash", "k", "diag_mean", "diag_std", "consist_mean", "consist_std",
-                "diag_model_sha", "dualenc_model_sha", "report"]
+                "diag_model_sha", "dualenc_model_sha", "diag_unmentioned", "report"]
 
 
 def report_hash(report: str) -> str:
@@ -89,14 +89,15 @@ class ReportScorer:
                  diag_unmentioned: str = "ignore") -> None:
         from medrl.data.reports import PATHOLOGIES
         from medrl.models.dual_encoder import load_dual_encoder
-        from medrl.models.xrv_diag import label_targets, load_diag
+        from medrl.models.xrv_diag import UNMENTIONED, load_diag
 
         self.device = torch.device(device)
         self.diag = load_diag(diag, device=str(self.device)) if isinstance(diag, (str, Path)) else diag.to(self.device).eval()
         self.dualenc = load_dual_encoder(dualenc, device=str(self.device)) if isinstance(dualenc, (str, Path)) else dualenc.to(self.device).eval()
         self.classes = list(PATHOLOGIES)
         self.labels_for = labels_for or _default_labels()
-        label_targets(np.zeros((0, len(self.classes))), diag_unmentioned)  # fail here, not at the first batch
+        if diag_unmentioned not in UNMENTIONED:
+            raise DataError(f"diag_unmentioned={diag_unmentioned!r}; expected one of {UNMENTIONED}")
         self.diag_unmentioned = diag_unmentioned
         self._labels: dict[str, np.ndarray] = {}
         self._text: dict[str, torch.Tensor] = {}
@@ -176,7 +177,8 @@ def load_anchor_bank(path: str | Path) -> pd.DataFrame:
         df = pd.DataFrame(obj["rows"])
     else:
         try:
-            df = pd.read_csv(path, dtype={"report_hash": str, "diag_model_sha": str, "dualenc_model_sha": str})
+            df = pd.read_csv(path, dtype={"report_hash": str, "diag_model_sha": str, "dualenc_model_sha": str,
+                                          "diag_unmentioned": str})
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
             raise DataError(f"{path}: not a readable CSV ({e})") from None
     missing = [c for c in ("report_hash", "diag_mean", "consist_mean") if c not in df.columns]
@@ -268,7 +270,7 @@ def build_anchor_bank(
         "report_hash": report_hash(r), "k": k,
         "diag_mean": float(np.mean(diag[r])), "diag_std": float(np.std(diag[r])),
         "consist_mean": float(np.mean(cons[r])), "consist_std": float(np.std(cons[r])),
-        "diag_model_sha": dsha, "dualenc_model_sha": esha, "report": r,
+        "diag_model_sha": dsha, "dualenc_model_sha": esha, "diag_unmentioned": diag_unmentioned, "report": r,
     } for r in uniq]
     hashes = [row["report_hash"] for row in rows]
     if len(set(hashes)) != len(hashes):
@@ -335,6 +337,11 @@ class CXRReward:
             for col, d in (("diag_model_sha", diag_dir), ("dualenc_model_sha", dualenc_dir)):
                 if col in df.columns and df[col].notna().any() and set(df[col].dropna().astype(str)) != {_model_sha(d)}:
                     raise DataError(f"{anchor_bank}: scored with a different model than {d} ({col}); rebuild the bank")
+            # Older banks lack the column; a bank with another diag reading would bias r_diag by a constant per report.
+            col = "diag_unmentioned"
+            if col in df.columns and df[col].notna().any() and set(df[col].dropna()) != {diag_unmentioned}:
+                raise DataError(f"{anchor_bank}: diag scored with {col}={sorted(set(df[col].dropna()))}, the reward "
+                                f"uses {diag_unmentioned!r}; rebuild the bank")
             self.bank = {str(h): (float(a), float(b)) for h, a, b in zip(df["report_hash"], df["diag_mean"], df["consist_mean"])}
 
     @property
