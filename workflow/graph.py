@@ -263,7 +263,8 @@ def _classifier(c: Ctx, heads_name: str) -> dict:
     items = read_table(c.deps["prepared"] / "items.csv", ["path", "split", *heads])
     return train_classifier(items, heads, c.outs["clf"], train_split=split, eval_split="test",
                             size=c.params.isic.prepare.size, epochs=k.epochs, batch_size=k.batch_size, lr=k.lr,
-                            seed=k.seed, imagenet_weights=k.imagenet_weights, ckpt_dir=c.ckpt, device=c.device)
+                            seed=k.seed, imagenet_weights=k.imagenet_weights, ckpt_dir=c.ckpt, device=c.device,
+                            pixel_branch=k.pixel_branch)
 
 
 @stage(track="isic", deps={"prepared": "data/prepared/isic"}, outs={"clf": "data/models/isic/clf_h6"},

@@ -3,7 +3,7 @@ EfficientNet-B0 trained with `train_classifier` under one setting (test and trai
 and a one-feature colour baseline on the same test images.
 
     python docs/experiments/isic_classifier_sweep.py <workspace> <out_dir> [--epochs 15 --lr 1e-3
-        --size 64 --no-reg --max-pool]
+        --size 64 --batch-size 32 --no-reg --max-pool --stem-stride 1 --pixel-branch 32]
     python docs/experiments/isic_classifier_sweep.py <workspace> --baseline [--model <clf dir>]
 
 --baseline skips training: colour-feature AUROC (share of purple pixels for ink, of near-white
@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--no-reg", action="store_true", help="no dropout, no stochastic depth")
     ap.add_argument("--max-pool", action="store_true", help="global max instead of average pooling")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--pixel-branch", type=int, default=0, help="classifiers.isic.pixel_branch (0 = plain EfficientNet)")
+    ap.add_argument("--stem-stride", type=int, default=2, help="1 keeps full resolution in the first block")
     a = ap.parse_args()
     torch.set_num_threads(1)
     os.chdir(a.workspace)  # items.csv paths are relative to the workspace
@@ -86,12 +89,15 @@ def main() -> None:
                 torchvision.models.efficientnet_b0 = orig
         if a.max_pool:
             m.net.avgpool = nn.AdaptiveMaxPool2d(1)
+        if a.stem_stride != 2:  # same weights, finer feature maps
+            m.net.features[0][0].stride = (a.stem_stride, a.stem_stride)
         return m
 
     C.build_classifier = variant  # train_classifier builds through the module attribute
     out = a.out.resolve()
     m = C.train_classifier(items, HEADS6, out, train_split="train", eval_split="test", size=a.size, epochs=a.epochs,
-                           batch_size=32, lr=a.lr, seed=0, imagenet_weights=None, ckpt_dir=out.with_suffix(".ckpt"))
+                           batch_size=a.batch_size, lr=a.lr, seed=0, imagenet_weights=None, ckpt_dir=out.with_suffix(".ckpt"),
+                           pixel_branch=a.pixel_branch)
     print({k: round(v, 3) for k, v in m.items() if k.startswith("auroc")})
 
 

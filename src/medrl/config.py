@@ -147,6 +147,7 @@ class TrainCfg(_S):
 class IsicClassifier(TrainCfg):
     arch: Literal["efficientnet_b0"] = "efficientnet_b0"
     imagenet_weights: Optional[str] = None
+    pixel_branch: int = Field(0, ge=0)
 
 
 class Posture(TrainCfg):

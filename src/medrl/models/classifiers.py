@@ -7,6 +7,15 @@ trained on the disjoint split "cls_b" and scores generated images (APR), so the 
 not the reward the policy was optimised against. The augmentation experiment reuses the same
 code with a single "MEL" head.
 
+``pixel_branch`` (width w > 0) adds two 3x3 convolutions at the input's full resolution
+beside the trunk; their global max- and mean-pooled maps (2w numbers) join the trunk's 1280
+features before the last Linear. Trained from scratch on 879 64-px phantoms, the plain
+EfficientNet never finds the thin purple ink strokes and small white gel bubbles (AUROC
+0.60 / 0.63, even on the train split) although one colour statistic separates them (0.86 /
+0.98); its stride-2 stem and 32x downsampling dilute a few pixels of colour. The branch is
+a learned colour/edge detector that keeps them (docs/RESULTS.md, experiment G). 0 gives the
+plain torchvision network (the paper's, and the published checkpoints' layout).
+
 ImageNet normalisation happens inside ``forward`` so every caller (reward, APR, augmentation)
 passes plain [0, 1] images. Weights are never downloaded: ``imagenet_weights`` is an optional
 local torchvision state dict (.pth or .safetensors); the embedded default trains from scratch.
@@ -36,6 +45,7 @@ from medrl.progress import progress
 __all__ = [
     "ARCHS",
     "ArtifactClassifier",
+    "EfficientNetWithPixelBranch",
     "build_classifier",
     "train_classifier",
     "load_classifier",
@@ -76,16 +86,43 @@ class ArtifactClassifier(nn.Module):
         return self.net((x.to(self.mean.dtype) - self.mean) / self.std)
 
     def config(self) -> dict[str, Any]:
-        return {"heads": self.heads, "arch": self.arch, "size": self.size}
+        return {"heads": self.heads, "arch": self.arch, "size": self.size,
+                "pixel_branch": int(getattr(self.net, "pixel_width", 0))}
+
+
+class EfficientNetWithPixelBranch(nn.Module):
+    """torchvision EfficientNet trunk plus a full-resolution pixel branch (module docstring).
+
+    Keeps the trunk's attribute names (``features``, ``avgpool``, ``classifier`` as
+    Dropout + Linear), so feature extractors that read ``features``/``avgpool`` work
+    unchanged and ImageNet weights load into the trunk as before."""
+
+    def __init__(self, net: nn.Module, width: int, n_out: int, n_trunk: int):
+        super().__init__()
+        self.pixel_width = int(width)
+        self.features, self.avgpool = net.features, net.avgpool
+        self.pixel = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.SiLU(),
+        )
+        self.classifier = nn.Sequential(net.classifier[0], nn.Linear(n_trunk + 2 * width, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trunk = torch.flatten(self.avgpool(self.features(x)), 1)
+        p = self.pixel(x)
+        # max: "is there any purple/white spot"; mean: how much of the image it covers
+        return self.classifier(torch.cat([trunk, p.amax(dim=(-1, -2)), p.mean(dim=(-1, -2))], dim=1))
 
 
 # ----------------------------------------------------------------------------- build / IO
 
 
 def build_classifier(
-    heads: list[str], *, arch: str = "efficientnet_b0", imagenet_weights: str | None = None
+    heads: list[str], *, arch: str = "efficientnet_b0", imagenet_weights: str | None = None,
+    pixel_branch: int = 0,
 ) -> ArtifactClassifier:
-    """EfficientNet-B0 with ``len(heads)`` logits; optional local ImageNet backbone weights.
+    """EfficientNet-B0 with ``len(heads)`` logits; optional local ImageNet backbone weights
+    and an optional full-resolution pixel branch of width ``pixel_branch`` (0 = none).
 
     ``imagenet_weights``: a torchvision ``efficientnet_b0`` state dict saved as .pth
     (``torch.save``) or .safetensors; loaded into the backbone before the classification
@@ -100,8 +137,13 @@ def build_classifier(
     net = torchvision.models.efficientnet_b0(weights=None)
     if imagenet_weights is not None:
         _load_backbone(net, Path(imagenet_weights))
-    # Keep torchvision's dropout (classifier[0]); replace only the Linear.
-    net.classifier[1] = nn.Linear(_FEATURES[arch], len(heads))
+    if not isinstance(pixel_branch, int) or pixel_branch < 0:
+        raise DataError(f"pixel_branch: expected an integer width >= 0 (0 = none), got {pixel_branch!r}")
+    if pixel_branch:
+        net = EfficientNetWithPixelBranch(net, pixel_branch, len(heads), _FEATURES[arch])
+    else:
+        # Keep torchvision's dropout (classifier[0]); replace only the Linear.
+        net.classifier[1] = nn.Linear(_FEATURES[arch], len(heads))
     return ArtifactClassifier(net, heads, arch)
 
 
@@ -193,7 +235,10 @@ def load_classifier(dir: str | Path, device: str | torch.device = "cpu") -> Arti
     wpath = d / "model.safetensors"
     if not wpath.is_file():
         raise DataError(f"{wpath}: classifier weights not found; expected a directory written by train_classifier")
-    model = build_classifier(cfg["heads"], arch=cfg["arch"])
+    pixel = cfg.get("pixel_branch", 0)  # directories written before the branch existed: none
+    if not isinstance(pixel, int) or pixel < 0:
+        raise DataError(f"{d / 'config.json'}: pixel_branch: expected an integer >= 0, got {pixel!r}")
+    model = build_classifier(cfg["heads"], arch=cfg["arch"], pixel_branch=pixel)
     try:
         model.load_state_dict(load_file(str(wpath)), strict=True)
     except (RuntimeError, OSError) as e:
@@ -417,8 +462,10 @@ def train_classifier(
     arch: str = "efficientnet_b0",
     weight_decay: float = 1e-2,
     num_workers: int = 0,
+    pixel_branch: int = 0,
 ) -> dict[str, float]:
     """Multi-label BCE training of ``heads`` on ``split == train_split``; eval on ``eval_split``.
+    ``pixel_branch``: see ``build_classifier``.
 
     AdamW with a per-step cosine schedule; flips/transposes and small colour jitter
     (``augment_batch``). The final model (no model selection on the evaluation split, which
@@ -437,7 +484,7 @@ def train_classifier(
     dev = torch.device(device)
     fingerprint = _fingerprint(
         heads=heads, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        wd=weight_decay, imagenet_weights=imagenet_weights,
+        wd=weight_decay, imagenet_weights=imagenet_weights, pixel_branch=pixel_branch,
         train=hashlib.sha256("\n".join(train_rows["path"].astype(str)).encode()).hexdigest(),
         labels=hashlib.sha256(train_rows[heads].to_numpy().astype(np.int8).tobytes()).hexdigest(),
     )
@@ -450,7 +497,7 @@ def train_classifier(
     # Library code must not disturb the caller's global RNG (dropout and init use it).
     with torch.random.fork_rng(devices=_rng_devices(dev)):
         torch.manual_seed(seed)
-        model = build_classifier(heads, arch=arch, imagenet_weights=imagenet_weights).to(dev)
+        model = build_classifier(heads, arch=arch, imagenet_weights=imagenet_weights, pixel_branch=pixel_branch).to(dev)
         model.size = size
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)

@@ -1,0 +1,61 @@
+"""Does the tiny VAE erase ink and gel bubbles because it is undertrained? Continue training
+a workspace's stack VAE for more steps (same loss as `models.vae_train`, fresh optimizer and
+warm-up) and score real held-out images before / after a round trip with the workspace's
+classifiers (`vae_artifact_ceiling`: APR and per-head recall through the VAE).
+
+    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> [--steps 1200 --edge-weight 1.0]
+    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> --steps 0   # score the stack's VAE only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from medrl.metrics.isic_eval import vae_artifact_ceiling
+from medrl.models.tiny_sd import load_vae
+from medrl.models.vae_train import train_vae
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workspace", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--edge-weight", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    out = a.out.resolve()
+    os.chdir(a.workspace)  # items.csv paths are relative to the workspace
+    stack = Path("data/models/isic/stack")
+    vae_dir = stack
+    if a.steps:
+        items = pd.read_csv("data/prepared/isic/items.csv")
+        train = [Path(p) for p in items[items.split == "train"].path]
+        vae = load_vae(str(stack))
+        m = train_vae(vae, train, size=64, mode="RGB", steps=a.steps, batch_size=16, lr=a.lr, kl_weight=1e-6,
+                      seed=1, ckpt_dir=out / "ckpt", edge_weight=a.edge_weight)
+        print("vae", {k: round(v, 4) for k, v in m.items()})
+        vae_dir = out / "stack"  # vae_artifact_ceiling reads a whole stack directory
+        shutil.copytree(stack, vae_dir, dirs_exist_ok=True)
+        vae.save_pretrained(vae_dir / "vae")
+    res = {}
+    for clf in ("clf_h6", "clf_h4"):
+        o = vae_artifact_ceiling(vae_dir, "data/prepared/isic", f"data/models/isic/{clf}", size=64, n_boot=200,
+                                 ci=0.95, seed=0)
+        res[clf] = o
+        for k in ("real", "vae_roundtrip"):
+            print(clf, k, "APR", round(o[k]["apr"]["value"], 3), "recall",
+                  {h: round(v, 2) for h, v in o[k]["fires_when_present"].items()})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ceiling.json").write_text(json.dumps(res, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
