@@ -17,7 +17,7 @@ from medrl.io import read_json
 from medrl.models.finetune import finetune_base
 from medrl.models.latents import extract_latents, load_latents
 from medrl.models.tiny_sd import build_stack, build_tiny_stack, encode_prompts, load_components
-from medrl.models.vae_train import edge_loss, load_images, recon_metrics, train_vae
+from medrl.models.vae_train import chroma_loss, edge_loss, load_images, recon_metrics, train_vae
 
 PROMPTS = ["melanoma", "nevus", "melanoma with hair", "nevus with hair"]
 TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
@@ -105,6 +105,25 @@ def test_edge_loss_weighs_a_lost_hair_above_a_brightness_shift():
     rec = no_hair.clone().requires_grad_(True)  # it must train: the gradient points to the hair row
     edge_loss(rec, x).backward()
     assert rec.grad[..., 16, 8].abs().min() > 0 and rec.grad[..., 4, 8].abs().max() == 0
+
+
+def test_chroma_loss_prices_a_stroke_that_lost_its_hue():
+    skin = torch.tensor([0.8, 0.6, 0.5]).view(1, 3, 1, 1)
+    x = skin.expand(1, 3, 32, 32).clone()
+    purple = torch.tensor([0.42, 0.17, 0.58])
+    x[0, :, 16, 4:28] = purple.view(3, 1)  # a one-pixel ink stroke
+    grey = x.clone()
+    grey[0, :, 16, 4:28] = purple.mean()  # same stroke, same mean intensity, no hue
+    assert chroma_loss(x, x) == 0
+    assert chroma_loss(x + 0.1, x) < 1e-6  # a uniform brightness shift has no hue
+    # The opponent channels of skin and of grey differ from purple's: the hue loss is priced
+    # on its own, several times what it adds to the plain RGB L1.
+    assert float(chroma_loss(grey, x)) > 3 * float((grey - x).abs().mean())
+    with pytest.raises(ValueError, match="RGB"):
+        chroma_loss(x[:, :1], x[:, :1])
+    with pytest.raises(ValueError, match="chroma_weight"):  # grayscale tracks: refused up front
+        train_vae(None, [], size=32, mode="L", steps=1, batch_size=1, lr=1e-3, kl_weight=0.0, seed=0,
+                  ckpt_dir=Path("unused"), chroma_weight=1.0)
 
 
 def test_build_stack_trains_vae_and_copies_pretrained(data, tmp_path: Path):

@@ -3,7 +3,7 @@ a workspace's stack VAE for more steps (same loss as `models.vae_train`, fresh o
 warm-up) and score real held-out images before / after a round trip with the workspace's
 classifiers (`vae_artifact_ceiling`: APR and per-head recall through the VAE).
 
-    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> [--steps 1200 --edge-weight 1.0]
+    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> [--steps 1200 --edge-weight 1.0 --chroma-weight 0]
     python docs/experiments/isic_vae_continue.py <workspace> <out_dir> --steps 0   # score the stack's VAE only
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--edge-weight", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--chroma-weight", type=float, default=0.0, help="medrl.models.vae_train.chroma_loss weight")
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = a.out.resolve()
@@ -40,7 +41,8 @@ def main() -> None:
         train = [Path(p) for p in items[items.split == "train"].path]
         vae = load_vae(str(stack))
         m = train_vae(vae, train, size=64, mode="RGB", steps=a.steps, batch_size=16, lr=a.lr, kl_weight=1e-6,
-                      seed=1, ckpt_dir=out / "ckpt", edge_weight=a.edge_weight)
+                      seed=1, ckpt_dir=out / "ckpt", edge_weight=a.edge_weight,
+                      chroma_weight=a.chroma_weight)
         print("vae", {k: round(v, 4) for k, v in m.items()})
         vae_dir = out / "stack"  # vae_artifact_ceiling reads a whole stack directory
         shutil.copytree(stack, vae_dir, dirs_exist_ok=True)

@@ -104,6 +104,22 @@ def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dx.abs().mean() + dy.abs().mean()
 
 
+def chroma_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 plus ``edge_loss`` on two opponent-colour channels (R - G, B - (R + G) / 2) of
+    (B, 3, H, W) images: the hue of a thin stroke (purple ink on skin) is a small share of an
+    image's RGB error, and a VAE can return the stroke's shape in grey at little cost; this
+    term prices the hue on its own (docs/RESULTS.md, experiment G)."""
+    if rec.shape[1] != 3 or x.shape[1] != 3:
+        raise ValueError(f"chroma_loss: expected RGB images (B, 3, H, W), got {tuple(x.shape)}")
+
+    def opponent(t: torch.Tensor) -> torch.Tensor:
+        r, g, b = t[:, 0], t[:, 1], t[:, 2]
+        return torch.stack([r - g, b - (r + g) / 2], dim=1)
+
+    o_rec, o_x = opponent(rec), opponent(x)
+    return (o_rec - o_x).abs().mean() + edge_loss(o_rec, o_x)
+
+
 @torch.no_grad()
 def latent_std(vae, x: torch.Tensor, batch_size: int = 64) -> float:
     """Std of the posterior means of ``x`` (in [-1, 1]) over all latent elements."""
@@ -142,6 +158,7 @@ def train_vae(
     seed: int,
     ckpt_dir: Path,
     edge_weight: float = 0.0,
+    chroma_weight: float = 0.0,
     device: str = "cpu",
     hflip: bool = True,
     checkpoint_every: int = 250,
@@ -160,6 +177,8 @@ def train_vae(
 
     images = [Path(p) for p in images]
     ckpt_dir = Path(ckpt_dir)
+    if chroma_weight and mode != "RGB":
+        raise ValueError(f"chroma_weight: needs RGB images (mode {mode!r}); set it to 0 for grayscale tracks")
     x = load_images(images, size, mode)
     n = len(x)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -171,6 +190,7 @@ def train_vae(
     config = {"kind": "vae", "images": paths_digest(images), "n": n, "size": size, "mode": mode,
               "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight, "seed": seed, "hflip": hflip,
               "edge_weight": edge_weight,
+              **({"chroma_weight": chroma_weight} if chroma_weight else {}),  # old checkpoints still resume
               "steps": steps,
               "vae_config": {k: v for k, v in vae.config.items() if not k.startswith("_")}}
     gen = torch.Generator().manual_seed(seed + 1)
@@ -203,6 +223,8 @@ def train_vae(
         loss = err.abs().mean() + err.pow(2).mean() + kl_weight * post.kl().float().mean() / n_pix
         if edge_weight:
             loss = loss + edge_weight * edge_loss(rec.float(), xb)
+        if chroma_weight:
+            loss = loss + chroma_weight * chroma_loss(rec.float(), xb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm_(vae.parameters(), 1.0)
