@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medrl.errors import DataError
-from medrl.io import read_json, save_image
+from medrl.io import read_json, save_image, write_json
 from medrl.models import classifiers as C
 
 torch.set_num_threads(1)
@@ -233,8 +233,11 @@ def test_pixel_branch_build_save_load(tmp_path):
     C.save_classifier(C.build_classifier(["hair"]), tmp_path / "old")
     cfg = read_json(tmp_path / "old" / "config.json")
     del cfg["pixel_branch"]
-    (tmp_path / "old" / "config.json").write_text(__import__("json").dumps(cfg))
+    write_json(tmp_path / "old" / "config.json", cfg)
     assert not any(k.startswith("net.pixel.") for k in C.load_classifier(tmp_path / "old").state_dict())
+    write_json(tmp_path / "old" / "config.json", cfg | {"pixel_branch": "wide"})
+    with pytest.raises(DataError, match=r"config\.json: pixel_branch"):
+        C.load_classifier(tmp_path / "old")
     with pytest.raises(DataError, match="pixel_branch"):
         C.build_classifier(["a"], pixel_branch=-1)
 

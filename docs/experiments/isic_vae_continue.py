@@ -1,9 +1,9 @@
 """Does the tiny VAE erase ink and gel bubbles because it is undertrained? Continue training
-a workspace's stack VAE for more steps (same loss as `models.vae_train`, fresh optimizer and
-warm-up) and score real held-out images before / after a round trip with the workspace's
+a workspace's stack VAE for more steps (the workspace's `models.vae_train` settings, a fresh
+optimizer and warm-up, the seed after its own) and score real held-out images before / after a round trip with the workspace's
 classifiers (`vae_artifact_ceiling`: APR and per-head recall through the VAE).
 
-    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> [--steps 1200 --edge-weight 1.0 --chroma-weight 0]
+    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> [--steps 1200 --edge-weight W --chroma-weight 0]
     python docs/experiments/isic_vae_continue.py <workspace> <out_dir> --steps 0   # score the stack's VAE only
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from medrl.config import load_params
 from medrl.metrics.isic_eval import vae_artifact_ceiling
 from medrl.models.tiny_sd import load_vae
 from medrl.models.vae_train import train_vae
@@ -27,21 +28,23 @@ def main() -> None:
     ap.add_argument("workspace", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--edge-weight", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--edge-weight", type=float, help="default: the workspace's models.vae_train.edge_weight")
     ap.add_argument("--chroma-weight", type=float, default=0.0, help="medrl.models.vae_train.chroma_loss weight")
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = a.out.resolve()
     os.chdir(a.workspace)  # items.csv paths are relative to the workspace
+    params = load_params("params.yaml", check_paths=False)
+    vt, size = params.models.vae_train, params.isic.prepare.size
     stack = Path("data/models/isic/stack")
     vae_dir = stack
     if a.steps:
         items = pd.read_csv("data/prepared/isic/items.csv")
         train = [Path(p) for p in items[items.split == "train"].path]
         vae = load_vae(str(stack))
-        m = train_vae(vae, train, size=64, mode="RGB", steps=a.steps, batch_size=16, lr=a.lr, kl_weight=1e-6,
-                      seed=1, ckpt_dir=out / "ckpt", edge_weight=a.edge_weight,
+        edge = vt.edge_weight if a.edge_weight is None else a.edge_weight
+        m = train_vae(vae, train, size=size, mode="RGB", steps=a.steps, batch_size=vt.batch_size, lr=vt.lr,
+                      kl_weight=vt.kl_weight, seed=vt.seed + 1, ckpt_dir=out / "ckpt", edge_weight=edge,
                       chroma_weight=a.chroma_weight)
         print("vae", {k: round(v, 4) for k, v in m.items()})
         vae_dir = out / "stack"  # vae_artifact_ceiling reads a whole stack directory
@@ -49,7 +52,7 @@ def main() -> None:
         vae.save_pretrained(vae_dir / "vae")
     res = {}
     for clf in ("clf_h6", "clf_h4"):
-        o = vae_artifact_ceiling(vae_dir, "data/prepared/isic", f"data/models/isic/{clf}", size=64, n_boot=200,
+        o = vae_artifact_ceiling(vae_dir, "data/prepared/isic", f"data/models/isic/{clf}", size=size, n_boot=200,
                                  ci=0.95, seed=0)
         res[clf] = o
         for k in ("real", "vae_roundtrip"):

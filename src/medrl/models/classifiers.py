@@ -10,8 +10,8 @@ code with a single "MEL" head.
 ``pixel_branch`` (width w > 0) adds two 3x3 convolutions at the input's full resolution
 beside the trunk; their global max- and mean-pooled maps (2w numbers) join the trunk's 1280
 features before the last Linear. Trained from scratch on 879 64-px phantoms, the plain
-EfficientNet never finds the thin purple ink strokes and small white gel bubbles (AUROC
-0.60 / 0.63, even on the train split) although one colour statistic separates them (0.86 /
+EfficientNet never finds the thin purple ink strokes and small white gel bubbles (test
+AUROC 0.60 / 0.63, train 0.65 / 0.65: it underfits) although one colour statistic separates them (0.86 /
 0.98); its stride-2 stem and 32x downsampling dilute a few pixels of colour. The branch is
 a learned colour/edge detector that keeps them (docs/RESULTS.md, experiment G). 0 gives the
 plain torchvision network (the paper's, and the published checkpoints' layout).
@@ -97,10 +97,11 @@ class EfficientNetWithPixelBranch(nn.Module):
     Dropout + Linear), so feature extractors that read ``features``/``avgpool`` work
     unchanged and ImageNet weights load into the trunk as before."""
 
-    def __init__(self, net: nn.Module, width: int, n_out: int, n_trunk: int):
+    def __init__(self, net: nn.Module, width: int, n_out: int):
         super().__init__()
         self.pixel_width = int(width)
         self.features, self.avgpool = net.features, net.avgpool
+        n_trunk = net.classifier[1].in_features
         self.pixel = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.SiLU(),
             nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.SiLU(),
@@ -140,7 +141,7 @@ def build_classifier(
     if not isinstance(pixel_branch, int) or pixel_branch < 0:
         raise DataError(f"pixel_branch: expected an integer width >= 0 (0 = none), got {pixel_branch!r}")
     if pixel_branch:
-        net = EfficientNetWithPixelBranch(net, pixel_branch, len(heads), _FEATURES[arch])
+        net = EfficientNetWithPixelBranch(net, pixel_branch, len(heads))
     else:
         # Keep torchvision's dropout (classifier[0]); replace only the Linear.
         net.classifier[1] = nn.Linear(_FEATURES[arch], len(heads))
@@ -235,10 +236,10 @@ def load_classifier(dir: str | Path, device: str | torch.device = "cpu") -> Arti
     wpath = d / "model.safetensors"
     if not wpath.is_file():
         raise DataError(f"{wpath}: classifier weights not found; expected a directory written by train_classifier")
-    pixel = cfg.get("pixel_branch", 0)  # directories written before the branch existed: none
-    if not isinstance(pixel, int) or pixel < 0:
-        raise DataError(f"{d / 'config.json'}: pixel_branch: expected an integer >= 0, got {pixel!r}")
-    model = build_classifier(cfg["heads"], arch=cfg["arch"], pixel_branch=pixel)
+    try:  # directories written before the pixel branch existed have no key: none
+        model = build_classifier(cfg["heads"], arch=cfg["arch"], pixel_branch=cfg.get("pixel_branch", 0))
+    except DataError as e:
+        raise DataError(f"{d / 'config.json'}: {e}") from None
     try:
         model.load_state_dict(load_file(str(wpath)), strict=True)
     except (RuntimeError, OSError) as e:
