@@ -17,7 +17,7 @@ from medrl.io import read_json
 from medrl.models.finetune import finetune_base
 from medrl.models.latents import extract_latents, load_latents
 from medrl.models.tiny_sd import build_stack, build_tiny_stack, encode_prompts, load_components
-from medrl.models.vae_train import chroma_loss, edge_loss, load_images, recon_metrics, train_vae
+from medrl.models.vae_train import chroma_loss, colour_focus_loss, edge_loss, load_images, recon_metrics, train_vae
 
 PROMPTS = ["melanoma", "nevus", "melanoma with hair", "nevus with hair"]
 TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
@@ -124,6 +124,29 @@ def test_chroma_loss_prices_a_stroke_that_lost_its_hue():
     with pytest.raises(ValueError, match="chroma_weight"):  # grayscale tracks: refused up front
         train_vae(None, [], size=32, mode="L", steps=1, batch_size=1, lr=1e-3, kl_weight=0.0, seed=0,
                   ckpt_dir=Path("unused"), chroma_weight=1.0)
+
+
+def test_colour_focus_loss_weights_pixels_by_their_colour_contrast():
+    skin = torch.tensor([0.8, 0.6, 0.5]).view(1, 3, 1, 1)
+    x = skin.expand(1, 3, 32, 32).clone()
+    purple = torch.tensor([0.42, 0.17, 0.58])
+    x[0, :, 16, 4:28] = purple.view(3, 1)
+    grey = x.clone()
+    grey[0, :, 16, 4:28] = purple.mean()
+    assert colour_focus_loss(x, x) == 0
+    # The same error on plain skin (weight 0: its colour is the image's median) costs nothing...
+    off = x + 0.1
+    off[0, :, 16, 4:28] = x[0, :, 16, 4:28]
+    assert colour_focus_loss(off, x) == 0
+    # ...on the stroke, the L1 times the stroke's opponent-colour distance from the skin.
+    o = lambda c: torch.stack([c[0] - c[1], c[2] - (c[0] + c[1]) / 2])  # noqa: E731
+    dev = float((o(purple) - o(skin.flatten())).norm())
+    assert float(colour_focus_loss(grey, x)) == pytest.approx(dev * float((grey - x).abs().mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="RGB"):
+        colour_focus_loss(x[:, :1], x[:, :1])
+    with pytest.raises(ValueError, match="focus_weight"):
+        train_vae(None, [], size=32, mode="L", steps=1, batch_size=1, lr=1e-3, kl_weight=0.0, seed=0,
+                  ckpt_dir=Path("unused"), focus_weight=1.0)
 
 
 def test_build_stack_trains_vae_and_copies_pretrained(data, tmp_path: Path):

@@ -191,3 +191,19 @@ def test_default_tiny_params_give_16x16_latents_for_64px(stack: Path, tmp_path: 
     with torch.no_grad():
         z = c.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert z.shape == (1, 4, 16, 16) and c.unet.config.sample_size == 16
+
+
+def test_vae_norm_groups_sets_channels_per_group(tmp_path: Path):
+    """models.tiny.vae_norm_groups reaches the saved VAE (SD v1.5's VAE has >= 4 channels per
+    GroupNorm group; one per group is instance norm, which discards each image's colour), and a
+    value that does not divide a VAE width is refused naming the key."""
+    build_tokenizer(TEXTS, tmp_path / "tok", vocab_size=600)
+    build_tiny_stack(tmp_path / "s", tmp_path / "tok", {**TINY, "vae_norm_groups": 4}, SIZE, seed=0)
+    vae = load_components(str(tmp_path / "s")).vae
+    assert vae.config.norm_num_groups == 4
+    assert {m.num_groups for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)} == {4}
+    default = build_tiny_stack(tmp_path / "d", tmp_path / "tok", TINY, SIZE, seed=0)
+    assert default["vae_params"] > 0
+    assert load_components(str(tmp_path / "d")).vae.config.norm_num_groups == min(TINY["vae_block_out_channels"])
+    with pytest.raises(DataError, match=r"vae_norm_groups=3 must divide"):
+        build_tiny_stack(tmp_path / "x", tmp_path / "tok", {**TINY, "vae_norm_groups": 3}, SIZE, seed=0)

@@ -5,6 +5,8 @@ classifiers (`vae_artifact_ceiling`: APR and per-head recall through the VAE).
 
     python docs/experiments/isic_vae_continue.py <workspace> <out_dir> [--steps 1200 --edge-weight W --chroma-weight 0]
     python docs/experiments/isic_vae_continue.py <workspace> <out_dir> --steps 0   # score the stack's VAE only
+    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> --latent-channels 8  # a fresh VAE instead,
+        # the workspace's models.tiny with that many latent channels, trained --steps from scratch
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--edge-weight", type=float, help="default: the workspace's models.vae_train.edge_weight")
     ap.add_argument("--chroma-weight", type=float, default=0.0, help="medrl.models.vae_train.chroma_loss weight")
+    ap.add_argument("--focus-weight", type=float, default=0.0, help="medrl.models.vae_train.colour_focus_loss weight")
+    ap.add_argument("--norm-groups", type=int, default=0, help="fresh VAE: GroupNorm groups (0: the workspace's)")
+    ap.add_argument("--latent-channels", type=int, default=0,
+                    help="train a fresh VAE with this many latent channels (0: continue the stack's VAE)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = a.out.resolve()
@@ -41,11 +47,19 @@ def main() -> None:
     if a.steps:
         items = pd.read_csv("data/prepared/isic/items.csv")
         train = [Path(p) for p in items[items.split == "train"].path]
-        vae = load_vae(str(stack))
+        if a.latent_channels:
+            from transformers import CLIPTokenizer
+
+            from medrl.models.tiny_sd import _tiny_modules
+            tiny = {**params.models.tiny.model_dump(), "latent_channels": a.latent_channels,
+                    **({"vae_norm_groups": a.norm_groups} if a.norm_groups else {})}
+            vae = _tiny_modules(CLIPTokenizer.from_pretrained(str(stack / "tokenizer")), tiny, size, vt.seed)[1]
+        else:
+            vae = load_vae(str(stack))
         edge = vt.edge_weight if a.edge_weight is None else a.edge_weight
         m = train_vae(vae, train, size=size, mode="RGB", steps=a.steps, batch_size=vt.batch_size, lr=vt.lr,
                       kl_weight=vt.kl_weight, seed=vt.seed + 1, ckpt_dir=out / "ckpt", edge_weight=edge,
-                      chroma_weight=a.chroma_weight)
+                      chroma_weight=a.chroma_weight, focus_weight=a.focus_weight)
         print("vae", {k: round(v, 4) for k, v in m.items()})
         vae_dir = out / "stack"  # vae_artifact_ceiling reads a whole stack directory
         shutil.copytree(stack, vae_dir, dirs_exist_ok=True)

@@ -109,6 +109,9 @@ class Tiny(_S):
     max_position_embeddings: int = 77
     vae_block_out_channels: list[int] = [16, 32, 64]
     latent_channels: int = 4
+    # GroupNorm groups in the VAE; null = min(32, smallest width), i.e. one channel per group
+    # in a 16-wide block: instance norm, which drops each image's colour statistics.
+    vae_norm_groups: Optional[int] = Field(None, ge=1)
 
 
 class VaeTrain(_S):

@@ -87,6 +87,11 @@ def _tiny_modules(tokenizer, tiny: dict, sample_size: int, seed: int):
             f"models.tiny.cross_attention_dim={tiny['cross_attention_dim']} must equal "
             f"models.tiny.text_hidden_size={tiny['text_hidden_size']}"
         )
+    groups = tiny.get("vae_norm_groups")
+    bad = [w for w in tiny["vae_block_out_channels"] if groups and w % groups]
+    if bad:
+        raise DataError(f"models.tiny.vae_norm_groups={groups} must divide every VAE width "
+                        f"(models.tiny.vae_block_out_channels={tiny['vae_block_out_channels']}; {bad} do not)")
     factor = vae_downsample_factor(tiny["vae_block_out_channels"])
     if sample_size % factor:
         raise DataError(f"image size {sample_size} is not divisible by the VAE downsample factor {factor} "
@@ -136,7 +141,7 @@ def _init_modules(tokenizer, tiny: dict, sample_size: int, factor: int):
         block_out_channels=tuple(tiny["vae_block_out_channels"]),
         layers_per_block=tiny["layers_per_block"],
         latent_channels=tiny["latent_channels"],
-        norm_num_groups=min(32, min(tiny["vae_block_out_channels"])),
+        norm_num_groups=tiny.get("vae_norm_groups") or min(32, min(tiny["vae_block_out_channels"])),
         sample_size=sample_size,
     )
     text_cfg = CLIPTextConfig(

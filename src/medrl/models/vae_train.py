@@ -104,6 +104,12 @@ def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dx.abs().mean() + dy.abs().mean()
 
 
+def _opponent(t: torch.Tensor) -> torch.Tensor:
+    """Two opponent-colour channels of (B, 3, H, W): R - G and B - (R + G) / 2 (no luminance)."""
+    r, g, b = t[:, 0], t[:, 1], t[:, 2]
+    return torch.stack([r - g, b - (r + g) / 2], dim=1)
+
+
 def chroma_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """L1 plus ``edge_loss`` on two opponent-colour channels (R - G, B - (R + G) / 2) of
     (B, 3, H, W) images: the hue of a thin stroke (purple ink on skin) is a small share of an
@@ -111,13 +117,21 @@ def chroma_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     term prices the hue on its own (docs/RESULTS.md, experiment G)."""
     if rec.shape[1] != 3 or x.shape[1] != 3:
         raise ValueError(f"chroma_loss: expected RGB images (B, 3, H, W), got {tuple(x.shape)}")
-
-    def opponent(t: torch.Tensor) -> torch.Tensor:
-        r, g, b = t[:, 0], t[:, 1], t[:, 2]
-        return torch.stack([r - g, b - (r + g) / 2], dim=1)
-
-    o_rec, o_x = opponent(rec), opponent(x)
+    o_rec, o_x = _opponent(rec), _opponent(x)
     return (o_rec - o_x).abs().mean() + edge_loss(o_rec, o_x)
+
+
+def colour_focus_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """RGB L1 weighted per pixel by how far the target's colour is from the image's median
+    colour (opponent channels; 0 on plain skin, ~0.5 on purple ink or a red vessel in [-1, 1]
+    units). A round trip that turns every thin coloured stroke dark grey -- what the tiny VAE
+    does with ink, vessels and colour charts, which together are ~1 % of the pixels -- costs
+    little under a plain L1 and most of this term."""
+    if rec.shape[1] != 3 or x.shape[1] != 3:
+        raise ValueError(f"colour_focus_loss: expected RGB images (B, 3, H, W), got {tuple(x.shape)}")
+    o = _opponent(x)
+    dev = (o - o.flatten(2).median(dim=2).values[..., None, None]).norm(dim=1, keepdim=True)
+    return (dev * (rec - x).abs()).mean()
 
 
 @torch.no_grad()
@@ -159,6 +173,7 @@ def train_vae(
     ckpt_dir: Path,
     edge_weight: float = 0.0,
     chroma_weight: float = 0.0,
+    focus_weight: float = 0.0,
     device: str = "cpu",
     hflip: bool = True,
     checkpoint_every: int = 250,
@@ -177,8 +192,9 @@ def train_vae(
 
     images = [Path(p) for p in images]
     ckpt_dir = Path(ckpt_dir)
-    if chroma_weight and mode != "RGB":
-        raise ValueError(f"chroma_weight: needs RGB images (mode {mode!r}); set it to 0 for grayscale tracks")
+    if (chroma_weight or focus_weight) and mode != "RGB":
+        raise ValueError(f"chroma_weight / focus_weight: need RGB images (mode {mode!r}); set them to 0 for "
+                         "grayscale tracks")
     x = load_images(images, size, mode)
     n = len(x)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -191,6 +207,7 @@ def train_vae(
               "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight, "seed": seed, "hflip": hflip,
               "edge_weight": edge_weight,
               **({"chroma_weight": chroma_weight} if chroma_weight else {}),  # old checkpoints still resume
+              **({"focus_weight": focus_weight} if focus_weight else {}),
               "steps": steps,
               "vae_config": {k: v for k, v in vae.config.items() if not k.startswith("_")}}
     gen = torch.Generator().manual_seed(seed + 1)
@@ -225,6 +242,8 @@ def train_vae(
             loss = loss + edge_weight * edge_loss(rec.float(), xb)
         if chroma_weight:
             loss = loss + chroma_weight * chroma_loss(rec.float(), xb)
+        if focus_weight:
+            loss = loss + focus_weight * colour_focus_loss(rec.float(), xb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm_(vae.parameters(), 1.0)
