@@ -15,6 +15,7 @@ from medrl.errors import DataError
 from medrl.models.tiny_sd import (
     SDComponents,
     build_tiny_stack,
+    build_tiny_vae,
     encode_prompts,
     load_components,
     save_stack,
@@ -202,8 +203,12 @@ def test_vae_norm_groups_sets_channels_per_group(tmp_path: Path):
     vae = load_components(str(tmp_path / "s")).vae
     assert vae.config.norm_num_groups == 4
     assert {m.num_groups for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)} == {4}
-    default = build_tiny_stack(tmp_path / "d", tmp_path / "tok", TINY, SIZE, seed=0)
-    assert default["vae_params"] > 0
+    build_tiny_stack(tmp_path / "d", tmp_path / "tok", TINY, SIZE, seed=0)
     assert load_components(str(tmp_path / "d")).vae.config.norm_num_groups == min(TINY["vae_block_out_channels"])
     with pytest.raises(DataError, match=r"vae_norm_groups=3 must divide"):
         build_tiny_stack(tmp_path / "x", tmp_path / "tok", {**TINY, "vae_norm_groups": 3}, SIZE, seed=0)
+    # The VAE alone (for VAE experiments) is the stack's VAE architecture, seeded reproducibly.
+    alone = build_tiny_vae({**TINY, "vae_norm_groups": 4}, SIZE, seed=1)
+    assert alone.config.norm_num_groups == 4 and alone.config.latent_channels == TINY["latent_channels"]
+    same = build_tiny_vae({**TINY, "vae_norm_groups": 4}, SIZE, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), same.state_dict().values()))

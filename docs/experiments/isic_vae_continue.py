@@ -1,12 +1,14 @@
-"""Does the tiny VAE erase ink and gel bubbles because it is undertrained? Continue training
-a workspace's stack VAE for more steps (the workspace's `models.vae_train` settings, a fresh
-optimizer and warm-up, the seed after its own) and score real held-out images before / after a round trip with the workspace's
-classifiers (`vae_artifact_ceiling`: APR and per-head recall through the VAE).
+"""What does the tiny VAE lose of ink and gel bubbles? Train the workspace's stack VAE further,
+or a fresh one with changed architecture, with the workspace's `models.vae_train` settings (a
+fresh optimizer and warm-up, the seed after its own) plus optional colour losses, and score
+real held-out images before / after a round trip with the workspace's classifiers
+(`vae_artifact_ceiling`: APR and per-head recall through the VAE).
 
-    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> [--steps 1200 --edge-weight W --chroma-weight 0]
+    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> [--steps 1200 --edge-weight W]
+        [--chroma-weight W | --focus-weight W]          # continue the stack's VAE
     python docs/experiments/isic_vae_continue.py <workspace> <out_dir> --steps 0   # score the stack's VAE only
-    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> --latent-channels 8  # a fresh VAE instead,
-        # the workspace's models.tiny with that many latent channels, trained --steps from scratch
+    python docs/experiments/isic_vae_continue.py <workspace> <out_dir> --latent-channels 8 --norm-groups 4
+        # a fresh VAE: the workspace's models.tiny with these changed, trained --steps from scratch
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from medrl.config import load_params
 from medrl.metrics.isic_eval import vae_artifact_ceiling
-from medrl.models.tiny_sd import load_vae
+from medrl.models.tiny_sd import build_tiny_vae, load_vae
 from medrl.models.vae_train import train_vae
 
 
@@ -33,9 +35,8 @@ def main() -> None:
     ap.add_argument("--edge-weight", type=float, help="default: the workspace's models.vae_train.edge_weight")
     ap.add_argument("--chroma-weight", type=float, default=0.0, help="medrl.models.vae_train.chroma_loss weight")
     ap.add_argument("--focus-weight", type=float, default=0.0, help="medrl.models.vae_train.colour_focus_loss weight")
-    ap.add_argument("--norm-groups", type=int, default=0, help="fresh VAE: GroupNorm groups (0: the workspace's)")
-    ap.add_argument("--latent-channels", type=int, default=0,
-                    help="train a fresh VAE with this many latent channels (0: continue the stack's VAE)")
+    ap.add_argument("--norm-groups", type=int, default=0, help="fresh VAE with these GroupNorm groups")
+    ap.add_argument("--latent-channels", type=int, default=0, help="fresh VAE with this many latent channels")
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = a.out.resolve()
@@ -47,13 +48,11 @@ def main() -> None:
     if a.steps:
         items = pd.read_csv("data/prepared/isic/items.csv")
         train = [Path(p) for p in items[items.split == "train"].path]
-        if a.latent_channels:
-            from transformers import CLIPTokenizer
-
-            from medrl.models.tiny_sd import _tiny_modules
-            tiny = {**params.models.tiny.model_dump(), "latent_channels": a.latent_channels,
-                    **({"vae_norm_groups": a.norm_groups} if a.norm_groups else {})}
-            vae = _tiny_modules(CLIPTokenizer.from_pretrained(str(stack / "tokenizer")), tiny, size, vt.seed)[1]
+        if a.latent_channels or a.norm_groups:
+            tiny = params.models.tiny.model_dump()
+            tiny.update({k: v for k, v in (("latent_channels", a.latent_channels),
+                                           ("vae_norm_groups", a.norm_groups)) if v})
+            vae = build_tiny_vae(tiny, size, vt.seed)
         else:
             vae = load_vae(str(stack))
         edge = vt.edge_weight if a.edge_weight is None else a.edge_weight

@@ -135,11 +135,11 @@ def build_classifier(
     heads = [str(h) for h in heads]
     if not heads or len(set(heads)) != len(heads):
         raise DataError(f"heads: expected a non-empty list of distinct names, got {heads}")
+    if not isinstance(pixel_branch, int) or pixel_branch < 0:
+        raise DataError(f"pixel_branch: expected an integer width >= 0 (0 = none), got {pixel_branch!r}")
     net = torchvision.models.efficientnet_b0(weights=None)
     if imagenet_weights is not None:
         _load_backbone(net, Path(imagenet_weights))
-    if not isinstance(pixel_branch, int) or pixel_branch < 0:
-        raise DataError(f"pixel_branch: expected an integer width >= 0 (0 = none), got {pixel_branch!r}")
     if pixel_branch:
         net = EfficientNetWithPixelBranch(net, pixel_branch, len(heads))
     else:

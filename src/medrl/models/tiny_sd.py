@@ -87,11 +87,7 @@ def _tiny_modules(tokenizer, tiny: dict, sample_size: int, seed: int):
             f"models.tiny.cross_attention_dim={tiny['cross_attention_dim']} must equal "
             f"models.tiny.text_hidden_size={tiny['text_hidden_size']}"
         )
-    groups = tiny.get("vae_norm_groups")
-    bad = [w for w in tiny["vae_block_out_channels"] if groups and w % groups]
-    if bad:
-        raise DataError(f"models.tiny.vae_norm_groups={groups} must divide every VAE width "
-                        f"(models.tiny.vae_block_out_channels={tiny['vae_block_out_channels']}; {bad} do not)")
+    _check_vae_groups(tiny)
     factor = vae_downsample_factor(tiny["vae_block_out_channels"])
     if sample_size % factor:
         raise DataError(f"image size {sample_size} is not divisible by the VAE downsample factor {factor} "
@@ -110,8 +106,43 @@ def _tiny_modules(tokenizer, tiny: dict, sample_size: int, seed: int):
         return _init_modules(tokenizer, tiny, sample_size, factor)
 
 
+def _check_vae_groups(tiny: dict) -> None:
+    groups = tiny.get("vae_norm_groups")
+    bad = [w for w in tiny["vae_block_out_channels"] if groups and w % groups]
+    if bad:
+        raise DataError(f"models.tiny.vae_norm_groups={groups} must divide every VAE width "
+                        f"(models.tiny.vae_block_out_channels={tiny['vae_block_out_channels']}; {bad} do not)")
+
+
+def _vae_module(tiny: dict, sample_size: int):
+    from diffusers import AutoencoderKL
+
+    nv = len(tiny["vae_block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * nv,
+        up_block_types=("UpDecoderBlock2D",) * nv,
+        block_out_channels=tuple(tiny["vae_block_out_channels"]),
+        layers_per_block=tiny["layers_per_block"],
+        latent_channels=tiny["latent_channels"],
+        # null: min(32, smallest width), one channel per group in a 16-wide block (instance norm)
+        norm_num_groups=tiny.get("vae_norm_groups") or min(32, min(tiny["vae_block_out_channels"])),
+        sample_size=sample_size,
+    )
+
+
+def build_tiny_vae(tiny: dict, sample_size: int, seed: int):
+    """A fresh AutoencoderKL with the ``models.tiny`` VAE settings alone (no UNet / text
+    encoder), seeded without touching the global RNG: for VAE experiments."""
+    _check_vae_groups(tiny)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _vae_module(tiny, sample_size)
+
+
 def _init_modules(tokenizer, tiny: dict, sample_size: int, factor: int):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     n = len(tiny["block_out_channels"])
@@ -132,18 +163,7 @@ def _init_modules(tokenizer, tiny: dict, sample_size: int, factor: int):
         attention_head_dim=tiny["attention_head_dim"],
         norm_num_groups=min(32, min(tiny["block_out_channels"])),
     )
-    nv = len(tiny["vae_block_out_channels"])
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * nv,
-        up_block_types=("UpDecoderBlock2D",) * nv,
-        block_out_channels=tuple(tiny["vae_block_out_channels"]),
-        layers_per_block=tiny["layers_per_block"],
-        latent_channels=tiny["latent_channels"],
-        norm_num_groups=tiny.get("vae_norm_groups") or min(32, min(tiny["vae_block_out_channels"])),
-        sample_size=sample_size,
-    )
+    vae = _vae_module(tiny, sample_size)
     text_cfg = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=tiny["text_hidden_size"],

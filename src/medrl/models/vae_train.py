@@ -104,8 +104,10 @@ def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dx.abs().mean() + dy.abs().mean()
 
 
-def _opponent(t: torch.Tensor) -> torch.Tensor:
+def _opponent(t: torch.Tensor, who: str) -> torch.Tensor:
     """Two opponent-colour channels of (B, 3, H, W): R - G and B - (R + G) / 2 (no luminance)."""
+    if t.ndim != 4 or t.shape[1] != 3:
+        raise ValueError(f"{who}: expected RGB images (B, 3, H, W), got {tuple(t.shape)}")
     r, g, b = t[:, 0], t[:, 1], t[:, 2]
     return torch.stack([r - g, b - (r + g) / 2], dim=1)
 
@@ -115,9 +117,7 @@ def chroma_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     (B, 3, H, W) images: the hue of a thin stroke (purple ink on skin) is a small share of an
     image's RGB error, and a VAE can return the stroke's shape in grey at little cost; this
     term prices the hue on its own (docs/RESULTS.md, experiment G)."""
-    if rec.shape[1] != 3 or x.shape[1] != 3:
-        raise ValueError(f"chroma_loss: expected RGB images (B, 3, H, W), got {tuple(x.shape)}")
-    o_rec, o_x = _opponent(rec), _opponent(x)
+    o_rec, o_x = _opponent(rec, "chroma_loss"), _opponent(x, "chroma_loss")
     return (o_rec - o_x).abs().mean() + edge_loss(o_rec, o_x)
 
 
@@ -127,9 +127,9 @@ def colour_focus_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     units). A round trip that turns every thin coloured stroke dark grey -- what the tiny VAE
     does with ink, vessels and colour charts, which together are ~1 % of the pixels -- costs
     little under a plain L1 and most of this term."""
-    if rec.shape[1] != 3 or x.shape[1] != 3:
-        raise ValueError(f"colour_focus_loss: expected RGB images (B, 3, H, W), got {tuple(x.shape)}")
-    o = _opponent(x)
+    if rec.shape != x.shape:
+        raise ValueError(f"colour_focus_loss: reconstruction {tuple(rec.shape)} and target {tuple(x.shape)} differ")
+    o = _opponent(x, "colour_focus_loss")
     dev = (o - o.flatten(2).median(dim=2).values[..., None, None]).norm(dim=1, keepdim=True)
     return (dev * (rec - x).abs()).mean()
 
