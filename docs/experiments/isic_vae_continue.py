@@ -2,7 +2,7 @@
 or a fresh one with changed architecture, with the workspace's `models.vae_train` settings (a
 fresh optimizer and warm-up, the seed after its own) plus optional colour losses, and score
 real held-out images before / after a round trip with the workspace's classifiers
-(`vae_artifact_ceiling`: APR and per-head recall through the VAE).
+(`vae_artifact_ceiling`: APR and per-head recall through the VAE; and the global colour error).
 
     python docs/experiments/isic_vae_continue.py <workspace> <out_dir> [--steps 1200 --edge-weight W]
         [--chroma-weight W | --focus-weight W]          # continue the stack's VAE
@@ -24,7 +24,19 @@ import torch
 from medrl.config import load_params
 from medrl.metrics.isic_eval import vae_artifact_ceiling
 from medrl.models.tiny_sd import build_tiny_vae, load_vae
-from medrl.models.vae_train import train_vae
+from medrl.models.vae_train import load_images, train_vae
+
+
+@torch.no_grad()
+def colour_error(stack_dir: Path, size: int) -> list[float]:
+    """Per RGB channel, mean over the test images of |mean colour of the round trip - mean
+    colour of the image| in [0, 1] units: how much of each image's overall colour the VAE keeps."""
+    items = pd.read_csv("data/prepared/isic/items.csv")
+    x = load_images([Path(p) for p in items[items.split == "test"].path], size, "RGB")
+    vae = load_vae(str(stack_dir))
+    rec = torch.cat([vae.decode(vae.encode(x[i:i + 64]).latent_dist.mean).sample.clamp(-1, 1)
+                     for i in range(0, len(x), 64)])
+    return ((rec.mean((2, 3)) - x.mean((2, 3))) / 2).abs().mean(0).tolist()
 
 
 def main() -> None:
@@ -63,7 +75,8 @@ def main() -> None:
         vae_dir = out / "stack"  # vae_artifact_ceiling reads a whole stack directory
         shutil.copytree(stack, vae_dir, dirs_exist_ok=True)
         vae.save_pretrained(vae_dir / "vae")
-    res = {}
+    res = {"colour_error": colour_error(vae_dir, size)}
+    print("global colour error R/G/B", [round(v, 4) for v in res["colour_error"]])
     for clf in ("clf_h6", "clf_h4"):
         o = vae_artifact_ceiling(vae_dir, "data/prepared/isic", f"data/models/isic/{clf}", size=size, n_boot=200,
                                  ci=0.95, seed=0)
