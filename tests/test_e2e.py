@@ -48,6 +48,12 @@ def test_metrics_have_confidence_intervals(finished):
         assert m["r_align"]["value"] <= 0.0  # the posture reward is a negated distance
         assert -1.0 <= m["similarity"]["value"] <= 1.0
         assert set(m["auroc"]) >= {"Atelectasis", "Cardiomegaly", "avg"}
+        assert 0.0 <= m["r_diag"]["value"] <= 1.0
+        if v != "anchor":  # the variant's combined reward on held-out reports, with its own weights
+            w = m["reward"]["weights"]
+            assert m["reward"]["value"] == pytest.approx(w["l_align"] * m["r_align"]["value"] + w["l_diag"] * m[
+                "r_diag"]["value"] + w["l_consist"] * m["similarity"]["value"])
+            assert m["reward"]["lo"] <= m["reward"]["value"] <= m["reward"]["hi"]
 
 
 def test_rl_and_generation_outputs(finished):

@@ -84,6 +84,26 @@ def test_bootstrap_generic_stat_uses_same_resamples_and_tuple_inputs():
         B.bootstrap_ci(np.array([1.0, np.nan]), n_boot=10, ci=0.95, seed=0)
 
 
+def test_linear_combination_of_means_is_the_bootstrap_of_the_per_item_combination():
+    rng = np.random.default_rng(2)
+    a, b, c = rng.normal(size=(3, 60))
+    items = [f"k{i}" for i in range(60)]
+    ms = [B.bootstrap_ci(x, n_boot=300, ci=0.9, seed=5, keep_boot=True, items=items) for x in (a, b, c)]
+    comb = B.linear_combination([(1.0, ms[0]), (10.0, ms[1]), (-2.0, ms[2])], keep_boot=True)
+    direct = B.bootstrap_ci(a + 10 * b - 2 * c, n_boot=300, ci=0.9, seed=5, keep_boot=True, items=items)
+    for k in ("value", "lo", "hi"):
+        assert comb[k] == pytest.approx(direct[k])
+    assert comb["boot_key"] == direct["boot_key"] and comb["n"] == 60
+    # the combination can itself be differenced against another model's
+    d = B.diff_from_boot(comb, ms[0])
+    assert d["value"] == pytest.approx(10 * b.mean() - 2 * c.mean())
+    shuffled = B.bootstrap_ci(b, n_boot=300, ci=0.9, seed=5, keep_boot=True, items=items[::-1])
+    with pytest.raises(DataError, match="bootstrap keys differ"):
+        B.linear_combination([(1.0, ms[0]), (1.0, shuffled)])
+    with pytest.raises(DataError, match="no terms"):
+        B.linear_combination([])
+
+
 def test_paired_difference_from_replicates_matches_paired_bootstrap():
     rng = np.random.default_rng(1)
     base = rng.normal(size=80)

@@ -557,26 +557,28 @@ _MET_CXR_DEPS = {"prepared": "data/prepared/cxr", "aligner": "data/models/cxr/al
                  "dualenc": "data/models/cxr/dualenc"}
 
 
-def _metrics_cxr(c: Ctx) -> dict:
+def _metrics_cxr(c: Ctx, weights: dict[str, float] | None = None) -> dict:
     from medrl.metrics.cxr_eval import evaluate_cxr_samples
 
     return evaluate_cxr_samples(c.deps["samples"], c.deps["prepared"], c.deps["aligner"], c.deps["diag"],
                                 c.deps["dualenc"], c.outs["metrics"], metrics=c.params.metrics.model_dump(),
-                                device=c.device)
+                                device=c.device, diag_unmentioned=c.params.rl.cxr.diag_unmentioned, weights=weights)
 
 
 @stage(track="cxr", deps={"samples": "data/samples/cxr/anchor", **_MET_CXR_DEPS},
-       outs={"metrics": "data/metrics/cxr/anchor"}, params=("metrics",))
+       outs={"metrics": "data/metrics/cxr/anchor"}, params=("metrics", "rl.cxr.diag_unmentioned"))
 def metrics_cxr_anchor(c: Ctx) -> dict:
-    """r_align, AUROC per pathology, image-report similarity, FID (DenseNet features), MS-SSIM: anchor."""
+    """r_align, AUROC per pathology, r_diag, image-report similarity, FID (DenseNet features), MS-SSIM: anchor."""
     return _metrics_cxr(c)
 
 
 @stage(track="cxr", deps={"samples": "data/samples/cxr/{variant}", **_MET_CXR_DEPS},
-       outs={"metrics": "data/metrics/cxr/{variant}"}, params=("metrics",), foreach="rl.cxr.variants")
+       outs={"metrics": "data/metrics/cxr/{variant}"},
+       params=("metrics", "rl.cxr.diag_unmentioned", "rl.cxr.variants.{variant}"), foreach="rl.cxr.variants")
 def metrics_cxr(c: Ctx) -> dict:
-    """The same metrics for one CXRL variant."""
-    return _metrics_cxr(c)
+    """The same metrics for one CXRL variant, and its combined reward on the held-out reports."""
+    v = c.params.rl.cxr.variants[c.wildcards["variant"]]
+    return _metrics_cxr(c, weights={"l_align": v.l_align, "l_diag": v.l_diag, "l_consist": v.l_consist})
 
 
 # ============================================================================= tables

@@ -192,7 +192,7 @@ rule generate_cxr:
 
 
 rule metrics_cxr_anchor:
-    """r_align, AUROC per pathology, image-report similarity, FID (DenseNet features), MS-SSIM: anchor."""
+    """r_align, AUROC per pathology, r_diag, image-report similarity, FID (DenseNet features), MS-SSIM: anchor."""
     input:
         samples='data/samples/cxr/anchor',
         prepared='data/prepared/cxr',
@@ -202,12 +202,12 @@ rule metrics_cxr_anchor:
     output:
         metrics=directory('data/metrics/cxr/anchor'),
     params:
-        medrl=lambda wildcards: P(['metrics'], wildcards),
+        medrl=lambda wildcards: P(['metrics', 'rl.cxr.diag_unmentioned'], wildcards),
     shell: 'python workflow/entry.py metrics_cxr_anchor'
 
 
 rule metrics_cxr:
-    """The same metrics for one CXRL variant."""
+    """The same metrics for one CXRL variant, and its combined reward on the held-out reports."""
     input:
         samples='data/samples/cxr/{variant}',
         prepared='data/prepared/cxr',
@@ -217,7 +217,7 @@ rule metrics_cxr:
     output:
         metrics=directory('data/metrics/cxr/{variant}'),
     params:
-        medrl=lambda wildcards: P(['metrics'], wildcards),
+        medrl=lambda wildcards: P(['metrics', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}'], wildcards),
     shell: 'python workflow/entry.py metrics_cxr --variant {wildcards.variant}'
 
 

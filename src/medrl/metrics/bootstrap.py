@@ -202,23 +202,44 @@ def paired_diff_ci(
     return bootstrap_ci(a - b, np.mean, n_boot=n_boot, ci=ci, seed=seed, keep_boot=keep_boot, items=items)
 
 
+def _replicates(m: Mapping[str, Any], *, where: str, name: str) -> np.ndarray:
+    check_metric(m, where=f"{where} ({name})")
+    if m.get("boot") is None or m.get("boot_key") is None:
+        raise DataError(f"{where}: {name} has no bootstrap replicates ('boot', 'boot_key'); expected metrics "
+                        "written with keep_boot=True")
+    return np.array([np.nan if v is None else v for v in m["boot"]], dtype=np.float64)
+
+
+def linear_combination(terms: Sequence[tuple[float, Mapping[str, Any]]], *, where: str = "combination",
+                       method: Method | None = None, keep_boot: bool = False,
+                       names: Sequence[str] | None = None) -> dict[str, Any]:
+    """sum_i w_i * metric_i for Metrics of one model set resampled with the same indices.
+
+    The replicates combine term by term, so the interval is the paired bootstrap of the
+    combination (for means, exactly the bootstrap of the per-item weighted sum). The interval
+    method defaults to the first term's."""
+    if not terms:
+        raise DataError(f"{where}: no terms; expected at least one (weight, Metric)")
+    names = list(names) if names is not None else [f"term {i}" for i in range(len(terms))]
+    reps = [_replicates(m, where=where, name=n) for n, (_, m) in zip(names, terms)]
+    keys = {m["boot_key"] for _, m in terms}
+    if len(keys) != 1:
+        raise DataError(f"{where}: bootstrap keys differ ({sorted(keys)}): the terms were not resampled over the "
+                        "same items with the same seed, so they cannot be combined pairwise")
+    if len({r.size for r in reps}) != 1:
+        raise DataError(f"{where}: replicate counts {[r.size for r in reps]}; expected equal counts")
+    value = float(sum(float(w) * float(m["value"]) for w, m in terms))
+    total = sum(float(w) * r for (w, _), r in zip(terms, reps))
+    first = terms[0][1]
+    return metric_from_reps(value, total, n=int(first["n"]), ci=float(first.get("ci", 0.95)),
+                            method=method or first.get("method", "percentile"), keep_boot=keep_boot,
+                            key=first["boot_key"])
+
+
 def diff_from_boot(a: Mapping[str, Any], b: Mapping[str, Any], *, where: str = "difference",
                    method: Method | None = None) -> dict[str, Any]:
     """Paired difference a - b of two Metrics from their stored, equally-indexed replicates.
 
     The interval method defaults to the operands' own (``a["method"]``)."""
-    for name, m in (("first", a), ("second", b)):
-        check_metric(m, where=f"{where} ({name} operand)")
-        if m.get("boot") is None or m.get("boot_key") is None:
-            raise DataError(f"{where}: {name} operand has no bootstrap replicates ('boot', 'boot_key'); "
-                            "expected metrics written with keep_boot=True")
-    if a["boot_key"] != b["boot_key"]:
-        raise DataError(f"{where}: bootstrap keys differ ({a['boot_key']} vs {b['boot_key']}): the two models were "
-                        "not resampled over the same items with the same seed, so no paired difference exists")
-    ra = np.array([np.nan if v is None else v for v in a["boot"]], dtype=np.float64)
-    rb = np.array([np.nan if v is None else v for v in b["boot"]], dtype=np.float64)
-    if ra.shape != rb.shape:
-        raise DataError(f"{where}: {ra.size} vs {rb.size} replicates; expected equal counts")
-    value = float(a["value"]) - float(b["value"])
-    method = method or a.get("method", "percentile")
-    return metric_from_reps(value, ra - rb, n=int(a["n"]), ci=float(a.get("ci", 0.95)), method=method)
+    return linear_combination([(1.0, a), (-1.0, b)], where=where, method=method,
+                              names=("first operand", "second operand"))

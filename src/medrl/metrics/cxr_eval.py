@@ -1,7 +1,9 @@
 """All CXRL metrics of one model's samples, in the schema ``tables.cxrl`` reads.
 
 r_align (posture aligner), AUROC per pathology of the diagnostic DenseNet-121 on generated
-images against the report labels, image-report cosine similarity (dual encoder), FID/KID with
+images against the report labels, r_diag (the training reward's label accuracy, read as
+``rl.cxr.diag_unmentioned``), image-report cosine similarity (dual encoder, = r_consist), the
+variant's combined reward on the held-out reports when its weights are given, FID/KID with
 the CXR DenseNet-121's pooled features, and MS-SSIM between samples of the same report. Every
 metric carries a bootstrap CI over images; rows are ordered by a model-independent key and
 resampled with the same seed, so "CXRL - other" differences are paired.
@@ -9,7 +11,7 @@ resampled with the same seed, so "CXRL - other" differences are paired.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -25,17 +27,23 @@ def densenet_pooled(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Path, diag_dir: Path, dualenc_dir: Path,
-                         out_dir: Path, *, metrics: dict[str, Any], device: str = "cpu") -> dict[str, float]:
-    """Write ``out_dir/metrics.json`` (tables.cxrl schema) and ``out_dir/per_image.csv``."""
+                         out_dir: Path, *, metrics: dict[str, Any], device: str = "cpu", diag_unmentioned: str = "ignore",
+                         weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Write ``out_dir/metrics.json`` (tables.cxrl schema) and ``out_dir/per_image.csv``.
+
+    ``weights`` ({"l_align", "l_diag", "l_consist"}, a variant's) adds ``reward``: the combined
+    *direct* reward on the held-out reports. With RLCF the training reward subtracts the
+    anchor's score for the same report, so ``reward(variant) - reward(anchor)`` (paired,
+    ``medrl.metrics.bootstrap.linear_combination``) is the held-out RLCF reward."""
     from medrl.data.reports import PATHOLOGIES
     from medrl.metrics.apr import read_manifest
     from medrl.metrics.auroc import auroc_with_ci
-    from medrl.metrics.bootstrap import bootstrap_ci
+    from medrl.metrics.bootstrap import bootstrap_ci, linear_combination
     from medrl.metrics.fidelity import INCEPTION, ModuleExtractorSpec, fid_kid, item_key
     from medrl.metrics.msssim import msssim_within_groups
     from medrl.models.dual_encoder import embed_images, embed_texts, load_dual_encoder
     from medrl.models.posture import load_aligner, predict_psi
-    from medrl.models.xrv_diag import finding_recall, load_diag, predict_probs
+    from medrl.models.xrv_diag import finding_recall, label_accuracy, load_diag, predict_probs
     from medrl.rewards.align import align_reward
 
     samples_dir, prepared_dir, out_dir = Path(samples_dir), Path(prepared_dir), Path(out_dir)
@@ -69,6 +77,13 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
         "auroc": auroc_with_ci(labels, probs, list(PATHOLOGIES), n_boot=n_boot, ci=ci, seed=seed, items=items),
         "n_images": int(len(df)),
     }
+    r_diag = label_accuracy(torch.from_numpy(probs), labels, unmentioned=diag_unmentioned).numpy().astype(float)
+    result["r_diag"] = bootstrap_ci(r_diag, items=items, **boot)
+    if weights is not None:
+        result["reward"] = linear_combination(
+            [(weights["l_align"], result["r_align"]), (weights["l_diag"], result["r_diag"]),
+             (weights["l_consist"], result["similarity"])], where=f"{out_dir}: reward", keep_boot=True)
+        result["reward"]["weights"] = {k: float(weights[k]) for k in ("l_align", "l_diag", "l_consist")}
     # Reward-hacking check for r_diag: do the images still show the findings their reports state?
     recall = finding_recall(probs, labels)
     has_pos = ~np.isnan(recall)
@@ -93,13 +108,17 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
     ms_pairs, ms = msssim_within_groups(groups, channels="L", device=device, n_boot=n_boot, ci=ci, seed=seed)
     result["msssim"] = {k: ms[k] for k in ("value", "lo", "hi", "n", "ci", "method", "boot", "boot_key") if k in ms}
 
-    per_image = df.assign(r_align=r_align, similarity=sim, **{f"prob_{c}": probs[:, i] for i, c in enumerate(PATHOLOGIES)})
+    per_image = df.assign(r_align=r_align, r_diag=r_diag, similarity=sim, **{f"prob_{c}": probs[:, i] for i, c in enumerate(PATHOLOGIES)})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(per_image, out_dir / "per_image.csv")
     write_table(ms_pairs, out_dir / "msssim_pairs.csv")
     write_json(out_dir / "metrics.json", result)
-    return {"r_align": result["r_align"]["value"], "similarity": result["similarity"]["value"],
-            "auroc_avg": result["auroc"]["avg"]["value"], "fid": result["fid"]["value"], "kid": result["kid"]["value"],
-            "msssim": result["msssim"]["value"], "n_images": float(len(df)),
-            "finding_recall": result["finding_recall"]["value"] if "finding_recall" in result else float("nan"),
-            "positive_rate": result["positive_rate"]["value"]}
+    summary = {"r_align": result["r_align"]["value"], "r_diag": result["r_diag"]["value"],
+               "similarity": result["similarity"]["value"],
+               "auroc_avg": result["auroc"]["avg"]["value"], "fid": result["fid"]["value"], "kid": result["kid"]["value"],
+               "msssim": result["msssim"]["value"], "n_images": float(len(df)),
+               "finding_recall": result["finding_recall"]["value"] if "finding_recall" in result else float("nan"),
+               "positive_rate": result["positive_rate"]["value"]}
+    if "reward" in result:
+        summary["reward"] = result["reward"]["value"]
+    return summary
