@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from medrl.metrics.bootstrap import diff_from_boot, linear_combination
+from medrl.metrics.bootstrap import diff_from_boot
+from medrl.metrics.cxr_eval import combined_reward
 
 PATHS = {"r_align": ["r_align"], "r_diag": ["r_diag"], "AUROC (avg)": ["auroc", "avg"], "similarity": ["similarity"],
          "FID": ["fid"], "MS-SSIM": ["msssim"]}
@@ -46,8 +47,7 @@ def main() -> None:
         w = (_get(a, ["reward", "weights"]) or _get(b, ["reward", "weights"]))
     if w is None or "r_diag" not in a or "r_diag" not in b:
         return
-    ra, rb = (linear_combination([(w["l_align"], m["r_align"]), (w["l_diag"], m["r_diag"]),
-                                  (w["l_consist"], m["similarity"])], where="reward", keep_boot=True) for m in (a, b))
+    ra, rb = (combined_reward(m, w) for m in (a, b))
     d = diff_from_boot(ra, rb, where="reward")
     print(f"{'reward':12s} a {ra['value']:.3f}  b {rb['value']:.3f}  a-b {d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
           f"  (weights {w['l_align']:g}, {w['l_diag']:g}, {w['l_consist']:g})")

@@ -26,6 +26,21 @@ def densenet_pooled(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.features2(x)
 
 
+REWARD_TERMS = {"l_align": "r_align", "l_diag": "r_diag", "l_consist": "similarity"}
+
+
+def combined_reward(metrics: Mapping[str, Any], weights: Mapping[str, float], *,
+                    where: str = "reward") -> dict[str, Any]:
+    """l_align r_align + l_diag r_diag + l_consist similarity from one model's metrics (Metric
+    dicts with replicates), as a Metric whose replicates stay paired with other models'."""
+    from medrl.metrics.bootstrap import linear_combination
+
+    out = linear_combination([(float(weights[w]), metrics[t]) for w, t in REWARD_TERMS.items()], where=where,
+                             keep_boot=True)
+    out["weights"] = {w: float(weights[w]) for w in REWARD_TERMS}
+    return out
+
+
 def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Path, diag_dir: Path, dualenc_dir: Path,
                          out_dir: Path, *, metrics: dict[str, Any], device: str = "cpu", diag_unmentioned: str = "ignore",
                          weights: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -38,7 +53,7 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
     from medrl.data.reports import PATHOLOGIES
     from medrl.metrics.apr import read_manifest
     from medrl.metrics.auroc import auroc_with_ci
-    from medrl.metrics.bootstrap import bootstrap_ci, linear_combination
+    from medrl.metrics.bootstrap import bootstrap_ci
     from medrl.metrics.fidelity import INCEPTION, ModuleExtractorSpec, fid_kid, item_key
     from medrl.metrics.msssim import msssim_within_groups
     from medrl.models.dual_encoder import embed_images, embed_texts, load_dual_encoder
@@ -80,10 +95,7 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
     r_diag = label_accuracy(torch.from_numpy(probs), labels, unmentioned=diag_unmentioned).numpy().astype(float)
     result["r_diag"] = bootstrap_ci(r_diag, items=items, **boot)
     if weights is not None:
-        result["reward"] = linear_combination(
-            [(weights["l_align"], result["r_align"]), (weights["l_diag"], result["r_diag"]),
-             (weights["l_consist"], result["similarity"])], where=f"{out_dir}: reward", keep_boot=True)
-        result["reward"]["weights"] = {k: float(weights[k]) for k in ("l_align", "l_diag", "l_consist")}
+        result["reward"] = combined_reward(result, weights, where=f"{out_dir}: reward")
     # Reward-hacking check for r_diag: do the images still show the findings their reports state?
     recall = finding_recall(probs, labels)
     has_pos = ~np.isnan(recall)
