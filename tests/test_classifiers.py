@@ -125,8 +125,10 @@ def test_binary_metrics_single_class_is_nan():
 def test_train_classifier_learns_visible_labels(tmp_path):
     items = _square_items(tmp_path, {"train": 128, "test": 48})
     out, ckpt = tmp_path / "model", tmp_path / "ckpt"
+    # 8 epochs: at 4 the per-head AUROC spread 0.73-1.0 over seeds 0-2 (a pass by luck of the
+    # seed and the CPU's float order); at 8 every seed gave >= 0.946 on both heads.
     metrics = C.train_classifier(
-        items, ["red", "blue"], out, train_split="train", eval_split="test", size=SIZE, epochs=4,
+        items, ["red", "blue"], out, train_split="train", eval_split="test", size=SIZE, epochs=8,
         batch_size=8, lr=3e-3, seed=0, imagenet_weights=None, ckpt_dir=ckpt,
     )
     assert metrics["auroc_red"] > 0.9 and metrics["auroc_blue"] > 0.9, metrics
