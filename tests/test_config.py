@@ -95,6 +95,18 @@ def test_prompt_repeats_must_divide_batch():
     assert "rl.cxr" not in str(e.value)  # 9 is divisible by 3
 
 
+def test_skip_last_steps_must_leave_a_trained_step():
+    raw = _raw()
+    raw["rl"]["common"]["num_steps"] = 4
+    raw["rl"]["cxr"]["skip_last_steps"] = 4
+    with pytest.raises(ParamsError, match=r"'rl\.cxr\.skip_last_steps': 4 leaves no trained step for rl\.cxr"):
+        validate_params(raw)
+    raw["rl"]["cxr"]["skip_last_steps"] = None
+    raw["rl"]["common"]["skip_last_steps"] = 5
+    with pytest.raises(ParamsError, match=r"'rl\.common\.skip_last_steps': 5 leaves no trained step for rl\.isic"):
+        validate_params(raw)
+
+
 def test_load_params_file_errors(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "absent.yaml")
@@ -147,6 +159,13 @@ def test_track_lr_overrides_common():
     ctx = type("Ctx", (), {"params": params})()
     assert _ddpo_config(ctx, "isic").lr == 0.02
     assert _ddpo_config(ctx, "cxr").lr == params.rl.common.lr
+    # kl_coef and skip_last_steps: a track's value overrides rl.common's, null keeps it
+    raw["rl"]["common"]["kl_coef"], raw["rl"]["cxr"]["kl_coef"] = 0.5, 0.03
+    raw["rl"]["common"]["skip_last_steps"], raw["rl"]["cxr"]["skip_last_steps"] = 1, None
+    params = validate_params(raw)
+    ctx = type("Ctx", (), {"params": params})()
+    assert (_ddpo_config(ctx, "isic").kl_coef, _ddpo_config(ctx, "cxr").kl_coef) == (0.5, 0.03)
+    assert (_ddpo_config(ctx, "isic").skip_last_steps, _ddpo_config(ctx, "cxr").skip_last_steps) == (1, 1)
     raw["rl"]["isic"]["lr"] = 0
     with pytest.raises(ParamsError, match=r"rl\.isic\.lr"):
         validate_params(raw)

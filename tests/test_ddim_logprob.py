@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from medrl.rl.ddim import ddim_step_with_logprob
+from medrl.rl.ddim import ddim_step_gaussian, ddim_step_with_logprob, gaussian_kl
 from medrl.rl.sampling import guided_eps, pad_uncond, sample_with_logprob
 
 torch.set_num_threads(1)
@@ -125,6 +125,31 @@ def test_gradient_flows_to_model_output_only_through_mean():
     _, logp = ddim_step_with_logprob(s, out, s.timesteps[4], x, prev_sample=prev)
     logp.sum().backward()
     assert out.grad is not None and out.grad.abs().sum() > 0
+
+
+def test_gaussian_kl_is_expected_logprob_gap():
+    """The trainer's KL penalty: closed form == Monte-Carlo E_p[log p - log q] of two DDIM steps
+    at the same x_t (same std, different model outputs), and zero for identical outputs."""
+    s = _sched(10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    out_p = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    out_q = out_p + 0.05 * torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = s.timesteps[[2, 5, 8]]
+    mean_p, std = ddim_step_gaussian(s, out_p, t, x, eta=1.0)
+    mean_q, std_q = ddim_step_gaussian(s, out_q, t, x, eta=1.0)
+    torch.testing.assert_close(std, std_q)
+    kl = gaussian_kl(mean_p, mean_q, std)
+    assert kl.shape == (3,) and (kl > 0).all()
+    torch.testing.assert_close(gaussian_kl(mean_p, mean_p, std), torch.zeros(3, dtype=torch.float64))
+    gaps = []
+    for _ in range(4000):
+        prev, lp = ddim_step_with_logprob(s, out_p, t, x, eta=1.0, generator=g)
+        _, lq = ddim_step_with_logprob(s, out_q, t, x, eta=1.0, prev_sample=prev)
+        gaps.append(lp - lq)
+    gaps = torch.stack(gaps)
+    se = gaps.std(dim=0) / math.sqrt(len(gaps))
+    assert ((gaps.mean(dim=0) - kl).abs() < 4 * se).all(), (gaps.mean(dim=0), kl, se)
 
 
 @pytest.fixture(scope="module")

@@ -209,6 +209,15 @@ def test_resume_refuses_changed_params(stack_eps, tmp_path):
     _run(stack_eps, tmp_path, small_cfg(epochs=2), ckpt, max_epochs=1)
     with pytest.raises(DataError, match="lr"):
         _run(stack_eps, tmp_path, small_cfg(epochs=2, lr=1e-2), ckpt)
+    with pytest.raises(DataError, match="kl_coef"):
+        _run(stack_eps, tmp_path, small_cfg(epochs=2, kl_coef=0.5), ckpt)
+    # A checkpoint from before kl_coef existed resumes when the run keeps its default (0).
+    state_path = ckpt / "latest" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["kl_coef"]
+    state_path.write_text(json.dumps(state))
+    summary, _ = _run(stack_eps, tmp_path, small_cfg(epochs=2), ckpt)
+    assert summary["finished"] == 1.0
 
 
 # ----------------------------------------------------------------------------- anchor / ACE
@@ -319,6 +328,53 @@ def test_full_finetune_with_anchor(stack_eps, tmp_path):
     torch.testing.assert_close(reward.calls[0][0], reward.calls[0][1], rtol=0, atol=1e-6)
     assert (tmp_path / "out" / "adapter" / "unet.safetensors").is_file()
     assert (reward.calls[-1][0] - reward.calls[-1][1]).abs().max() > 1e-4
+
+
+def test_kl_penalty_holds_the_policy_near_the_base(stack_eps, tmp_path):
+    """kl_coef > 0: the per-step KL to the frozen base is logged and a large coefficient keeps
+    the policy closer to the base than a negligible one (same seed, same reward); full fine-tuning
+    (a frozen copy as the base) runs too."""
+    kls = {}
+    for coef in (1e-6, 100.0):
+        cfg = small_cfg(epochs=3, lr=3e-2, checkpoint_every=10, kl_coef=coef)
+        _run(stack_eps, tmp_path / str(coef), cfg, tmp_path / f"ckpt{coef}")
+        df = pd.read_csv(tmp_path / str(coef) / "out" / "rewards.csv")
+        assert np.isfinite(df["kl_to_base"]).all() and (df["kl_to_base"] >= 0).all()
+        kls[coef] = df["kl_to_base"].to_numpy()
+    assert kls[1e-6][-1] > 0
+    assert kls[100.0][-1] < 0.5 * kls[1e-6][-1], kls
+    cfg = small_cfg(epochs=2, full_finetune=True, lr=1e-3, checkpoint_every=10, kl_coef=1.0)
+    _run(stack_eps, tmp_path / "full", cfg, tmp_path / "ckpt_full")
+    # one optimizer step per epoch: epoch 0 is measured before it (KL 0), epoch 1 after
+    assert pd.read_csv(tmp_path / "full" / "out" / "rewards.csv")["kl_to_base"].tolist()[-1] > 0
+    with pytest.raises(ValueError, match="kl_coef"):
+        small_cfg(kl_coef=-1.0).validate()
+
+
+def test_skip_last_steps_trains_only_the_noisier_steps(stack_eps, tmp_path, monkeypatch):
+    """skip_last_steps=N: all steps are sampled, the PPO update sees only the first T-N."""
+    import medrl.rl.trainer as trainer
+
+    trained: list[int] = []
+    original = trainer.ddim_step_with_logprob
+
+    def recording(scheduler, out, t, x, eta=1.0, prev_sample=None, generator=None):
+        if prev_sample is not None:  # the update re-evaluates recorded steps; sampling draws new ones
+            trained.extend(torch.as_tensor(t).reshape(-1).tolist())
+        return original(scheduler, out, t, x, eta=eta, prev_sample=prev_sample, generator=generator)
+
+    monkeypatch.setattr(trainer, "ddim_step_with_logprob", recording)
+    cfg = small_cfg(epochs=1, num_steps=4, timestep_fraction=1.0, skip_last_steps=2, checkpoint_every=10)
+    _, logged = _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt")
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_pretrained(str(stack_eps / "scheduler"))
+    sched.set_timesteps(4)
+    first_two = set(sched.timesteps[:2].tolist())
+    assert set(trained) == first_two, (set(trained), sched.timesteps.tolist())
+    assert len(trained) == 8 * 2  # every sample, each of its 2 trained steps once
+    with pytest.raises(ValueError, match="skip_last_steps"):
+        small_cfg(num_steps=3, skip_last_steps=3).validate()
 
 
 def test_config_from_params():

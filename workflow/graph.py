@@ -388,8 +388,8 @@ def anchor_bank_cxr(c: Ctx) -> dict:
                           "dualenc": "data/models/cxr/dualenc", "bank": "data/models/cxr/anchor_bank"},
        outs={"rl": "data/rl/cxr/{variant}"},
        params=("rl.common", "rl.cxr.epochs", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch", "rl.cxr.lr",
-               "rl.cxr.seed", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise", "rl.cxr.ace_tokens", "rl.cxr.diag_unmentioned",
-               "rl.cxr.variants.{variant}"),
+               "rl.cxr.seed", "rl.cxr.kl_coef", "rl.cxr.skip_last_steps", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise",
+               "rl.cxr.ace_tokens", "rl.cxr.diag_unmentioned", "rl.cxr.variants.{variant}"),
        gpu=True, accelerate=True, foreach="rl.cxr.variants")
 def rl_cxr(c: Ctx) -> dict:
     """CXRL: DDPO with r = l_align r_align + l_diag r_diag + l_consist r_consist, RLCF and ACE per variant."""

@@ -186,6 +186,7 @@ class RLCommon(_S):
     clip_range: float = Field(1e-4, gt=0)
     adv_clip_max: float = Field(5.0, gt=0)
     timestep_fraction: float = Field(1.0, gt=0, le=1)
+    skip_last_steps: int = Field(0, ge=0)  # last N denoising steps sampled, not trained on
     num_inner_epochs: int = Field(1, ge=1)
     train_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(4, ge=1)
@@ -193,6 +194,7 @@ class RLCommon(_S):
     per_prompt_min_count: int = Field(16, ge=1)
     prompt_repeats: int = Field(1, ge=1)
     log_base_reward: bool = False
+    kl_coef: float = Field(0.0, ge=0)  # KL penalty towards the frozen base per denoising step (0 = DDPO)
     checkpoint_every: int = Field(5, ge=1)
 
 
@@ -201,6 +203,8 @@ class RLTrack(_S):
     sample_batch_size: int = Field(32, ge=1)
     sample_batches_per_epoch: int = Field(2, ge=1)
     lr: float | None = Field(None, gt=0)  # overrides rl.common.lr for this track
+    kl_coef: float | None = Field(None, ge=0)  # overrides rl.common.kl_coef for this track
+    skip_last_steps: int | None = Field(None, ge=0)  # overrides rl.common.skip_last_steps for this track
     seed: int = 0
 
 
@@ -314,6 +318,14 @@ def validate_params(raw: dict[str, Any], *, source: str = "params.yaml", check_p
         raise ParamsError("\n".join(
             f"{source}: key 'rl.common.prompt_repeats': {reps} does not divide "
             f"rl.{t}.sample_batch_size={getattr(params.rl, t).sample_batch_size}; expected a divisor" for t in bad))
+    steps = params.rl.common.num_steps
+    for t in ("isic", "cxr"):
+        own = getattr(params.rl, t).skip_last_steps
+        skip, key = (own, f"rl.{t}.skip_last_steps") if own is not None else (params.rl.common.skip_last_steps,
+                                                                                 "rl.common.skip_last_steps")
+        if skip >= steps:
+            raise ParamsError(f"{source}: key '{key}': {skip} leaves no trained step for rl.{t} "
+                              f"(rl.common.num_steps={steps}); expected < num_steps")
     if check_paths:
         flat = flatten(params.model_dump())
         for key in PATH_KEYS:

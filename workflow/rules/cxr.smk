@@ -137,7 +137,7 @@ rule rl_cxr:
     output:
         rl=directory('data/rl/cxr/{variant}'),
     params:
-        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}'], wildcards),
+        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.kl_coef', 'rl.cxr.skip_last_steps', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'accelerate launch workflow/entry.py rl_cxr --variant {wildcards.variant}'

@@ -47,34 +47,19 @@ def _threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-def ddim_step_with_logprob(
-    scheduler,
-    model_output: torch.Tensor,
-    timestep: int | torch.Tensor,
-    sample: torch.Tensor,
-    eta: float = 1.0,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
+def ddim_step_gaussian(
+    scheduler, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, eta: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DDIM step x_t -> x_{t-1}; returns (prev_sample, log_prob) with log_prob of shape (B,).
+    """The Gaussian policy of one DDIM step: (mean, std) of x_{t-1} given x_t, in float32 or wider.
 
-    ``timestep`` is a scalar (int or 0-d tensor) or a (B,) tensor (one timestep per sample, as
-    in DDPO training where timesteps are shuffled per sample). ``scheduler.set_timesteps`` must
-    have been called: the step size is num_train_timesteps // num_inference_steps, as in diffusers.
-    If ``prev_sample`` is None, x_{t-1} = mean + std * noise with noise from ``generator`` (one
-    generator, or a list with one per batch element so each sample's noise stream does not
-    depend on the batch it is in). log_prob is the Gaussian log-density of prev_sample averaged
-    (not summed) over all non-batch dims, the DDPO convention that keeps its scale independent
-    of the latent size. With eta == 0 the step is deterministic and has no density: log_prob is
-    returned as zeros.
-    """
+    ``std`` has shape (B, 1, ..., 1). Used by :func:`ddim_step_with_logprob` and by the KL
+    penalty of the trainer (two policies' means at the same x_t share the same std)."""
     if scheduler.num_inference_steps is None:
-        raise ValueError("scheduler.set_timesteps(num_steps) must be called before ddim_step_with_logprob")
+        raise ValueError("scheduler.set_timesteps(num_steps) must be called before a DDIM step")
     cfg = scheduler.config
     device = sample.device
-    out_dtype = sample.dtype
     # Compute in at least float32: fp16 latents lose the small noise term otherwise.
-    work = torch.promote_types(out_dtype, torch.float32)
+    work = torch.promote_types(sample.dtype, torch.float32)
     x_t = sample.to(work)
     eps_or_x = model_output.to(work)
     bsz = x_t.shape[0]
@@ -119,7 +104,41 @@ def ddim_step_with_logprob(
     # Posterior mean: sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps ("direction to x_t").
     # clamp guards the sqrt against tiny negative rounding when eta > 1 is (mis)used.
     direction = (1.0 - a_prev_ - std**2).clamp(min=0.0).sqrt() * eps
-    mean = a_prev_.sqrt() * x0 + direction
+    return a_prev_.sqrt() * x0 + direction, std
+
+
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, std^2 I) || N(mean_q, std^2 I)) per sample, averaged (not summed) over the
+    non-batch dims like the log-probs: ||mean_p - mean_q||^2 / (2 std^2) / D, shape (B,)."""
+    kl = (mean_p - mean_q) ** 2 / (2.0 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM step x_t -> x_{t-1}; returns (prev_sample, log_prob) with log_prob of shape (B,).
+
+    ``timestep`` is a scalar (int or 0-d tensor) or a (B,) tensor (one timestep per sample, as
+    in DDPO training where timesteps are shuffled per sample). ``scheduler.set_timesteps`` must
+    have been called: the step size is num_train_timesteps // num_inference_steps, as in diffusers.
+    If ``prev_sample`` is None, x_{t-1} = mean + std * noise with noise from ``generator`` (one
+    generator, or a list with one per batch element so each sample's noise stream does not
+    depend on the batch it is in). log_prob is the Gaussian log-density of prev_sample averaged
+    (not summed) over all non-batch dims, the DDPO convention that keeps its scale independent
+    of the latent size. With eta == 0 the step is deterministic and has no density: log_prob is
+    returned as zeros.
+    """
+    mean, std = ddim_step_gaussian(scheduler, model_output, timestep, sample, eta)
+    device, out_dtype, work = sample.device, sample.dtype, mean.dtype
+    x_t = sample.to(work)
+    bsz = x_t.shape[0]
 
     if prev_sample is None:
         if eta > 0:

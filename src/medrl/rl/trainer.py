@@ -34,7 +34,7 @@ from medrl.errors import DataError
 from medrl.io import atomic_dir, image_grid, save_image, write_table
 from medrl.progress import progress
 from medrl.rl.ace import ACE
-from medrl.rl.ddim import ddim_step_with_logprob
+from medrl.rl.ddim import ddim_step_gaussian, ddim_step_with_logprob, gaussian_kl
 from medrl.rl.lora import DEFAULT_TARGETS, add_lora, save_adapter
 from medrl.rl.ppo import PerPromptStatTracker, ppo_loss
 from medrl.rl.sampling import guided_eps, initial_latents, sample_with_logprob
@@ -48,7 +48,8 @@ _RESUME_KEYS = (
     "sample_batch_size", "sample_batches_per_epoch", "train_batch_size", "gradient_accumulation_steps",
     "num_steps", "eta", "guidance_scale", "lr", "clip_range", "adv_clip_max", "timestep_fraction",
     "num_inner_epochs", "per_prompt_buffer", "per_prompt_min_count", "lora_rank", "lora_alpha", "lora_target_modules",
-    "full_finetune", "seed", "use_ace", "ace_tokens", "mixed_precision", "prompt_repeats", "anchor_noise",
+    "full_finetune", "seed", "use_ace", "ace_tokens", "mixed_precision", "prompt_repeats", "anchor_noise", "kl_coef",
+    "skip_last_steps",
 )
 
 
@@ -69,6 +70,10 @@ class DDPOConfig:
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     timestep_fraction: float = 1.0
+    # The last N denoising steps are sampled but not trained on. Their sigma_t is tiny (10 DDIM
+    # steps: 0.04 and 0.02 against 0.26-0.78 before), so grad log pi ~ 1/sigma_t is large there
+    # while the step barely changes the image: mostly gradient noise (docs/RESULTS.md, exp. K).
+    skip_last_steps: int = 0
     num_inner_epochs: int = 1
     per_prompt_buffer: int = 16
     per_prompt_min_count: int = 16
@@ -86,6 +91,11 @@ class DDPOConfig:
     # does not depend on the actions and the policy gradient stays unbiased); "shared" = x_T and
     # every step's noise (lower variance, biased: docs/RESULTS.md, experiment B').
     anchor_noise: str = "initial"
+    # KL penalty towards the frozen base (DPOK, Fan et al. 2023): loss += kl_coef * KL(pi_theta
+    # || pi_base) per denoising step at the recorded x_t, i.e. ||mu_theta - mu_base||^2 /
+    # (2 sigma_t^2) averaged over latent dims. 0 = DDPO (no penalty, no extra forward pass).
+    # The base has no ACE tokens, so with ACE the penalty also holds the tokens' effect back.
+    kl_coef: float = 0.0
     seed: int = 0
     use_ace: bool = False
     ace_tokens: int = 3
@@ -115,6 +125,8 @@ class DDPOConfig:
     def validate(self) -> None:
         if self.num_steps < 1 or self.sample_batch_size < 1 or self.train_batch_size < 1:
             raise ValueError(f"rl: num_steps, sample_batch_size, train_batch_size must be >= 1 ({self})")
+        if not 0 <= self.skip_last_steps < self.num_steps:
+            raise ValueError(f"rl.common.skip_last_steps={self.skip_last_steps}; expected 0 <= N < num_steps={self.num_steps}")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"rl.common.timestep_fraction={self.timestep_fraction}; expected in (0, 1]")
         if self.eta <= 0:
@@ -122,6 +134,8 @@ class DDPOConfig:
         if self.prompt_repeats < 1 or self.sample_batch_size % self.prompt_repeats:
             raise ValueError(f"rl.common.prompt_repeats={self.prompt_repeats}; expected >= 1 and a divisor of "
                              f"sample_batch_size={self.sample_batch_size}")
+        if not (self.kl_coef >= 0 and math.isfinite(self.kl_coef)):
+            raise ValueError(f"rl.common.kl_coef={self.kl_coef}; expected a finite number >= 0")
         if self.anchor_noise not in ("initial", "shared"):
             raise ValueError(f"rl.cxr.rlcf_paired_noise={self.anchor_noise!r}; expected 'initial' or 'shared'")
 
@@ -205,8 +219,11 @@ def _load_checkpoint(ckpt_dir: Path, policy: Policy, optimizer, tracker, cfg: DD
         raise DataError(f"{d}/state.json: unreadable checkpoint state ({e}); delete {ckpt_dir} to restart") from None
     want = {k: getattr(cfg, k) for k in _RESUME_KEYS}
     saved = state.get("config", {})
-    # JSON turns tuples into lists; compare after the same round trip.
-    diff = sorted(k for k in _RESUME_KEYS if json.loads(json.dumps(want[k])) != saved.get(k))
+    # JSON turns tuples into lists; compare after the same round trip. A key an older checkpoint
+    # lacks (a field added since) counts as that field's default, which is what that run used.
+    defaults = {f.name: f.default for f in dataclasses.fields(DDPOConfig)}
+    diff = sorted(k for k in _RESUME_KEYS
+                  if json.loads(json.dumps(want[k])) != saved.get(k, json.loads(json.dumps(defaults[k]))))
     if diff:
         raise DataError(
             f"{d}: checkpoint was written with different rl params {[(k, saved.get(k), want[k]) for k in diff]}; "
@@ -281,7 +298,8 @@ def train_ddpo(
     epoch), grad_norm (pre-clip), epoch_time_s, and trajectories_per_s; with ``cfg.log_base_reward`` also
     base_reward_mean and reward_gain_vs_base (+ its s.e.): policy minus frozen base model on the
     same prompts and noise, the epoch's paired measure of what training has gained so far, and
-    <term>_gain_vs_base for every reward term.
+    <term>_gain_vs_base for every reward term. With ``cfg.kl_coef > 0``: kl_to_base, the mean
+    per-step KL(pi_theta || pi_base) over the epoch's updates; ``loss`` then includes the penalty.
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -303,7 +321,7 @@ def train_ddpo(
     reward_uses_anchor = bool(anchor or getattr(reward_fn, "needs_anchor", False))
     need_anchor = reward_uses_anchor or cfg.log_base_reward
     if cfg.full_finetune:
-        if need_anchor:
+        if need_anchor or cfg.kl_coef > 0:
             anchor_unet = copy.deepcopy(unet).requires_grad_(False)
         unet.requires_grad_(True)
     else:
@@ -328,7 +346,8 @@ def train_ddpo(
         neg1 = encode_prompts(c, [""]).float()
 
     T = cfg.num_steps
-    n_train_t = max(1, math.floor(T * cfg.timestep_fraction))
+    T_train = T - cfg.skip_last_steps  # trained steps: 0 .. T_train-1 (the first, noisiest ones)
+    n_train_t = max(1, math.floor(T_train * cfg.timestep_fraction))
     n_local = cfg.sample_batch_size * cfg.sample_batches_per_epoch
     samples_dir = out_dir / "samples"
     grid_every = cfg.grid_every or cfg.checkpoint_every
@@ -414,13 +433,13 @@ def train_ddpo(
 
         # ---------------------------------------------------------------- PPO updates
         policy.train()
-        acc = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": []}
+        acc = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": [], "kl_base": []}
         grad_norms: list[torch.Tensor] = []
         micro_per_step = cfg.gradient_accumulation_steps * n_train_t
         for inner in range(cfg.num_inner_epochs):
             perm = rng.permutation(n_local)
             # Each sample trains on its own random subset of timesteps, in random order.
-            t_order = np.stack([rng.permutation(T)[:n_train_t] for _ in range(n_local)])
+            t_order = np.stack([rng.permutation(T_train)[:n_train_t] for _ in range(n_local)])
             batches = [perm[i : i + cfg.train_batch_size] for i in range(0, n_local, cfg.train_batch_size)]
             n_micro = len(batches) * n_train_t
             micro = 0
@@ -435,11 +454,21 @@ def train_ddpo(
                     group_size = min(micro_per_step, n_micro - group_start)
                     sync = micro - group_start + 1 == group_size
                     ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+                    if cfg.kl_coef > 0:
+                        # The base's step at the same x_t (no grad; the LoRA is switched off for it).
+                        with torch.no_grad(), accelerator.autocast(), _base_model(policy, anchor_unet) as base_unet:
+                            eps_base = guided_eps(base_unet, x_t, t, text_embeds[idx_t], neg_all[idx_t], cfg.guidance_scale)
                     with ctx:
                         with accelerator.autocast():
                             eps = model(x_t, t, text_embeds[idx_t], neg_all[idx_t], cfg.guidance_scale)
                         _, logp = ddim_step_with_logprob(scheduler, eps.float(), t, x_t, eta=cfg.eta, prev_sample=x_prev)
                         loss, info = ppo_loss(logp, old_logp[idx_t, step_idx], adv[idx_t], cfg.clip_range, cfg.adv_clip_max)
+                        if cfg.kl_coef > 0:
+                            mean, std = ddim_step_gaussian(scheduler, eps.float(), t, x_t, eta=cfg.eta)
+                            mean_base, _ = ddim_step_gaussian(scheduler, eps_base.float(), t, x_t, eta=cfg.eta)
+                            kl_base = gaussian_kl(mean, mean_base, std).mean()
+                            loss = loss + cfg.kl_coef * kl_base
+                            acc["kl_base"].append(kl_base.detach())
                         # Mean over the accumulation group: each micro-step is one (batch, timestep).
                         accelerator.backward(loss / group_size)
                     if sync:
@@ -452,7 +481,8 @@ def train_ddpo(
                     micro += 1
 
         gn = torch.stack(grad_norms).to(device) if grad_norms else torch.zeros(1, device=device)
-        stats = torch.stack([torch.stack(acc[k]).mean() for k in ("loss", "approx_kl", "clipfrac", "kl")] + [gn.mean()])
+        kl_base_mean = torch.stack(acc["kl_base"]).mean() if acc["kl_base"] else torch.zeros((), device=device)
+        stats = torch.stack([torch.stack(acc[k]).mean() for k in ("loss", "approx_kl", "clipfrac", "kl")] + [gn.mean(), kl_base_mean])
         stats = accelerator.reduce(stats, reduction="mean").cpu().tolist()
         dt = time.time() - t0
         metrics: dict[str, float] = {
@@ -469,6 +499,8 @@ def train_ddpo(
             "epoch_time_s": dt,
             "trajectories_per_s": float(len(rewards_all)) / max(dt, 1e-9),
         }
+        if cfg.kl_coef > 0:
+            metrics["kl_to_base"] = stats[5]  # KL(pi_theta || pi_base) per step, mean over the epoch's updates
         if base_all is not None:
             gain = rewards_all - base_all
             metrics.update(base_reward_mean=float(base_all.mean()), reward_gain_vs_base=float(gain.mean()),
