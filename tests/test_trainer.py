@@ -356,14 +356,14 @@ def test_skip_last_steps_trains_only_the_noisier_steps(stack_eps, tmp_path, monk
     import medrl.rl.trainer as trainer
 
     trained: list[int] = []
-    original = trainer.ddim_step_with_logprob
+    original = trainer.ddim_step_gaussian
 
-    def recording(scheduler, out, t, x, eta=1.0, prev_sample=None, generator=None):
-        if prev_sample is not None:  # the update re-evaluates recorded steps; sampling draws new ones
-            trained.extend(torch.as_tensor(t).reshape(-1).tolist())
-        return original(scheduler, out, t, x, eta=eta, prev_sample=prev_sample, generator=generator)
+    def recording(scheduler, out, t, x, eta=1.0):
+        # the trainer evaluates steps only in the update (sampling goes through medrl.rl.sampling)
+        trained.extend(torch.as_tensor(t).reshape(-1).tolist())
+        return original(scheduler, out, t, x, eta=eta)
 
-    monkeypatch.setattr(trainer, "ddim_step_with_logprob", recording)
+    monkeypatch.setattr(trainer, "ddim_step_gaussian", recording)
     cfg = small_cfg(epochs=1, num_steps=4, timestep_fraction=1.0, skip_last_steps=2, checkpoint_every=10)
     _, logged = _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt")
     from diffusers import DDIMScheduler

@@ -107,6 +107,14 @@ def ddim_step_gaussian(
     return a_prev_.sqrt() * x0 + direction, std
 
 
+def gaussian_logprob(prev: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(prev; mean, std^2) per sample, averaged (not summed) over the non-batch dims, shape
+    (B,); no gradient flows through ``prev`` (the recorded action). std > 0 for every DDIM step
+    with eta > 0 (a_prev > a_t strictly), so no epsilon is needed."""
+    logp = -((prev.detach() - mean) ** 2) / (2.0 * std**2) - std.log() - _LOG_SQRT_2PI
+    return logp.mean(dim=tuple(range(1, logp.ndim)))
+
+
 def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """KL(N(mean_p, std^2 I) || N(mean_q, std^2 I)) per sample, averaged (not summed) over the
     non-batch dims like the log-probs: ||mean_p - mean_q||^2 / (2 std^2) / D, shape (B,)."""
@@ -136,24 +144,17 @@ def ddim_step_with_logprob(
     returned as zeros.
     """
     mean, std = ddim_step_gaussian(scheduler, model_output, timestep, sample, eta)
-    device, out_dtype, work = sample.device, sample.dtype, mean.dtype
-    x_t = sample.to(work)
-    bsz = x_t.shape[0]
-
     if prev_sample is None:
         if eta > 0:
-            noise = randn_tensor(x_t.shape, generator=generator, device=device, dtype=work)
+            noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             prev = mean + std * noise
         else:
             prev = mean
     else:
-        prev = prev_sample.to(work)
+        prev = prev_sample.to(mean.dtype)
 
     if eta > 0:
-        # log N(prev; mean, std^2), elementwise, then mean over C,H,W. std > 0 for every DDIM
-        # step with eta > 0 (a_prev > a_t strictly), so no epsilon is needed.
-        logp = -((prev.detach() - mean) ** 2) / (2.0 * std**2) - std.log() - _LOG_SQRT_2PI
-        log_prob = logp.mean(dim=tuple(range(1, logp.ndim)))
+        log_prob = gaussian_logprob(prev, mean, std)
     else:
-        log_prob = torch.zeros(bsz, device=device, dtype=work)
-    return prev.to(out_dtype), log_prob
+        log_prob = torch.zeros(mean.shape[0], device=mean.device, dtype=mean.dtype)
+    return prev.to(sample.dtype), log_prob

@@ -34,7 +34,7 @@ from medrl.errors import DataError
 from medrl.io import atomic_dir, image_grid, save_image, write_table
 from medrl.progress import progress
 from medrl.rl.ace import ACE
-from medrl.rl.ddim import ddim_step_gaussian, ddim_step_with_logprob, gaussian_kl
+from medrl.rl.ddim import ddim_step_gaussian, gaussian_kl, gaussian_logprob
 from medrl.rl.lora import DEFAULT_TARGETS, add_lora, save_adapter
 from medrl.rl.ppo import PerPromptStatTracker, ppo_loss
 from medrl.rl.sampling import guided_eps, initial_latents, sample_with_logprob
@@ -461,10 +461,11 @@ def train_ddpo(
                     with ctx:
                         with accelerator.autocast():
                             eps = model(x_t, t, text_embeds[idx_t], neg_all[idx_t], cfg.guidance_scale)
-                        _, logp = ddim_step_with_logprob(scheduler, eps.float(), t, x_t, eta=cfg.eta, prev_sample=x_prev)
+                        # the same Gaussian step as sampling (ddim_step_with_logprob), evaluated once
+                        mean, std = ddim_step_gaussian(scheduler, eps.float(), t, x_t, eta=cfg.eta)
+                        logp = gaussian_logprob(x_prev, mean, std)
                         loss, info = ppo_loss(logp, old_logp[idx_t, step_idx], adv[idx_t], cfg.clip_range, cfg.adv_clip_max)
                         if cfg.kl_coef > 0:
-                            mean, std = ddim_step_gaussian(scheduler, eps.float(), t, x_t, eta=cfg.eta)
                             mean_base, _ = ddim_step_gaussian(scheduler, eps_base.float(), t, x_t, eta=cfg.eta)
                             kl_base = gaussian_kl(mean, mean_base, std).mean()
                             loss = loss + cfg.kl_coef * kl_base
