@@ -8,14 +8,15 @@ CORES   ?= 2
 # stage commands call `python` / `accelerate`: make them the venv's
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test dvc-repro bench clean-data
+.PHONY: setup run test dvc-repro bench lock clean-data
 
-$(BIN)/medrl: pyproject.toml
+# exact versions and hashes from requirements.lock (torch 2.14.1 / torchvision 0.29.1 lie on
+# the machine's disk); medrl itself on top, without re-resolving anything
+$(BIN)/medrl: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch/torchvision first, pinned: these exact builds lie on the machine's disk
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/medrl env --check-lock requirements.lock
 	touch $(BIN)/medrl
 
 setup: $(BIN)/medrl
@@ -29,6 +30,10 @@ dvc-repro: setup
 
 test: setup
 	bash .ci/test.sh
+
+# resolve pyproject.toml's ranges anew into requirements.lock (then `make setup` installs it)
+lock: setup
+	$(BIN)/medrl env --write-lock requirements.lock
 
 bench: setup
 	$(BIN)/medrl bench

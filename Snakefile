@@ -17,3 +17,13 @@ rule all:
 
 include: "workflow/rules/isic.smk"
 include: "workflow/rules/cxr.smk"
+
+
+# dvc.lock records every stage Snakemake finished (and only those), so `dvc status` and
+# `dvc repro` agree with this run; a failed run records the stages that completed.
+onsuccess:
+    record_in_dvc_hook(Path.cwd(), PARAMS)
+
+
+onerror:
+    record_in_dvc_hook(Path.cwd(), PARAMS)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command (`make test` calls it; CI calls it through .ci/run).
 #   bash .ci/test.sh [pytest args...]
-# Creates .venv at the repository root if it is missing (python3.11), installs torch 2.14.1 /
-# torchvision 0.29.1 and then `-e .[test]`, and runs the whole suite. The SLURM tests run
+# Creates .venv at the repository root if it is missing (python3.11), installs the exact
+# versions of requirements.lock and then medrl (`-e . --no-deps`), and runs the whole suite. The SLURM tests run
 # when a cluster answers (`bash .ci/slurm/start.sh` starts a one-node one); otherwise they
 # are skipped with the reason. Exits with pytest's status; "no tests collected" (5) fails.
 set -euo pipefail
@@ -13,17 +13,11 @@ if [ ! -x .venv/bin/python ]; then
   echo "[test] creating .venv (python3.11)" >&2
   python3.11 -m venv .venv
 fi
-# torch first, pinned (pip's own config decides the index / local wheel dirs)
-if ! .venv/bin/python - <<'PY' 2>/dev/null
-import torch, torchvision
-assert torch.__version__.split("+")[0] == "2.14.1" and torchvision.__version__.split("+")[0] == "0.29.1"
-PY
-then
-  echo "[test] installing torch==2.14.1 torchvision==0.29.1" >&2
-  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-fi
-echo "[test] installing medrl (-e .[test])" >&2
-.venv/bin/pip install -q -e '.[test]'
+# the exact locked versions (hashes checked), then medrl itself without re-resolving anything
+echo "[test] installing requirements.lock and medrl" >&2
+.venv/bin/pip install -q --require-hashes -r requirements.lock
+.venv/bin/pip install -q --no-deps --no-build-isolation -e .
+.venv/bin/medrl env --check-lock requirements.lock
 
 # stage commands (DVC/Snakemake) call plain `python`: make it the venv's
 export PATH="$ROOT/.venv/bin:$PATH"

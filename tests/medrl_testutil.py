@@ -124,6 +124,7 @@ def make_workspace(root: Path, params: dict | None = None, *, dvc: bool = True) 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / "Snakefile", root / "Snakefile")
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy2(REPO / ".dvcignore", root / ".dvcignore")
     shutil.copytree(REPO / "workflow", root / "workflow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
                     dirs_exist_ok=True)
     raw = params if params is not None else small_params()
@@ -284,3 +285,66 @@ def mlflow_stage_runs(tracking_uri: str) -> list[Any]:
     client = MlflowClient(tracking_uri=tracking_uri)
     exps = [e.experiment_id for e in client.search_experiments() if e.name.startswith("medrl-")]
     return client.search_runs(exps, max_results=1000) if exps else []
+
+
+# ----------------------------------------------------------------------------- reproducibility
+
+# Output fields that hold wall-clock times, so they differ between any two runs; excluded by
+# name when two builds are compared (everything else must be identical).
+TIMING_KEYS = frozenset({"seconds", "seconds_per_epoch", "train_seconds", "reward_seconds_per_epoch",
+                         "seconds_per_sample", "cost_ratio_paired_over_bank", "cost_ratio_paired_shared_over_bank"})
+TIMING_COLUMNS = frozenset({"epoch_time_s", "trajectories_per_s", "base_comparison_s", "Reward s/sample",
+                            "Reward s/epoch"})
+# Rendered tables whose only differing cells are a timing column of their CSV (compared above).
+TIMING_TABLES = frozenset({"cxrl_rlcf_modes.md", "cxrl_rlcf_modes.tex"})
+
+
+def _drop_keys(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _drop_keys(v) for k, v in node.items() if k not in TIMING_KEYS}
+    if isinstance(node, list):
+        return [_drop_keys(v) for v in node]
+    return node
+
+
+def _run_ids(workspace: Path) -> set[str]:
+    return {r.info.run_id for r in mlflow_stage_runs(f"sqlite:///{workspace / 'mlflow.db'}")}
+
+
+def normalized_outputs(workspace: Path) -> dict[str, str]:
+    """{path: digest} of every file in every declared output of the workspace's stages, with the
+    timing fields named above removed and the workspace's MLflow run ids (unique to each run by
+    design; tables cite them) replaced by ``<run>``; hidden files (engine markers) skipped."""
+    import hashlib
+
+    import pandas as pd
+
+    sys.path.insert(0, str(workspace / "workflow"))
+    from state import stage_outputs  # the workspace's own copy of the stage graph
+
+    from medrl.config import load_params
+
+    run_ids = _run_ids(workspace)
+    out: dict[str, str] = {}
+    for outs in stage_outputs(load_params(workspace / "params.yaml")).values():
+        for rel in outs:
+            root = workspace / rel
+            files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+            for f in files:
+                if any(part.startswith(".") for part in f.relative_to(workspace).parts) or f.name in TIMING_TABLES:
+                    continue
+                if f.suffix == ".json":
+                    text = json.dumps(_drop_keys(json.loads(f.read_text())), sort_keys=True)
+                elif f.suffix == ".csv":
+                    df = pd.read_csv(f, dtype=str, keep_default_na=False)
+                    text = df.drop(columns=[c for c in df.columns if c in TIMING_COLUMNS]).to_csv(index=False)
+                elif f.suffix in (".md", ".tex"):
+                    text = f.read_text()
+                else:
+                    out[f.relative_to(workspace).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+                    continue
+                for rid in run_ids:
+                    text = text.replace(rid, "<run>")
+                data = text.encode()
+                out[f.relative_to(workspace).as_posix()] = hashlib.sha256(data).hexdigest()
+    return out

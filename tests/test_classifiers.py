@@ -183,6 +183,30 @@ def test_checkpoint_of_other_configuration_is_ignored(tmp_path):
     assert info is not None and info["epoch"] == 0 and info["losses"] == [0.5]
 
 
+def test_truncated_checkpoint_is_reported_and_set_aside(tmp_path):
+    """Issue 17, item 5: the same behaviour as every resuming trainer (medrl.checkpoints), for
+    the classifiers' checkpoint and the posture/diag/dual-encoder one."""
+    from medrl.checkpoints import CorruptCheckpointWarning
+    from medrl.models import posture
+
+    m = C.build_classifier(["red"])
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    path = tmp_path / "ck.safetensors"
+    C._save_ckpt(path, m, opt, sched, {"fingerprint": "abc", "epoch": 0, "losses": [0.5]})
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.warns(CorruptCheckpointWarning, match=r"ck\.safetensors"):
+        assert C._load_ckpt(path, m, opt, sched, "abc") is None
+    assert not path.exists() and (tmp_path / "ck.safetensors.corrupt").is_file()
+
+    state = tmp_path / "posture_state.pt"
+    posture.save_train_state(state, {"fingerprint": "f", "epoch": 1, "model": m.state_dict()})
+    state.write_bytes(state.read_bytes()[:300])
+    with pytest.warns(CorruptCheckpointWarning, match=r"posture_state\.pt"):
+        assert posture.load_train_state(state, "f") is None
+    assert (tmp_path / "posture_state.pt.corrupt").is_file()
+
+
 def test_train_classifier_bad_items(tmp_path):
     items = _square_items(tmp_path, {"train": 4, "test": 2})
     kw = dict(size=SIZE, epochs=1, batch_size=2, lr=1e-3, seed=0, imagenet_weights=None, ckpt_dir=tmp_path / "ck")

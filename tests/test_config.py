@@ -169,3 +169,62 @@ def test_track_lr_overrides_common():
     raw["rl"]["isic"]["lr"] = 0
     with pytest.raises(ParamsError, match=r"rl\.isic\.lr"):
         validate_params(raw)
+
+
+# Issue 17, item 6: the schema is strict. Each value was accepted (coerced or in range) before.
+_LOOSE = [
+    ("classifiers.isic.epochs", True),  # bool for an int
+    ("classifiers.isic.epochs", "5"),  # string for an int
+    ("classifiers.isic.epochs", 3.0),  # float for an int
+    ("isic.real.download", "yes"),  # string for a bool
+    ("cxr.real.download", 1),  # int for a bool
+    ("rl.common.lr", float("inf")),  # YAML .inf
+    ("rl.common.lr", float("nan")),  # YAML .nan
+    ("rl.common.lr", "1e-3"),  # what PyYAML makes of 1e-3
+    ("rl.common.lr", True),  # bool for a float
+    ("models.tiny.layers_per_block", -2),
+    ("models.tiny.latent_channels", 0),
+    ("models.tiny.text_heads", 0),
+    ("models.tiny.block_out_channels", [32, 0]),
+    ("models.tiny.vae_block_out_channels", []),
+    ("run.seed", -1),
+    ("generate.cxr.seed", -5),
+    ("isic.real.known_hashes", {"x": "md5:abc"}),
+    ("isic.real.known_hashes", {"x": "sha256:" + "a" * 63}),
+    ("isic.real.base_url", "file:///etc"),
+    ("cxr.real.base_url", "ftp://physionet.org/files"),
+    ("cxr.real.base_url", "https://u:p4ssw0rd@physionet.org/files"),
+    ("cxr.real.verify_checksums", "no"),
+]
+
+
+@pytest.mark.parametrize("key, value", _LOOSE, ids=[f"{k}={v!r}" for k, v in _LOOSE])
+def test_loose_value_is_rejected(key, value, tmp_path):
+    raw = _raw()
+    node = raw
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ParamsError) as e:
+        validate_params(raw)
+    msg = str(e.value)
+    assert f"key '{key}" in msg, msg  # the dotted key (or an item below it: known_hashes.x, ...)
+    assert "p4ssw0rd" not in msg
+    # the same through the command line, from a YAML file
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([str(Path(sys.executable).parent / "medrl"), "params-check", str(bad), "--no-paths"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"key '{key}" in proc.stderr, proc.stderr
+    assert "p4ssw0rd" not in proc.stdout + proc.stderr
+
+
+def test_strict_schema_still_takes_valid_numbers():
+    raw = _raw()
+    raw["rl"]["common"]["lr"] = 1  # an int where a float is expected
+    raw["models"]["vae_train"]["kl_weight"] = 0
+    raw["cxr"]["real"]["base_url"] = "http://127.0.0.1:8000/files"
+    raw["isic"]["real"]["known_hashes"] = {"ISIC_2019_Training_GroundTruth.csv": "sha256:" + "AB" * 32}
+    params = validate_params(raw)
+    assert params.rl.common.lr == 1.0 and params.cxr.real.verify_checksums is True

@@ -255,7 +255,7 @@ def test_bank_errors(models, tmp_path):
 def test_compare_rlcf_modes_on_the_same_samples(models, tmp_path):
     from medrl.models.tiny_sd import load_components
     from medrl.rewards.cxr import build_anchor_bank
-    from medrl.rewards.rlcf_modes import compare_rlcf_modes
+    from medrl.metrics.rlcf_modes import compare_rlcf_modes
     from medrl.rl.lora import add_lora, save_adapter
 
     bank = tmp_path / "bank.csv"

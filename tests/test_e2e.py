@@ -7,13 +7,17 @@ CIs, lineage from a table back to the phantom generator, one MLflow run per stag
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 
 import pandas as pd
 import pytest
 
-from medrl_testutil import VENV_BIN, engine_env, run
+from medrl_testutil import VENV_BIN, dvc_status, engine_env, normalized_outputs, run, snakemake_planned
 
-pytestmark = pytest.mark.slow
+# the module fixture's `snakemake all` (up to 3600 s) runs inside the first test's timeout
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(4800)]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,17 @@ def test_lineage_from_a_table_reaches_the_phantoms(finished):
     for stage in ("tables_cxr", "metrics_cxr", "generate_cxr", "rl_cxr", "finetune_base_cxr", "download_cxr"):
         assert f"stage {stage}" in out, stage
     assert "cxr.phantom.seed" in out
+    # every run in the chain names the environment it ran in, and there was only one
+    n_runs = out.count("produced by stage")
+    assert out.count("    environment ") >= n_runs - out.count("(run shown above)") > 0
+    assert "pkg.torch" not in out and "torch=2.14.1" in out and "WARNING" not in out
+
+
+def test_dvc_sees_the_snakemake_build_as_up_to_date(finished):
+    """Snakemake's onsuccess recorded every stage in dvc.lock: nothing for `dvc repro` to do."""
+    ws, env = finished
+    assert dvc_status(ws) == {}
+    assert run([str(VENV_BIN / "dvc"), "repro", "--dry"], ws, env, timeout=600).stdout.count("Running stage") == 0
 
 
 def test_one_mlflow_run_per_stage_execution(finished):
@@ -87,3 +102,79 @@ def test_one_mlflow_run_per_stage_execution(finished):
     # ablations line up in the compare view: same metric names across variants
     names = [frozenset(c for c in rl.columns if c.startswith("metrics.") and pd.notna(r[c])) for _, r in rl.iterrows()]
     assert len(set(names)) == 1
+
+
+# ----------------------------------------------------------------------------- snakemake --report
+
+_CHROMIUM = next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
+
+
+@pytest.fixture(scope="module")
+def report_page(finished):
+    """`snakemake --report report.html` in the finished workspace, as the README says."""
+    ws, env = finished
+    run([str(VENV_BIN / "snakemake"), "--report", "report.html"], ws, env, timeout=900)
+    return ws / "report.html"
+
+
+def test_snakemake_report_collects_tables_grids_and_curves(report_page):
+    assert report_page.is_file() and report_page.stat().st_size > 1_000_000
+    html = report_page.read_text()
+    # every table (Markdown and CSV), the data grids, each RL run's reward curve and sample grids
+    for name in ("rl4med_main.md", "rl4med_apr_per_prompt.csv", "rl4med_augment.md", "rl4med_claims.md",
+                 "cxrl_table1.md", "cxrl_table2a.csv", "cxrl_table2b.md", "cxrl_table3.md", "cxrl_claims.md",
+                 "cxrl_rlcf_modes.md", "rewards.csv", "epoch_0000.png", "grid.png"):
+        assert f'"{name}"' in html, name
+    for variant in ("full", "no_ace", "no_rlcf", "align_only", "diag_only", "consist_only"):
+        assert f"data/rl/cxr/{variant}/rewards.csv" in html, variant
+        assert f"RL training: {variant}" in html, variant  # one subcategory per CXRL variant
+    # captions from workflow/report/: the table's description and the table itself, rendered
+    assert "RL4Med-DDPO: SD vs SD+RL on ISIC held-out seeds" in html and "CXRL Table 1:" in html
+    assert "Reward curve" in html and "Sample grid" in html and "reward_gain_vs_base" in html
+    assert html.count('<table border=\\"1\\" class=\\"docutils\\">') >= 10  # CSV shown as tables
+    assert "System Message" not in html  # docutils' mark of a caption that did not render
+    assert "medrl: RL fine-tuning of diffusion models" in html  # the front page (workflow.rst)
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="no Chromium on PATH (.ci/run installs Debian's chromium)")
+def test_snakemake_report_renders_in_headless_chromium(report_page, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    args = [_CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1600,1000", "--virtual-time-budget=20000"]
+    url = report_page.as_uri()
+    png = tmp_path / "report.png"
+    subprocess.run([*args, f"--screenshot={png}", url], check=True, timeout=240, capture_output=True)
+    img = np.asarray(Image.open(png).convert("L"), dtype=np.float64)
+    assert img.shape[0] > 500 and img.std() > 5 and len(np.unique(img)) > 20, "blank screenshot"
+    dom = subprocess.run([*args, "--dump-dom", url], check=True, timeout=240, capture_output=True, text=True).stdout
+    assert "<title>Snakemake Report</title>" in dom
+    shown = re.sub(r"<script\b.*?</script>", "", dom, flags=re.S)  # what the page rendered, not its data
+    assert "medrl: RL fine-tuning of diffusion models" in shown  # the front page (workflow/report/workflow.rst)
+    assert "RL4Med-DDPO (ISIC)" in shown and "CXRL (chest X-ray)" in shown  # one menu entry per track
+
+
+@pytest.fixture(scope="module")
+def rebuilt(workspace_factory):
+    """The same small config built again from scratch, in a second workspace, by the other engine."""
+    ws = workspace_factory("e2e-dvc")
+    env = engine_env(ws, MLFLOW_TRACKING_URI=f"sqlite:///{ws / 'mlflow.db'}")
+    run([str(VENV_BIN / "dvc"), "repro"], ws, env, timeout=3600)
+    return ws, env
+
+
+def test_two_builds_from_scratch_are_identical(finished, rebuilt):
+    """Every file of every declared output, tables included, is the same in both workspaces on
+    CPU; only the fields named in medrl_testutil.TIMING_* (wall times) and the MLflow run ids
+    that tables cite are left out. A seed dropped anywhere makes some file differ."""
+    first, second = normalized_outputs(finished[0]), normalized_outputs(rebuilt[0])
+    assert sorted(first) == sorted(second)
+    assert len(first) > 400 and any(p.startswith("data/tables/cxr/") for p in first)
+    assert [p for p in sorted(first) if first[p] != second[p]] == []
+
+
+def test_snakemake_sees_the_dvc_build_as_up_to_date(rebuilt):
+    ws, env = rebuilt
+    assert snakemake_planned(ws, ["all"], env=env) == {}

@@ -90,6 +90,39 @@ def test_train_vae_resume_after_kill_is_exact(data, tmp_path: Path):
     assert mb["vae_scaling_factor"] == pytest.approx(ma["vae_scaling_factor"], rel=1e-5)
 
 
+def test_train_vae_sets_a_truncated_checkpoint_aside(data, tmp_path: Path):
+    """Issue 17, item 5: a truncated latest checkpoint is reported (naming the file), renamed
+    latest.corrupt, and training resumes from the previous checkpoint to the same weights."""
+    from medrl.checkpoints import CorruptCheckpointWarning
+
+    paths = [Path(p) for p in data["items"]["path"]]
+    kw = dict(size=SIZE, mode="RGB", steps=6, batch_size=4, lr=1e-3, kl_weight=1e-6, seed=3, checkpoint_every=2)
+    vae_a = _vae(data["stack"])
+    train_vae(vae_a, paths, ckpt_dir=tmp_path / "a", **kw)
+
+    def kill(step: int, loss: float) -> None:
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(_vae(data["stack"]), paths, ckpt_dir=tmp_path / "b", callback=kill, **kw)
+    weights = tmp_path / "b" / "latest" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    steps: list[int] = []
+
+    def watch(step: int, loss: float) -> None:
+        if not steps:
+            assert (tmp_path / "b" / "latest.corrupt" / "model.safetensors").is_file()
+        steps.append(step)
+
+    vae_b = _vae(data["stack"])
+    with pytest.warns(CorruptCheckpointWarning, match=r"latest/model\.safetensors"):
+        train_vae(vae_b, paths, ckpt_dir=tmp_path / "b", callback=watch, **kw)
+    assert steps and steps[0] < 5, steps  # resumed from the previous checkpoint, not from scratch only
+    for (k, va), vb in zip(vae_a.state_dict().items(), vae_b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=k)
+
+
 def test_edge_loss_weighs_a_lost_hair_above_a_brightness_shift():
     x = torch.full((1, 3, 32, 32), 0.5)
     x[..., 16, 4:28] = -1.0  # a one-pixel dark hair

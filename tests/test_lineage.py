@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medrl.io import hash_path
-from medrl_testutil import VENV_BIN, engine_env, mlflow_stage_runs, run
+from medrl_testutil import REPO, VENV_BIN, engine_env, mlflow_stage_runs, run
+from test_hashes import independent_hash  # hashlib over the bytes, not medrl.io.hash_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -58,6 +58,26 @@ def _runs(t: Tracked) -> dict[str, object]:
     return {s: v[0] for s, v in by_stage.items()}
 
 
+def _expected_params_hash(ws: Path, stage: str) -> str:
+    """sha256 (first 16 hex) of the stage's declared params as sorted JSON, from params.yaml."""
+    import hashlib
+    import sys
+
+    from medrl.config import load_params
+
+    sys.path.insert(0, str(REPO / "workflow"))
+    from graph import STAGES
+
+    dumped = load_params(ws / "params.yaml").model_dump()
+    values = {}
+    for key in STAGES[stage].params:
+        node = dumped
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def test_every_stage_run_has_hashes(tracked):
     runs = _runs(tracked)
     params = yaml.safe_load((tracked.ws / "params.yaml").read_text())
@@ -65,13 +85,14 @@ def test_every_stage_run_has_hashes(tracked):
         t = r.data.tags
         assert r.info.status == "FINISHED"
         assert t["medrl.track"] == "cxr" and t["medrl.wildcards"] == "{}"
-        assert t["medrl.git_commit"] and len(t["medrl.params_hash"]) == 16
+        assert t["medrl.git_commit"]
+        assert t["medrl.params_hash"] == _expected_params_hash(tracked.ws, stage), stage
         outputs = json.loads(t["medrl.outputs"])
         assert outputs, stage
         for path, digest in outputs.items():
-            assert digest == hash_path(tracked.ws / path), f"{stage}: recorded hash of {path} is not the file's"
+            assert digest == independent_hash(tracked.ws / path), f"{stage}: recorded hash of {path} is not the file's"
         for path, digest in json.loads(t["medrl.inputs"]).items():
-            assert digest == hash_path(tracked.ws / path)
+            assert digest == independent_hash(tracked.ws / path)
         assert "stage_seconds" in r.data.metrics
     # the chain is linked by content: prepare_cxr consumed exactly what the upstream runs wrote
     prep_in = json.loads(runs["prepare_cxr"].data.tags["medrl.inputs"])

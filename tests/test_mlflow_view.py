@@ -29,11 +29,17 @@ def test_compare_view_screenshot_of_ablation_runs(tmp_path, monkeypatch):
     with mlflow.start_run(experiment_id=exp.experiment_id, tags={"medrl.stage": "other"}):
         mlflow.log_metric("x", 1.0)
     out = tmp_path / "shots" / "compare.png"
-    run_ids = screenshot_compare(tmp_path, "cxr", "rl_cxr", out, width=1200, height=900)
+    dom_path = tmp_path / "shots" / "compare.html"
+    run_ids = screenshot_compare(tmp_path, "cxr", "rl_cxr", out, width=1200, height=900, dom_out=dom_path)
     assert len(run_ids) == 3  # only that stage's runs are compared
     img = np.asarray(Image.open(out).convert("L"), dtype=np.float32)
     assert img.shape == (900, 1200)
     # a rendered page (text, tables, chart), not a blank or single-colour frame
     assert img.std() > 10 and (img < 128).mean() > 0.005
+    # ... and it is the compare view of these runs, not an error page: the same view's rendered DOM
+    # shows the three run names and the logged metric (neither is in the URL or in an error page)
+    dom = dom_path.read_text()
+    for name in ("rl_cxr[full]", "rl_cxr[no_ace]", "rl_cxr[no_rlcf]", "reward_mean"):
+        assert name in dom, f"{name!r} not in the rendered compare view ({len(dom)} chars of DOM)"
     with pytest.raises(Exception, match="no finished runs"):
         screenshot_compare(tmp_path, "cxr", "metrics_cxr", out)

@@ -104,6 +104,25 @@ def test_prepare_isic_rejects_bad_labels(ws, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_isic_decodes_every_image_and_names_a_corrupt_one(ws, tmp_path):
+    """A corrupt training image (not only a test one) fails prepare, naming the file, instead of
+    surfacing stages later in latents."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ws / "data/datasets/isic", bad)
+    out = tmp_path / "out"
+    prepared = prepare_isic(bad, out, size=24, frac_cls_b=0.25, frac_test=0.2, seed=0)
+    items = pd.read_csv(out / "items.csv")
+    victim = items[items.split == "train"].image.iloc[0]  # never decoded by prepare before
+    shutil.rmtree(out)
+    png = bad / "images" / f"{victim}.png"
+    png.write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])  # truncated: header fine, pixels cut
+    with pytest.raises(DataError, match=rf"labels\.csv: 1 images cannot be decoded: .*{victim}\.png"):
+        prepare_isic(bad, out, size=24, frac_cls_b=0.25, frac_test=0.2, seed=0)
+    assert not out.exists() and prepared["n_items"] == len(items)
+
+
 # ----------------------------------------------------------------------------- CXR
 
 

@@ -106,8 +106,12 @@ def test_cxrl_tables_carry_our_numbers_and_the_papers(cxr_metrics, tmp_path):
 
     claims = pd.read_csv(out["cxrl_claims"]["csv"], dtype=str, keep_default_na=False)
     row = claims[claims.Claim == "CXRL beats RoentGen [3] (anchor) on AUROC (avg)"].iloc[0]
-    assert row["Verdict (ours)"].split(" ")[0] in {"supported", "contradicted", "inconclusive"}
+    # the data are shifted so that full beats anchor by ~0.1 AUROC (paired CI far from 0): exactly "supported"
+    assert row["Verdict (ours)"].split(" ")[0] == "supported", row["Verdict (ours)"]
     assert row["Paper difference"] == "0.160"
+    # Table 3 states the AUROC's label convention (unmentioned = negative, as the diag model is trained)
+    t3_md = Path(out["cxrl_table3"]["md"]).read_text()
+    assert "unmentioned labels count as negatives" in t3_md and "uncertain (-1) labels are ignored" in t3_md
 
 
 def test_cxrl_missing_key_or_model_or_run_id_is_a_data_error(cxr_metrics, tmp_path):

@@ -96,7 +96,7 @@ def small_cfg(**kw) -> DDPOConfig:
                 "clip_range": 0.2, "adv_clip_max": 5.0, "timestep_fraction": 0.67, "num_inner_epochs": 1,
                 "per_prompt_buffer": 8, "per_prompt_min_count": 4, "lora_rank": 2, "checkpoint_every": 1, "seed": 3}
     base.update(kw)
-    return DDPOConfig(**base)
+    return DDPOConfig.from_flat(**base)
 
 
 # ----------------------------------------------------------------------------- learning
@@ -109,7 +109,7 @@ def test_ddpo_raises_toy_reward(stack_sample, tmp_path, monkeypatch):
     from medrl.rl.sampling import sample_with_logprob
 
     use_linear_renderer(monkeypatch)
-    cfg = DDPOConfig(
+    cfg = DDPOConfig.from_flat(
         # One optimizer step per epoch over all 32 samples x 4 steps (2 batches accumulated): the
         # DDPO gradient is unbiased but noisy; with this setting seeds 0-5 all gain > 5 s.e.
         epochs=8, sample_batch_size=32, sample_batches_per_epoch=1, train_batch_size=16,
@@ -183,8 +183,10 @@ def test_resume_after_kill_matches_uninterrupted(stack_eps, tmp_path):
     torch.load(ckpt / "latest" / "optimizer.pt", weights_only=True)
     rest, logs2 = _run(stack_eps, tmp_path / "b", cfg, ckpt)
     assert rest["finished"] == 1.0
-    assert [s for s, _ in logs1 + logs2] == [0, 1, 2]
-    for (s_a, m_a), (s_b, m_b) in zip(logs_full, logs1 + logs2):
+    # the resumed call logs the checkpoint's epochs again (a new MLflow run gets the whole history)
+    assert [s for s, _ in logs1] == [0] and [s for s, _ in logs2] == [0, 1, 2]
+    assert logs2[0][1] == logs1[0][1]
+    for (s_a, m_a), (s_b, m_b) in zip(logs_full, logs2):
         for k in COMPARE:
             assert m_a[k] == pytest.approx(m_b[k], rel=1e-5, abs=1e-7), (s_a, k, m_a[k], m_b[k])
     wa = load_file(str(tmp_path / "a" / "out" / "adapter" / "adapter_model.safetensors"))
@@ -200,6 +202,39 @@ def test_resume_after_kill_matches_uninterrupted(stack_eps, tmp_path):
     rb = pd.read_csv(tmp_path / "b" / "out" / "rewards.csv")
     assert list(rb["epoch"]) == [0, 1, 2]
     np.testing.assert_allclose(ra["reward_mean"], rb["reward_mean"], rtol=1e-5)
+
+
+def test_corrupt_checkpoint_is_set_aside_and_training_resumes(stack_eps, tmp_path):
+    """A truncated latest checkpoint: a warning names the file, the checkpoint is renamed
+    latest.corrupt, training resumes from the previous checkpoint and ends as an uninterrupted
+    run does (issue 17, item 5)."""
+    from safetensors.torch import load_file
+
+    from medrl.checkpoints import CorruptCheckpointWarning
+
+    cfg = small_cfg(epochs=3)
+    full, _ = _run(stack_eps, tmp_path / "a", cfg, tmp_path / "a" / "ckpt")
+    ckpt = tmp_path / "b" / "ckpt"
+    _run(stack_eps, tmp_path / "b", cfg, ckpt, max_epochs=2)  # checkpoints after epochs 1 and 2
+    weights = ckpt / "latest" / "policy.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.warns(CorruptCheckpointWarning, match=r"latest/policy\.safetensors"):
+        part, logs = _run(stack_eps, tmp_path / "b", cfg, ckpt, max_epochs=1)
+    assert (ckpt / "latest.corrupt" / "policy.safetensors").is_file()
+    assert [s for s, _ in logs] == [0, 1], "resumed from the previous checkpoint (next epoch 1)"
+    assert json.loads((ckpt / "latest" / "state.json").read_text())["next_epoch"] == 2
+    rest, _ = _run(stack_eps, tmp_path / "b", cfg, ckpt)
+    assert rest["finished"] == 1.0 and not ckpt.exists()
+    wa = load_file(str(tmp_path / "a" / "out" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "out" / "adapter" / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
+    # An unreadable checkpoint with no fallback left: a fresh start, not a failure.
+    _run(stack_eps, tmp_path / "c", cfg, tmp_path / "c" / "ckpt", max_epochs=1)
+    (tmp_path / "c" / "ckpt" / "latest" / "optimizer.pt").write_bytes(b"")
+    with pytest.warns(CorruptCheckpointWarning, match=r"optimizer\.pt"):
+        again, logs = _run(stack_eps, tmp_path / "c", cfg, tmp_path / "c" / "ckpt")
+    assert again["finished"] == 1.0 and [s for s, _ in logs] == [0, 1, 2]
 
 
 def test_resume_refuses_changed_params(stack_eps, tmp_path):
@@ -271,46 +306,65 @@ def test_paired_anchor_shares_only_the_initial_noise(stack_eps, tmp_path):
         else:
             assert gap > 0.05, gap
     with pytest.raises(ValueError, match="rlcf_paired_noise"):
-        small_cfg(anchor_noise="all").validate()
+        small_cfg(anchor_noise="all")
 
 
 def test_prompt_repeats_and_base_reward(stack_eps, tmp_path):
-    """Grouped prompts (each drawn prompt repeated) and the paired policy-minus-base gain."""
-    seen: list[list[str]] = []
+    """Grouped prompts (each drawn prompt repeated) and the paired policy-minus-base gain on a
+    fixed comparison set (the base sampled once, the policy at each comparison)."""
+    calls: list[tuple[list[str], object]] = []
 
     def recording(images, prompts, anchor_images=None):
-        assert anchor_images is not None  # log_base_reward samples the base model
-        seen.append(list(prompts))
+        calls.append((list(prompts), anchor_images))
         return brightness(images, prompts)
 
-    cfg = small_cfg(epochs=3, lr=3e-2, checkpoint_every=10, prompt_repeats=4, log_base_reward=True)
+    cfg = small_cfg(epochs=3, lr=3e-2, checkpoint_every=10, prompt_repeats=4, log_base_reward=True,
+                    base_reward_every=1, base_reward_samples=4)
     summary, logged = _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt", reward=recording)
-    policy_batches = seen[0::2]  # calls alternate: policy images, then base images
-    assert len(policy_batches) == 3
+    policy_batches = [p for p, a in calls if len(p) == 8]
+    assert len(policy_batches) == 3 and all(a is None for p, a in calls if len(p) == 8)  # no anchor for training
     for batch in policy_batches:  # 8 samples = 2 prompts x 4 repeats, in runs of 4
         assert all(len(set(batch[i:i + 4])) == 1 for i in range(0, 8, 4)), batch
+    evals = [p for p, a in calls if len(p) == 4]
+    assert len(evals) == 1 + 3 and all(p == evals[0] for p in evals)  # base once + policy per epoch, fixed prompts
     df = pd.read_csv(tmp_path / "out" / "rewards.csv")
     # Epoch 0: zero-init LoRA, same noise -> the policy is the base model, gain exactly 0.
     assert df.loc[0, "reward_gain_vs_base"] == pytest.approx(0.0, abs=1e-6)
-    assert df.loc[0, "base_reward_mean"] == pytest.approx(df.loc[0, "reward_mean"], abs=1e-6)
     assert df["reward_gain_vs_base"].abs().iloc[1:].max() > 0  # trained policy differs from base
-    assert np.isfinite(df["reward_gain_vs_base_se"]).all()
+    assert np.isfinite(df["reward_gain_vs_base_se"]).all() and df["base_reward_mean"].nunique() == 1
     # brightness is the reward's only term: its paired gain is the reward's
     np.testing.assert_allclose(df["brightness_gain_vs_base"], df["reward_gain_vs_base"], atol=1e-6)
     assert "gain_vs_base_last" in summary
     with pytest.raises(ValueError, match="prompt_repeats"):
-        small_cfg(prompt_repeats=3).validate()  # 3 does not divide sample_batch_size=8
+        small_cfg(prompt_repeats=3)  # 3 does not divide sample_batch_size=8
+
+
+def test_base_comparison_schedule():
+    """log_base_reward compares at epoch 0, every base_reward_every epochs and at the last."""
+    from medrl.rl.trainer import _base_comparison_due
+
+    cfg = small_cfg(epochs=10, log_base_reward=True, base_reward_every=4)
+    assert [e for e in range(10) if _base_comparison_due(cfg, e)] == [0, 3, 7, 9]
+    assert not any(_base_comparison_due(small_cfg(epochs=10), e) for e in range(10))
 
 
 def test_ace_changes_condition_and_is_saved(stack_eps, tmp_path):
     from medrl.rl.lora import load_adapter
 
-    reward = AnchorReward()
-    cfg = small_cfg(epochs=1, use_ace=True, ace_tokens=3, checkpoint_every=10)
-    _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt", reward=reward)
-    policy, anchor = reward.calls[0]
-    # ACE tokens (random init) already change the conditional branch at epoch 0; the anchor has no ACE.
-    assert (policy - anchor).abs().max() > 1e-5
+    # Policy and anchor share ALL their noise (anchor_noise="shared"): at epoch 0 (zero-init LoRA) the
+    # only thing that can make them differ is ACE. Without ACE they are identical (the control), so
+    # the comparison can fail; the default "initial" anchor draws its own step noise and always differs.
+    for use_ace in (False, True):
+        reward = AnchorReward()
+        cfg = small_cfg(epochs=1, use_ace=use_ace, ace_tokens=3, checkpoint_every=10, anchor_noise="shared")
+        _run(stack_eps, tmp_path / f"ace{use_ace}", cfg, tmp_path / f"ace{use_ace}" / "ckpt", reward=reward)
+        policy, anchor = reward.calls[0]
+        gap = (policy - anchor).abs().max().item()
+        if use_ace:  # ACE tokens (random init) change the conditional branch; the anchor has no ACE
+            assert gap > 1e-5, gap
+        else:
+            assert gap <= 1e-6, gap
+    tmp_path = tmp_path / "aceTrue"
     from medrl.models.tiny_sd import load_components
 
     c = load_components(str(stack_eps))
@@ -348,7 +402,7 @@ def test_kl_penalty_holds_the_policy_near_the_base(stack_eps, tmp_path):
     # one optimizer step per epoch: epoch 0 is measured before it (KL 0), epoch 1 after
     assert pd.read_csv(tmp_path / "full" / "out" / "rewards.csv")["kl_to_base"].tolist()[-1] > 0
     with pytest.raises(ValueError, match="kl_coef"):
-        small_cfg(kl_coef=-1.0).validate()
+        small_cfg(kl_coef=-1.0)
 
 
 def test_skip_last_steps_trains_only_the_noisier_steps(stack_eps, tmp_path, monkeypatch):
@@ -374,20 +428,41 @@ def test_skip_last_steps_trains_only_the_noisier_steps(stack_eps, tmp_path, monk
     assert set(trained) == first_two, (set(trained), sched.timesteps.tolist())
     assert len(trained) == 8 * 2  # every sample, each of its 2 trained steps once
     with pytest.raises(ValueError, match="skip_last_steps"):
-        small_cfg(num_steps=3, skip_last_steps=3).validate()
+        small_cfg(num_steps=3, skip_last_steps=3)
 
 
 def test_config_from_params():
     from medrl.config import Params
 
     p = Params().rl
-    cfg = DDPOConfig.from_params(p.common.model_dump(), p.cxr.model_dump(), use_ace=True)
+    cfg = DDPOConfig.from_params(p.common, p.cxr, use_ace=True, ace_tokens=p.cxr.ace_tokens)
     assert cfg.ace_tokens == p.cxr.ace_tokens and cfg.clip_range == p.common.clip_range and cfg.use_ace
     assert cfg.lr == p.common.lr  # rl.cxr.lr null -> rl.common.lr
     track = {**p.isic.model_dump(), "lr": 0.01}
     assert DDPOConfig.from_params(p.common.model_dump(), track).lr == 0.01  # a track's lr wins
     with pytest.raises(ValueError):
         DDPOConfig.from_params({}, {}, not_a_field=1)
+    with pytest.raises(ValueError, match="mixed_precision"):  # checked by the schema's Run field
+        DDPOConfig.from_params({}, {}, mixed_precision="fp8")
+    with pytest.raises(ValueError, match="lr"):  # the schema's checks, also for raw dicts
+        DDPOConfig.from_params({"lr": -1.0}, {})
+
+
+def test_config_from_the_stages_params_view():
+    """workflow/graph.py builds the config from the stage's ParamsView (only declared keys)."""
+    sys.path.insert(0, str(REPO / "workflow"))
+    from graph import STAGES, _ddpo_config, stage_params
+
+    from medrl.config import validate_params
+    from medrl_testutil import small_params
+
+    params = validate_params(small_params(), check_paths=False)
+    variant = next(iter(params.rl.cxr.variants))
+    for stage, track, wild in (("rl_isic", "isic", {}), ("rl_cxr", "cxr", {"variant": variant})):
+        ctx = type("Ctx", (), {"params": stage_params(STAGES[stage], params, wild)})()
+        cfg = _ddpo_config(ctx, track, use_ace=track == "cxr")
+        assert cfg.epochs == getattr(params.rl, track).epochs and cfg.num_steps == params.rl.common.num_steps
+        assert cfg.base_reward_every == params.rl.common.base_reward_every
 
 
 # ----------------------------------------------------------------------------- 2 processes

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from graph import AGGREGATES, STAGES, Ctx, Stage  # noqa: E402
+from graph import AGGREGATES, STAGES, Ctx, Stage, stage_params, variants_of  # noqa: E402
+from state import declared_params, write_params_file  # noqa: E402
 
 _ARTIFACT_SUFFIXES = {".png", ".json", ".csv", ".md", ".tex"}
 _ARTIFACT_MAX_BYTES = 2 << 20
@@ -40,13 +41,6 @@ def stage_paths(stage: Stage, params, variant: str | None) -> tuple[dict[str, Pa
             deps[name] = Path(expand(tmpl, wildcards))
     outs = {name: Path(expand(tmpl, wildcards)) for name, tmpl in stage.outs.items()}
     return deps, outs, extra
-
-
-def variants_of(params, key: str) -> list[str]:
-    node = params
-    for part in key.split("."):
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return list(node)
 
 
 def temp_path(final: Path) -> Path:
@@ -96,7 +90,7 @@ def checkpoint_dir(root: Path, params: dict, deps: list[Path], *, prune: bool) -
 def run_stage(name: str, variant: str | None = None, workspace: Path | None = None) -> dict:
     import torch
 
-    from medrl.config import load_params, select
+    from medrl.config import load_params
     from medrl.errors import ParamsError
     from medrl.lineage import tracked_stage
 
@@ -130,15 +124,20 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
             shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
     # a wildcard's own params are logged under one key for every value ("...variants.selected.ace"),
     # so the MLflow compare view puts the ablations' settings in the same rows
-    sub = {k.replace("{variant}", "selected"): v for k, v in
-           zip(stage.params, select(params, [expand(k, wildcards) for k in stage.params]).values())}
+    sub = declared_params(stage, params, wildcards)
+    if main_process:  # Snakemake's rerun trigger for these params (workflow/state.py)
+        write_params_file(workspace, stage, params, variant)
     ckpt_root = workspace / "data" / ".ckpt" / (name + (f"-{variant}" if variant else ""))
     ckpt = checkpoint_dir(ckpt_root, sub, [workspace / p for p in dep_list], prune=main_process)
 
     def body(log, log_artifact) -> dict:
-        ctx = Ctx(params=params, deps={k: workspace / p for k, p in deps.items()}, outs=tmp_outs, wildcards=wildcards,
-                  ckpt=ckpt, device=resolve_device(params.run.device), log=log, log_artifact=log_artifact,
-                  workspace=workspace)
+        # the stage sees only its declared params (entry.py itself reads run.device / run.num_threads),
+        # and paths relative to the workspace when it runs in it (the engines' case), so no output
+        # records where the workspace happens to live
+        base = Path() if workspace == Path.cwd().resolve() else workspace
+        ctx = Ctx(params=stage_params(stage, params, wildcards), deps={k: base / p for k, p in deps.items()},
+                  outs={k: base / temp_path(p) for k, p in outs.items()}, wildcards=wildcards, ckpt=ckpt,
+                  device=resolve_device(params.run.device), log=log, log_artifact=log_artifact, workspace=workspace)
         t0 = time.time()
         metrics = stage.run(ctx) or {}
         metrics = {**_flat_metrics(metrics), "stage_seconds": time.time() - t0}
@@ -147,35 +146,62 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
         for k, t in tmp_outs.items():
             if not t.exists():
                 raise RuntimeError(f"stage {name} finished without writing its output {k!r} ({outs[k]})")
-        from medrl.io import replace_path
-
-        for k, t in tmp_outs.items():
-            final = workspace / outs[k]
-            final.parent.mkdir(parents=True, exist_ok=True)
-            replace_path(t, final)
         return metrics
 
     if not main_process:  # extra `accelerate launch` workers: compute, no lineage, no renames
         return body(lambda m, step=None: None, lambda p: None)
 
+    # Lineage first, promotion last: the temp outputs' hashes (content only, so the same after
+    # the rename) are recorded under their final paths and the run is FINISHED before anything
+    # is renamed into place. A lineage write that fails (store locked past the retries in
+    # medrl.lineage) fails the run and leaves the final paths untouched.
     with tracked_stage(name, stage.track, workspace=workspace, params=sub,
-                       deps={k: workspace / p for k, p in named_deps.items()}, wildcards=wildcards) as run:
+                       deps={k: workspace / p for k, p in named_deps.items()}, wildcards=wildcards,
+                       device=resolve_device(params.run.device)) as run:
         metrics = body(run.log_metrics, run.log_artifact)
-        run.record_outputs({k: workspace / p for k, p in outs.items()})
+        run.record_outputs({k: workspace / p for k, p in outs.items()}, sources=tmp_outs)
         run.log_metrics(metrics)
-        for p in outs.values():
-            _log_small_artifacts(run, workspace / p)
+        for k, p in outs.items():
+            _log_small_artifacts(run, tmp_outs[k], name=p.name)
+    _promote(tmp_outs, {k: workspace / p for k, p in outs.items()}, run)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     print(f"[medrl] {name}{'[' + variant + ']' if variant else ''} done in {metrics['stage_seconds']:.1f}s "
           f"(mlflow run {run.run_id})", file=sys.stderr)
     return metrics
 
 
-def _log_small_artifacts(run, path: Path) -> None:
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+def _promote(tmp_outs: dict[str, Path], finals: dict[str, Path], run) -> None:
+    """Rename the temp outputs into place (after their lineage is in MLflow). Should a rename
+    fail, the run is marked FAILED again so MLflow does not claim outputs that are not there."""
+    from medrl.io import replace_path
+
+    try:
+        for k, t in tmp_outs.items():
+            finals[k].parent.mkdir(parents=True, exist_ok=True)
+            replace_path(t, finals[k])
+    except BaseException as e:
+        from medrl.lineage import terminate_run
+
+        terminate_run(run.client, run.run_id, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+
+
+def _log_small_artifacts(run, path: Path, name: str | None = None) -> None:
+    """Log ``path``'s small files (or ``path`` itself) under ``name`` (default: its own name);
+    ``path`` may be a temp output whose final name is ``name``."""
+    import tempfile
+
+    name = name or path.name
+    if path.is_file():
+        if Path(name).suffix in _ARTIFACT_SUFFIXES and path.stat().st_size <= _ARTIFACT_MAX_BYTES:
+            with tempfile.TemporaryDirectory() as d:  # logged under its final file name
+                shutil.copy2(path, Path(d) / name)
+                run.log_artifact(Path(d) / name, artifact_path=name)
+        return
+    files = sorted(p for p in path.iterdir() if p.is_file())
     picked = [f for f in files if f.suffix in _ARTIFACT_SUFFIXES and f.stat().st_size <= _ARTIFACT_MAX_BYTES][:20]
     for f in picked:
-        run.log_artifact(f, artifact_path=path.name)
+        run.log_artifact(f, artifact_path=name)
 
 
 def _terminate(signum: int, _frame) -> None:
@@ -190,7 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     # Snakemake, DVC and SLURM (scancel, time limit) stop a job with SIGTERM; turn it into an
     # exception so the MLflow run is closed as KILLED and temp outputs are not promoted.
     signal.signal(signal.SIGTERM, _terminate)
-    run_stage(args.stage, args.variant)
+    from medrl.redact import format_exception, install_log_redaction
+
+    install_log_redaction()
+    # Never let Python print the traceback: exception texts (MLflow's carry the tracking URI)
+    # may hold a URL's user:password or a secret from the environment; print it redacted.
+    try:
+        run_stage(args.stage, args.variant)
+    except KeyboardInterrupt as e:
+        print(format_exception(e), file=sys.stderr, end="")
+        return 130
+    except Exception as e:
+        print(format_exception(e), file=sys.stderr, end="")
+        return 1
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 class Ctx:
     """What a running stage gets: resolved paths (temp paths for outputs), params, logging."""
 
-    params: Any  # medrl.config.Params (full, validated)
+    params: Any  # ParamsView of the validated medrl.config.Params: only the stage's declared keys
     deps: dict[str, Path]
     outs: dict[str, Path]
     wildcards: dict[str, str]
@@ -29,6 +29,24 @@ class Ctx:
     log: Callable[[dict[str, float], int | None], None]
     log_artifact: Callable[[Path], None]
     workspace: Path
+
+
+@dataclass(frozen=True)
+class Report:
+    """How ``snakemake --report`` shows one output folder of a stage.
+
+    ``patterns``: Snakemake wildcard patterns of the files to show, relative to the folder (a
+    pattern needs at least one wildcard, e.g. ``{name,grid}.png``); ``caption``: a
+    reStructuredText file under ``workflow/report/`` (Jinja-rendered per file, with
+    ``snakemake.wildcards`` and ``snakemake.output``); ``category`` / ``subcategory`` group the
+    results in the report and may contain ``{variant}``.
+    """
+
+    out: str  # a key of the stage's outs
+    patterns: tuple[str, ...]
+    caption: str
+    category: str
+    subcategory: str | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class Stage:
     gpu: bool = False  # ask SLURM for a GPU
     accelerate: bool = False  # launch through `accelerate launch` (multi-GPU capable)
     foreach: str | None = None  # params key whose mapping keys are the {variant} values
+    report: tuple[Report, ...] = ()  # outputs shown by `snakemake --report` (Snakemake only)
     doc: str = ""
 
     def cmd(self, wildcard_fmt: str | None = None) -> str:
@@ -53,6 +72,110 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {}
+
+
+def variants_of(params: Any, key: str) -> list[str]:
+    """The ``{variant}`` values: the mapping keys at dotted ``key`` of params (raw dict or Params)."""
+    node = params
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return list(node)
+
+ISIC_REPORT = "RL4Med-DDPO (ISIC)"
+CXR_REPORT = "CXRL (chest X-ray)"
+# tables: the human-readable Markdown and the CSV (the caption shows the CSV as a table), not the
+# LaTeX nor <stem>.values.csv
+_TABLE_PATTERNS = (r"{name,[a-z0-9_]+}.{ext,md|csv}",)
+# RL: the per-epoch reward curve (rewards.csv) and the sample grids of the first prompts
+_RL_PATTERNS = (r"{name,rewards}.csv", r"samples/{name,epoch_\d+}.png")
+
+
+class UndeclaredParamError(RuntimeError):
+    """A stage read a params key outside its ``params=`` declaration: DVC and Snakemake would not
+    rerun it when that key changes."""
+
+
+class ParamsView:
+    """Read-only view of the validated Params that lets a stage read only what it declares.
+
+    A declared section grants its whole subtree (returned as the frozen pydantic object itself, so
+    ``.model_dump()`` works); a declared leaf grants that leaf; the attributes / mapping items on
+    the way to a declared key are views again. Anything else, including dumping or iterating over a
+    section of which only part is declared, raises UndeclaredParamError naming stage and key.
+    """
+
+    __slots__ = ("_node", "_stage", "_keys", "_path")
+
+    def __init__(self, node: Any, stage: str, keys: tuple[str, ...], path: str = ""):
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_keys", keys)
+        object.__setattr__(self, "_path", path)
+
+    def _undeclared(self, dotted: str, how: str = "reads") -> UndeclaredParamError:
+        return UndeclaredParamError(
+            f"stage {self._stage} {how} params key '{dotted}', which it does not declare "
+            f"(declared: {', '.join(self._keys) or 'none'}); add it to the stage's params=(...) in "
+            f"workflow/graph.py and regenerate with workflow/export.py")
+
+    def _child(self, name: str, value: Any) -> Any:
+        dotted = f"{self._path}.{name}" if self._path else str(name)
+        if any(dotted == k or dotted.startswith(k + ".") for k in self._keys):
+            return value
+        if any(k.startswith(dotted + ".") for k in self._keys) or isinstance(value, dict) or hasattr(
+                type(value), "model_fields"):
+            # on the way to a declared key, or an undeclared section: reading a leaf of it (or all
+            # of it) raises, naming the full key
+            return type(self)(value, self._stage, self._keys, dotted)
+        raise self._undeclared(dotted)
+
+    def __getattr__(self, name: str) -> Any:
+        node = self._node
+        fields = getattr(type(node), "model_fields", None)
+        if fields is not None and name in fields:
+            return self._child(name, getattr(node, name))
+        if name.startswith("__") or not hasattr(node, name):
+            raise AttributeError(f"params key '{self._path + '.' if self._path else ''}{name}' does not exist")
+        # a method of the section (model_dump, items, ...): it would read undeclared keys
+        raise self._undeclared(self._path or "<all params>", f"reads all of (via .{name})")
+
+    def __getitem__(self, key: str) -> Any:
+        if not isinstance(self._node, dict):
+            raise TypeError(f"params section '{self._path}' is not a mapping")
+        return self._child(key, self._node[key])
+
+    def __iter__(self):
+        raise self._undeclared(self._path or "<all params>", "iterates over")
+
+    def __len__(self) -> int:
+        raise self._undeclared(self._path or "<all params>", "iterates over")
+
+    def __contains__(self, key: object) -> bool:
+        raise self._undeclared(self._path or "<all params>", "iterates over")
+
+    def __bool__(self) -> bool:
+        if isinstance(self._node, dict):
+            raise self._undeclared(self._path or "<all params>", "iterates over")
+        return True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TypeError("params are read-only")
+
+    __delattr__ = __setattr__
+
+    def __repr__(self) -> str:
+        return f"ParamsView({self._path or '<root>'} of stage {self._stage})"
+
+
+def declared_keys(stage: Stage, wildcards: dict[str, str]) -> tuple[str, ...]:
+    """The stage's params keys with ``{variant}`` filled in for this job."""
+    return tuple(k.format(**wildcards) if "{" in k and wildcards else k for k in stage.params)
+
+
+def stage_params(stage: Stage, params: Any, wildcards: dict[str, str]) -> ParamsView:
+    """What ``Ctx.params`` is when a stage runs: ``params`` restricted to the stage's declared keys."""
+    label = stage.name + (f"[{wildcards['variant']}]" if wildcards.get("variant") else "")
+    return ParamsView(params, label, declared_keys(stage, wildcards))
 
 
 def stage(**kw: Any) -> Callable[[Callable[[Ctx], dict]], Callable[[Ctx], dict]]:
@@ -67,7 +190,8 @@ def stage(**kw: Any) -> Callable[[Callable[[Ctx], dict]], Callable[[Ctx], dict]]
 # ============================================================================= data
 
 @stage(track="isic", deps={}, outs={"dataset": "data/datasets/isic"},
-       params=("isic.source", "isic.phantom", "isic.real"))
+       params=("isic.source", "isic.phantom", "isic.real"),
+       report=(Report("dataset", (r"{name,grid}.png",), "data_grid.rst", ISIC_REPORT, "data"),))
 def download_isic(c: Ctx) -> dict:
     """ISIC 2019 (real) or the dermoscopy phantoms (embedded default) in the normalised format."""
     p = c.params.isic
@@ -84,7 +208,8 @@ def download_isic(c: Ctx) -> dict:
 
 
 @stage(track="cxr", deps={}, outs={"dataset": "data/datasets/cxr"},
-       params=("cxr.source", "cxr.phantom", "cxr.real"))
+       params=("cxr.source", "cxr.phantom", "cxr.real"),
+       report=(Report("dataset", (r"{name,grid}.png",), "data_grid.rst", CXR_REPORT, "data"),))
 def download_cxr(c: Ctx) -> dict:
     """MIMIC-CXR-JPG (real, credentialed) or the chest-X-ray phantoms in the normalised format."""
     p = c.params.cxr
@@ -97,7 +222,7 @@ def download_cxr(c: Ctx) -> dict:
 
     r = p.real
     return acquire_mimic(c.outs["dataset"], root=r.root, download=r.download, base_url=r.base_url,
-                         cache_dir=r.cache_dir, max_images=r.max_images)
+                         cache_dir=r.cache_dir, max_images=r.max_images, verify_checksums=r.verify_checksums)
 
 
 def _tokenizer(c: Ctx, track: str, texts: list[str]) -> dict:
@@ -186,7 +311,7 @@ def _stack(c: Ctx, track: str) -> dict:
 
 @stage(track="isic", deps={"prepared": "data/prepared/isic", "tokenizer": "data/models/isic/tokenizer"},
        outs={"stack": "data/models/isic/stack"},
-       params=("models.isic.pretrained", "models.tiny", "models.vae_train", "isic.prepare.size"))
+       params=("models.isic.pretrained", "models.tiny", "models.vae_train", "isic.prepare.size", "run.seed"))
 def stack_isic(c: Ctx) -> dict:
     """SD-layout model stack: tiny UNet/VAE/CLIP (VAE trained here) or SD v1.5 from a dir/hub id."""
     return _stack(c, "isic")
@@ -194,7 +319,7 @@ def stack_isic(c: Ctx) -> dict:
 
 @stage(track="cxr", deps={"prepared": "data/prepared/cxr", "tokenizer": "data/models/cxr/tokenizer"},
        outs={"stack": "data/models/cxr/stack"},
-       params=("models.cxr.pretrained", "models.tiny", "models.vae_train", "cxr.prepare.size"))
+       params=("models.cxr.pretrained", "models.tiny", "models.vae_train", "cxr.prepare.size", "run.seed"))
 def stack_cxr(c: Ctx) -> dict:
     """SD-layout model stack for CXR: tiny (VAE trained here) or RoentGen from a dir/hub id."""
     return _stack(c, "cxr")
@@ -235,7 +360,7 @@ def _finetune(c: Ctx, track: str) -> dict:
 
 
 @stage(track="isic", deps={"stack": "data/models/isic/stack", "latents": "data/latents/isic"},
-       outs={"base": "data/models/isic/base"}, params=("models.finetune_base", "models.isic.unet_weights"),
+       outs={"base": "data/models/isic/base"}, params=("models.finetune_base", "models.isic.unet_weights", "run.mixed_precision"),
        gpu=True, accelerate=True)
 def finetune_base_isic(c: Ctx) -> dict:
     """The 'SD fine-tuned on ISIC' baseline: supervised text-to-image fine-tuning of the UNet."""
@@ -243,7 +368,7 @@ def finetune_base_isic(c: Ctx) -> dict:
 
 
 @stage(track="cxr", deps={"stack": "data/models/cxr/stack", "latents": "data/latents/cxr"},
-       outs={"base": "data/models/cxr/base"}, params=("models.finetune_base", "models.cxr.unet_weights"),
+       outs={"base": "data/models/cxr/base"}, params=("models.finetune_base", "models.cxr.unet_weights", "run.mixed_precision"),
        gpu=True, accelerate=True)
 def finetune_base_cxr(c: Ctx) -> dict:
     """The anchor (RoentGen's role): supervised report-to-CXR fine-tuning of the UNet."""
@@ -334,15 +459,19 @@ def dualenc_cxr(c: Ctx) -> dict:
 
 
 def _ddpo_config(c: Ctx, track: str, **extra: Any):
+    """The trainer's settings: rl.<track> over rl.common (medrl.config.rl_track_settings; only
+    the RLTrack keys of rl.cxr, so rl_cxr does not depend on every variant) + run.mixed_precision."""
+    from medrl.config import RLTrack
     from medrl.rl.trainer import DDPOConfig
 
-    # rl.<track> overrides rl.common field by field (a null lr keeps the common one)
-    return DDPOConfig.from_params(c.params.rl.common.model_dump(), getattr(c.params.rl, track).model_dump(),
-                                  mixed_precision=c.params.run.mixed_precision, **extra)
+    t = getattr(c.params.rl, track)  # a ParamsView: read only the declared RLTrack leaves
+    return DDPOConfig.from_params(c.params.rl.common, {k: getattr(t, k) for k in RLTrack.model_fields},
+                                  track_name=track, mixed_precision=c.params.run.mixed_precision, **extra)
 
 
 @stage(track="isic", deps={"base": "data/models/isic/base", "clf": "data/models/isic/clf_h6", "prepared": "data/prepared/isic"},
-       outs={"rl": "data/rl/isic"}, params=("rl.common", "rl.isic"), gpu=True, accelerate=True)
+       outs={"rl": "data/rl/isic"}, params=("rl.common", "rl.isic", "run.mixed_precision"), gpu=True, accelerate=True,
+       report=(Report("rl", _RL_PATTERNS, "rl_training.rst", ISIC_REPORT, "RL training"),))
 def rl_isic(c: Ctx) -> dict:
     """DDPO fine-tuning (LoRA) with the H=6 artifact-classifier reward over the 32 prompts."""
     from medrl.io import read_json
@@ -389,8 +518,9 @@ def anchor_bank_cxr(c: Ctx) -> dict:
        outs={"rl": "data/rl/cxr/{variant}"},
        params=("rl.common", "rl.cxr.epochs", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch", "rl.cxr.lr",
                "rl.cxr.seed", "rl.cxr.kl_coef", "rl.cxr.skip_last_steps", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise",
-               "rl.cxr.ace_tokens", "rl.cxr.diag_unmentioned", "rl.cxr.variants.{variant}"),
-       gpu=True, accelerate=True, foreach="rl.cxr.variants")
+               "rl.cxr.ace_tokens", "rl.cxr.diag_unmentioned", "rl.cxr.variants.{variant}", "run.mixed_precision"),
+       gpu=True, accelerate=True, foreach="rl.cxr.variants",
+       report=(Report("rl", _RL_PATTERNS, "rl_training.rst", CXR_REPORT, "RL training: {variant}"),))
 def rl_cxr(c: Ctx) -> dict:
     """CXRL: DDPO with r = l_align r_align + l_diag r_diag + l_consist r_consist, RLCF and ACE per variant."""
     from medrl.rewards.cxr import CXRReward
@@ -421,7 +551,7 @@ def rlcf_modes_cxr(c: Ctx) -> dict:
     """RLCF paired (own / shared step noise) vs bank on the same samples of the full policy: cost per epoch,
     reward mean and variance."""
     from medrl.io import write_json, write_table
-    from medrl.rewards.rlcf_modes import MODES, PAIRED_MODES, compare_rlcf_modes
+    from medrl.metrics.rlcf_modes import MODES, PAIRED_MODES, compare_rlcf_modes
 
     reports, labels = _train_reports(c)
     r, v = c.params.rl, c.params.rl.cxr.variants["full"]
@@ -539,7 +669,7 @@ def metrics_isic_rl(c: Ctx) -> dict:
 
 
 @stage(track="isic", deps={"prepared": "data/prepared/isic", "sd": "data/samples/isic/sd", "rl": "data/samples/isic/rl"},
-       outs={"metrics": "data/metrics/isic/augment"}, params=("metrics.augment", "isic.prepare.size"), gpu=True)
+       outs={"metrics": "data/metrics/isic/augment"}, params=("metrics.augment", "isic.prepare.size", "classifiers.isic.imagenet_weights"), gpu=True)
 def augment_isic(c: Ctx) -> dict:
     """MEL-vs-NV classifier on real / real+SD / real+RL data, scored per artifact subgroup."""
     from medrl.io import read_table
@@ -585,7 +715,8 @@ def metrics_cxr(c: Ctx) -> dict:
 
 
 @stage(track="isic", deps={"sd": "data/metrics/isic/sd", "rl": "data/metrics/isic/rl", "augment": "data/metrics/isic/augment"},
-       outs={"tables": "data/tables/isic"}, params=())
+       outs={"tables": "data/tables/isic"}, params=("metrics.bootstrap", "metrics.ci", "metrics.seed"),
+       report=(Report("tables", _TABLE_PATTERNS, "table.rst", ISIC_REPORT, "tables"),))
 def tables_isic(c: Ctx) -> dict:
     """RL4Med tables (CSV, Markdown, LaTeX): SD vs SD+RL, APR per prompt, augmentation."""
     from medrl.io import read_json, read_table
@@ -604,14 +735,16 @@ def tables_isic(c: Ctx) -> dict:
 
 @stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}",
                           "rlcf_modes": "data/metrics/cxr/rlcf_modes"},
-       outs={"tables": "data/tables/cxr"}, params=("rl.cxr.variants",))
+       outs={"tables": "data/tables/cxr"}, params=("rl.cxr.variants",),
+       report=(Report("tables", _TABLE_PATTERNS, "table.rst", CXR_REPORT, "tables"),))
 def tables_cxr(c: Ctx) -> dict:
     """CXRL Tables 1, 2a, 2b, 3 with the paper's numbers beside ours."""
     from medrl.io import read_json
     from medrl.lineage import run_id_of
     from medrl.tables.cxrl import build_cxrl_tables, build_rlcf_modes_table
 
-    dirs = {"anchor": c.deps["anchor"], **{v: c.workspace / f"data/metrics/cxr/{v}" for v in c.params.rl.cxr.variants}}
+    # c.deps["variants"] is the folder of the per-variant metric directories
+    dirs = {"anchor": c.deps["anchor"], **{v: c.deps["variants"] / v for v in c.params.rl.cxr.variants}}
     metrics = {k: read_json(d / "metrics.json") for k, d in dirs.items()}
     run_ids = {k: run_id_of(d, c.workspace) or "" for k, d in dirs.items()}
     build_cxrl_tables(metrics, run_ids, c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()})

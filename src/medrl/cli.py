@@ -2,6 +2,7 @@
 
     medrl lineage PATH [--json] [--workspace DIR]   which stage runs produced PATH, back to the sources
     medrl params-check [PATH]                       validate params.yaml (unknown keys, types, paths)
+    medrl env [--check-lock F | --write-lock F]     this environment as stages record it; the lock file
     medrl bench ARGS...                             forwarded to medrl.bench.main(ARGS)
 
 The stage graph lives in ``workflow/``; this command knows nothing about it (no stage
@@ -53,6 +54,33 @@ def _cmd_params_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_env(args: argparse.Namespace) -> int:
+    from medrl.environment import check_lock, environment_record, resolve_lock
+
+    if args.write_lock:
+        text = resolve_lock(Path(args.project).resolve())
+        tmp = Path(args.write_lock).with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.write_lock)
+        print(f"{args.write_lock}: {len(text.splitlines()) - 2} packages")
+        return 0
+    if args.check_lock:
+        mismatches, extras = check_lock(Path(args.check_lock))
+        for line in extras:
+            print(f"medrl env: installed but not locked (ignored): {line}", file=sys.stderr)
+        for line in mismatches:
+            print(f"medrl env: {line}", file=sys.stderr)
+        if mismatches:
+            print(f"medrl env: the environment differs from {args.check_lock}; reinstall with "
+                  f"`pip install --require-hashes -r {args.check_lock}`", file=sys.stderr)
+            return 1
+        print(f"{args.check_lock}: every locked package installed at its locked version")
+        return 0
+    for k, v in environment_record().items():
+        print(f"{k} = {v}")
+    return 0
+
+
 def _cmd_bench(argv: list[str]) -> int:
     from medrl.bench import main as bench_main  # imported lazily: pulls in the model stack
 
@@ -83,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("path", nargs="?", default="params.yaml")
     pc.add_argument("--no-paths", action="store_true", help="skip the checks that path-valued keys exist")
     pc.set_defaults(func=_cmd_params_check)
+
+    env = sub.add_parser("env", help="the environment every stage run records; check or refresh requirements.lock")
+    mode = env.add_mutually_exclusive_group()
+    mode.add_argument("--check-lock", metavar="LOCK", help="exit 1 if an installed package differs from LOCK")
+    mode.add_argument("--write-lock", metavar="LOCK", help="resolve the project's dependencies anew into LOCK")
+    env.add_argument("--project", default=".", help="with --write-lock: the directory holding pyproject.toml")
+    env.set_defaults(func=_cmd_env)
 
     cs = sub.add_parser("compare-screenshot",
                         help="PNG of the MLflow UI compare view of one stage's runs (mlflow server on 127.0.0.1 + headless Chromium)")

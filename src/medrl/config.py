@@ -1,23 +1,50 @@
 """Schema of params.yaml, validated on load.
 
 Unknown keys, wrong types and missing paths fail with a ParamsError that names the dotted
-key. Each section is a pydantic model with ``extra="forbid"``.
+key. Each section is a pydantic model with ``extra="forbid"`` in strict mode: an int key takes
+only an int (not ``true``, ``"5"`` or ``3.0``), a float key an int or a finite float (not a
+bool, a string or ``.inf``/``.nan``), a bool key only ``true``/``false``. Note that PyYAML reads
+``1e-3`` as a string: write ``1.0e-3`` or ``0.001``. Model widths and counts are >= 1, seeds
+>= 0; URL keys take http(s) URLs without credentials.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from medrl.errors import ParamsError
+from medrl.redact import redact
 
 
 class _S(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+def _http_url(value: str) -> str:
+    """An http(s) URL with a host and no ``user:password@`` (that would reach logs and MLflow)."""
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError as e:
+        raise ValueError(f"not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got scheme {parts.scheme!r}")
+    if "@" in parts.netloc:
+        raise ValueError("must not contain credentials (user:password@host); PhysioNet credentials come "
+                         "from the environment (PHYSIONET_USERNAME / PHYSIONET_PASSWORD)")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+Seed = Annotated[int, Field(ge=0)]
+Width = Annotated[int, Field(ge=1)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-fA-F]{64}$")]
 
 
 class _ExistingPath(_S):
@@ -27,7 +54,7 @@ class _ExistingPath(_S):
 
 
 class Run(_S):
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     num_threads: int = Field(2, ge=1)
@@ -36,23 +63,23 @@ class Run(_S):
 class IsicPhantom(_S):
     n_images: int = Field(1600, ge=8)
     size: int = Field(64, ge=16)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class IsicReal(_S):
     root: Optional[str] = None
     download: bool = False
-    base_url: str = "https://isic-challenge-data.s3.amazonaws.com/2019"
+    base_url: HttpUrl = "https://isic-challenge-data.s3.amazonaws.com/2019"
     artifact_csv: Optional[str] = None
     cache_dir: str = "data/raw/isic"
-    known_hashes: dict[str, str] = {}  # file name -> "sha256:<hex>" (download mode)
+    known_hashes: dict[str, Sha256] = {}  # file name -> "sha256:<64 hex>" (download mode)
 
 
 class IsicPrepare(_S):
     size: int = Field(64, ge=16)
     frac_cls_b: float = Field(0.25, gt=0, lt=1)
     frac_test: float = Field(0.2, gt=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Isic(_S):
@@ -65,16 +92,19 @@ class Isic(_S):
 class CxrPhantom(_S):
     n_images: int = Field(1600, ge=8)
     size: int = Field(64, ge=16)
-    seed: int = 1
+    seed: Seed = 1
     frac_ap: float = Field(0.3, ge=0, le=1)
 
 
 class CxrReal(_S):
     root: Optional[str] = None
     download: bool = False
-    base_url: str = "https://physionet.org/files"
+    base_url: HttpUrl = "https://physionet.org/files"
     cache_dir: str = "data/raw/mimic"
     max_images: Optional[int] = Field(None, ge=1)
+    # false: download a PhysioNet project that publishes no SHA256SUMS.txt (or files it does not
+    # list) unverified; true (default): refuse, a missing checksum is an error
+    verify_checksums: bool = True
 
 
 class CxrPrepare(_S):
@@ -83,7 +113,7 @@ class CxrPrepare(_S):
     n_train: int = Field(1000, ge=4)
     n_test: int = Field(200, ge=2)
     n_canonical: int = Field(500, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Cxr(_S):
@@ -99,16 +129,16 @@ class TrackModel(_S):
 
 
 class Tiny(_S):
-    block_out_channels: list[int] = [32, 64]
-    layers_per_block: int = 1
-    cross_attention_dim: int = 64
-    attention_head_dim: int = 8
-    text_hidden_size: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    max_position_embeddings: int = 77
-    vae_block_out_channels: list[int] = [16, 32, 64]
-    latent_channels: int = 4
+    block_out_channels: list[Width] = Field([32, 64], min_length=1)
+    layers_per_block: Width = 1
+    cross_attention_dim: Width = 64
+    attention_head_dim: Width = 8
+    text_hidden_size: Width = 64
+    text_layers: Width = 2
+    text_heads: Width = 4
+    max_position_embeddings: Width = 77
+    vae_block_out_channels: list[Width] = Field([16, 32, 64], min_length=1)
+    latent_channels: Width = 4
     # GroupNorm groups in the VAE; null = min(32, smallest width), i.e. one channel per group
     # in a 16-wide block: instance norm, which drops each image's colour statistics.
     vae_norm_groups: Optional[int] = Field(None, ge=1)
@@ -120,7 +150,7 @@ class VaeTrain(_S):
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
     edge_weight: float = Field(1.0, ge=0)  # image-gradient L1 weight (keeps thin hairs/ticks)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class FinetuneBase(_S):
@@ -129,7 +159,7 @@ class FinetuneBase(_S):
     lr: float = Field(5e-4, gt=0)
     cond_dropout: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(500, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Models(_S):
@@ -144,7 +174,7 @@ class TrainCfg(_S):
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class IsicClassifier(TrainCfg):
@@ -194,6 +224,10 @@ class RLCommon(_S):
     per_prompt_min_count: int = Field(16, ge=1)
     prompt_repeats: int = Field(1, ge=1)
     log_base_reward: bool = False
+    # log_base_reward: policy vs frozen base on a fixed set of this many prompts (one noise each),
+    # every base_reward_every epochs and at the last one (the base is sampled once per run)
+    base_reward_every: int = Field(5, ge=1)
+    base_reward_samples: int = Field(16, ge=2)
     kl_coef: float = Field(0.0, ge=0)  # KL penalty towards the frozen base per denoising step (0 = DDPO)
     checkpoint_every: int = Field(5, ge=1)
 
@@ -205,7 +239,7 @@ class RLTrack(_S):
     lr: float | None = Field(None, gt=0)  # overrides rl.common.lr for this track
     kl_coef: float | None = Field(None, ge=0)  # overrides rl.common.kl_coef for this track
     skip_last_steps: int | None = Field(None, ge=0)  # overrides rl.common.skip_last_steps for this track
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Variant(_S):
@@ -242,12 +276,12 @@ class RL(_S):
 
 class GenIsic(_S):
     n_per_prompt: int = Field(16, ge=1)
-    seed: int = 1000
+    seed: Seed = 1000
 
 
 class GenCxr(_S):
     n_per_report: int = Field(2, ge=2)  # MS-SSIM diversity compares samples of one report
-    seed: int = 2000
+    seed: Seed = 2000
 
 
 class Generate(_S):
@@ -258,7 +292,7 @@ class Generate(_S):
 class Metrics(_S):
     bootstrap: int = Field(1000, ge=10)
     ci: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
     inception_weights: Optional[str] = None
     lpips_weights: Optional[str] = None
     kid_subset_size: int = Field(50, ge=2)
@@ -295,6 +329,38 @@ def _loc(err: dict[str, Any]) -> str:
     return ".".join(str(p) for p in err["loc"])
 
 
+def rl_track_settings(common: RLCommon | dict[str, Any], track: RLTrack | dict[str, Any], *, name: str = "",
+                      source: str = "params.yaml") -> dict[str, Any]:
+    """The DDPO settings of one track: ``rl.common`` with ``rl.<track>``'s keys over it (a
+    track's null keeps rl.common's value), checked across keys. The one place the per-track
+    override merge and the RL cross-key checks live (medrl.rl.trainer.DDPOConfig takes its
+    result). Dicts are validated against the schema first; a track dict may carry RLCxr's
+    other keys (they are not returned)."""
+    if not isinstance(common, RLCommon):
+        common = RLCommon.model_validate(common)
+    if not isinstance(track, RLTrack):
+        unknown = sorted(set(track) - set(RLCxr.model_fields))
+        if unknown:
+            raise ParamsError(f"{source}: unknown keys {unknown} in rl.{name or '<track>'}")
+        track = RLTrack.model_validate({k: v for k, v in track.items() if k in RLTrack.model_fields})
+    where = f"rl.{name}" if name else "rl.<track>"
+    out, origin = common.model_dump(), {k: "rl.common" for k in RLCommon.model_fields}
+    for k in RLTrack.model_fields:
+        if getattr(track, k) is not None:
+            out[k], origin[k] = getattr(track, k), where
+    reps, batch = out["prompt_repeats"], out["sample_batch_size"]
+    if batch % reps:
+        raise ParamsError(f"{source}: key '{origin['prompt_repeats']}.prompt_repeats': {reps} does not divide "
+                          f"{where}.sample_batch_size={batch}; expected a divisor")
+    skip, steps = out["skip_last_steps"], out["num_steps"]
+    if skip >= steps:
+        raise ParamsError(f"{source}: key '{origin['skip_last_steps']}.skip_last_steps': {skip} leaves no trained "
+                          f"step for {where} (rl.common.num_steps={steps}); expected < num_steps")
+    if out["eta"] <= 0:
+        raise ParamsError(f"{source}: key 'rl.common.eta': {out['eta']}; DDPO needs a stochastic sampler (eta > 0)")
+    return out
+
+
 def validate_params(raw: dict[str, Any], *, source: str = "params.yaml", check_paths: bool = True) -> Params:
     """Validate a raw params dict; raise ParamsError naming every bad key."""
     if not isinstance(raw, dict):
@@ -310,22 +376,15 @@ def validate_params(raw: dict[str, Any], *, source: str = "params.yaml", check_p
             elif err["type"] == "missing":
                 lines.append(f"{source}: missing key '{key}'")
             else:
-                lines.append(f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})")
+                got = err.get("input")
+                hint = ""
+                if isinstance(got, str) and err["type"] == "float_type":
+                    hint = " (a quoted string; note PyYAML reads 1e-3 as a string: write 1.0e-3)"
+                # a rejected URL may carry a password: never echo its userinfo
+                lines.append(f"{source}: key '{key}': {err['msg']} (got {redact(repr(got))}){hint}")
         raise ParamsError("\n".join(lines)) from None
-    reps = params.rl.common.prompt_repeats
-    bad = [t for t in ("isic", "cxr") if getattr(params.rl, t).sample_batch_size % reps]
-    if bad:
-        raise ParamsError("\n".join(
-            f"{source}: key 'rl.common.prompt_repeats': {reps} does not divide "
-            f"rl.{t}.sample_batch_size={getattr(params.rl, t).sample_batch_size}; expected a divisor" for t in bad))
-    steps = params.rl.common.num_steps
     for t in ("isic", "cxr"):
-        own = getattr(params.rl, t).skip_last_steps
-        skip, key = (own, f"rl.{t}.skip_last_steps") if own is not None else (params.rl.common.skip_last_steps,
-                                                                                 "rl.common.skip_last_steps")
-        if skip >= steps:
-            raise ParamsError(f"{source}: key '{key}': {skip} leaves no trained step for rl.{t} "
-                              f"(rl.common.num_steps={steps}); expected < num_steps")
+        rl_track_settings(params.rl.common, getattr(params.rl, t), name=t, source=source)
     if check_paths:
         flat = flatten(params.model_dump())
         for key in PATH_KEYS:

@@ -20,13 +20,41 @@ from medrl.errors import DataError
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask has no getter)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _mkstemp_path(path: Path, suffix: str) -> str:
+    """A temp file beside ``path`` with the mode a plain ``open(path, "w")`` would give (mkstemp
+    makes 0600 whatever the umask, which would leave outputs unreadable to the group)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def make_temp_dir(parent: Path, prefix: str, suffix: str = ".tmp") -> Path:
+    """``tempfile.mkdtemp`` (0700) with the mode a plain ``mkdir`` would give under the umask."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Write to a temp file beside ``path``; rename over it only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _mkstemp_path(path, ".tmp")
     try:
         with open(tmp, mode) as f:
             yield f
@@ -47,8 +75,7 @@ def atomic_path(path: str | Path) -> "contextlib.AbstractContextManager[Path]":
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _mkstemp_path(path, path.suffix or ".tmp")
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -63,7 +90,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory in a temp sibling; replace ``path`` with it only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.")
     try:
         yield tmp
         replace_path(tmp, path)

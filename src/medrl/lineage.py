@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,9 +20,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medrl.config import flatten, params_hash
+from medrl.environment import environment_hash, environment_record
 from medrl.io import hash_path
+from medrl.redact import install_log_redaction, redact
 
 EXPERIMENT_PREFIX = "medrl-"
+ENV_TAG = "medrl.env."  # one tag per environment_record() field
 _MAX_PARAM_LEN = 6000  # MLflow's param value limit is 6000 characters
 
 
@@ -51,17 +55,85 @@ def _client(workspace: Path):
 
     uri = tracking_uri(workspace)
     mlflow.set_tracking_uri(uri)
+    install_log_redaction()  # MLflow's handlers exist now; its messages carry the URI
     if not uri.startswith("sqlite:"):
-        return MlflowClient(tracking_uri=uri)
+        return RetryingClient(MlflowClient(tracking_uri=uri))
     with _sqlite_init_lock(uri):
         for attempt in range(5):
             try:
-                return MlflowClient(tracking_uri=uri)  # builds (and on a new file migrates) the store
+                # builds (and on a new file migrates) the store
+                return RetryingClient(MlflowClient(tracking_uri=uri))
             except Exception:
                 if attempt == 4:
                     raise
                 time.sleep(2.0 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+# Messages of the errors a busy store gives (sqlite through SQLAlchemy or behind `mlflow server`).
+_TRANSIENT = ("database is locked", "database table is locked", "database is busy")
+
+
+def retry_budget_s() -> float:
+    """Seconds an MLflow write keeps retrying a locked store (MEDRL_MLFLOW_RETRY_S, default 120)."""
+    try:
+        return max(0.0, float(os.environ.get("MEDRL_MLFLOW_RETRY_S", "120")))
+    except ValueError:
+        return 120.0
+
+
+def is_transient(e: BaseException) -> bool:
+    return any(m in str(e).lower() for m in _TRANSIENT)
+
+
+def with_retry(fn, *args: Any, budget_s: float | None = None, what: str = "", **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, retried with exponential backoff (0.5 s doubling to 10 s) while it
+    fails with a transient "database is locked" error, for at most ``budget_s`` seconds
+    (default ``retry_budget_s()``); any other error, or the last one, is raised. sqlite itself
+    already waits out short locks (MLflow sets a 20 s busy timeout per call)."""
+    deadline = time.monotonic() + (retry_budget_s() if budget_s is None else budget_s)
+    delay = 0.5
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not is_transient(e) or time.monotonic() + delay > deadline:
+                raise
+            print(f"[medrl] mlflow {what or getattr(fn, '__name__', 'call')}: store busy ({redact(e)[:120]}); "
+                  f"retrying in {delay:.1f}s", file=sys.stderr)
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
+class RetryingClient:
+    """An MlflowClient whose every call goes through ``with_retry``: a store locked for longer
+    than sqlite's busy timeout (another stage's long write, a backup) delays a stage's lineage
+    writes instead of failing them. A failed call was rolled back, so retrying it is safe."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return with_retry(attr, *args, what=name, **kwargs)
+
+        return call
+
+
+def terminate_run(client: Any, run_id: str, status: str) -> None:
+    """Close a run as ``status``, retrying a locked store for longer than ordinary writes (a run
+    must never stay RUNNING); if even that fails, warn and let the caller's error propagate."""
+    inner = getattr(client, "_client", client)
+    try:
+        with_retry(inner.set_terminated, run_id, status=status, budget_s=max(60.0, 3 * retry_budget_s()),
+                   what="set_terminated")
+    except Exception as e:
+        print(f"[medrl] mlflow: could not mark run {run_id} {status} ({redact(e)}); it may show as RUNNING",
+              file=sys.stderr)
 
 
 @contextmanager
@@ -142,9 +214,15 @@ class StageRun:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
-    def record_outputs(self, outs: dict[str, Path] | list[Path]) -> dict[str, str]:
+    def record_outputs(self, outs: dict[str, Path] | list[Path],
+                       sources: dict[str, Path] | list[Path] | None = None) -> dict[str, str]:
+        """Log the outputs' content hashes under their final paths ``outs``. ``sources`` (same
+        roles) are the files to hash when they are not in place yet: workflow/entry.py records
+        a stage's temp outputs before renaming them, so no output is ever promoted without its
+        lineage (the hash is of content only, the same after the rename)."""
         named = _named(outs)
-        self.outputs = {_relpath(p, self.workspace): hash_path(p) for p in named.values()}
+        src = _named(sources) if sources is not None else named
+        self.outputs = {_relpath(p, self.workspace): hash_path(src[role]) for role, p in named.items()}
         self.client.set_tag(self.run_id, "medrl.outputs", json.dumps(self.outputs, sort_keys=True))
         for role, p in named.items():
             self.client.log_param(self.run_id, f"out.{role}"[:250], self.outputs[_relpath(p, self.workspace)])
@@ -173,6 +251,7 @@ def tracked_stage(
     params: dict[str, Any],
     deps: dict[str, Path] | list[Path],
     wildcards: dict[str, str] | None = None,
+    device: str = "cpu",
 ) -> Iterator[StageRun]:
     """Open an MLflow run for one stage execution; FAILED if the block raises, KILLED if it is
     interrupted (KeyboardInterrupt / SystemExit), so a cancelled job never stays RUNNING."""
@@ -188,6 +267,9 @@ def tracked_stage(
         "medrl.git_commit": code_version(),
         "medrl.params_hash": params_hash(params),
     }
+    env = environment_record(device)
+    tags.update({f"{ENV_TAG}{k}": v for k, v in env.items()})
+    tags["medrl.env_hash"] = environment_hash(env)
     tags.update({f"medrl.wildcard.{k}": v for k, v in wildcards.items()})
     run = client.create_run(exp_id, tags=tags, run_name=run_name)
     handle = StageRun(client=client, run_id=run.info.run_id, workspace=Path(workspace))
@@ -205,14 +287,19 @@ def tracked_stage(
         client.set_tag(handle.run_id, "medrl.inputs", json.dumps(handle.inputs, sort_keys=True))
         yield handle
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from Snakemake/SLURM (see workflow/entry.py)
-        client.set_terminated(handle.run_id, status="KILLED")
+        terminate_run(client, handle.run_id, "KILLED")
         raise
     except BaseException:
-        client.set_terminated(handle.run_id, status="FAILED")
+        terminate_run(client, handle.run_id, "FAILED")
         raise
-    client.set_tag(handle.run_id, "medrl.lineage", json.dumps(
-        {"stage": stage, "wildcards": wildcards, "inputs": handle.inputs, "outputs": handle.outputs}, sort_keys=True)[:8000])
-    client.set_terminated(handle.run_id, status="FINISHED")
+    try:
+        client.set_tag(handle.run_id, "medrl.lineage", json.dumps(
+            {"stage": stage, "wildcards": wildcards, "inputs": handle.inputs, "outputs": handle.outputs},
+            sort_keys=True)[:8000])
+        client.set_terminated(handle.run_id, status="FINISHED")
+    except BaseException as e:  # still locked after the retries, or interrupted: not FINISHED
+        terminate_run(client, handle.run_id, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
 
 
 # ----------------------------------------------------------------------------- queries
@@ -229,6 +316,8 @@ class RunInfo:
     outputs: dict[str, str]
     params: dict[str, str]
     git_commit: str
+    env: dict[str, str] = field(default_factory=dict)
+    env_hash: str = "?"
 
 
 def _all_stage_runs(client) -> list[RunInfo]:
@@ -249,7 +338,9 @@ def _all_stage_runs(client) -> list[RunInfo]:
                     start_time=r.info.start_time, inputs=json.loads(t.get("medrl.inputs", "{}")),
                     outputs=json.loads(t["medrl.outputs"]),
                     params={k: v for k, v in r.data.params.items() if not k.startswith(("in.", "out."))},
-                    git_commit=t.get("medrl.git_commit", "?")))
+                    git_commit=t.get("medrl.git_commit", "?"),
+                    env={k[len(ENV_TAG):]: v for k, v in t.items() if k.startswith(ENV_TAG)},
+                    env_hash=t.get("medrl.env_hash", "?")))
             token = page.token
             if not token:
                 break
@@ -302,6 +393,7 @@ def lineage(path: str | Path, workspace: Path) -> list[dict[str, Any]]:
         chain.append({"depth": depth, "stage": run.stage, "wildcards": run.wildcards, "run_id": run.run_id,
                       "experiment": run.experiment, "output": out, "hash": run.outputs[out], "current": current,
                       "git_commit": run.git_commit, "params": run.params, "inputs": run.inputs,
+                      "env": run.env, "env_hash": run.env_hash,
                       "repeat": run.run_id in seen})
         if run.run_id in seen:
             return
@@ -332,4 +424,21 @@ def format_lineage(chain: list[dict[str, Any]]) -> str:
             lines.append(f"{pad}    param {k} = {v}")
         for dep, h in sorted(e["inputs"].items()):
             lines.append(f"{pad}    input {dep}  sha256 {h[:12]}")
+        env = " ".join(f"{k.removeprefix('pkg.')}={v}" for k, v in sorted(e.get("env", {}).items()))
+        lines.append(f"{pad}    environment {e.get('env_hash', '?')}: {env or 'not recorded'}")
+    envs = environments(chain)
+    if len(envs) > 1:
+        lines.append(f"WARNING: the runs behind this output ran in {len(envs)} different environments:")
+        lines += [f"  environment {h}: {', '.join(stages)}" for h, stages in sorted(envs.items())]
     return "\n".join(lines)
+
+
+def environments(chain: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """{environment hash: the stage runs of the chain recorded in it}; more than one key means
+    the output mixes results computed under different package versions, devices or dtypes."""
+    out: dict[str, list[str]] = {}
+    for e in chain:
+        if e["stage"] is not None and not e.get("repeat"):
+            name = e["stage"] + "".join(f"[{v}]" for v in e["wildcards"].values())
+            out.setdefault(e.get("env_hash", "?"), []).append(name)
+    return out

@@ -44,8 +44,11 @@ def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
 
 
 def screenshot_compare(workspace: Path, track: str, stage: str, out_png: Path, *, width: int = 1600,
-                       height: int = 1400, wait_ms: int = 20000) -> list[str]:
-    """Render the compare view of every finished run of ``stage`` in ``medrl-<track>``."""
+                       height: int = 1400, wait_ms: int = 20000, dom_out: Path | None = None) -> list[str]:
+    """Render the compare view of every finished run of ``stage`` in ``medrl-<track>``.
+
+    ``dom_out``: also write the rendered page's DOM (Chromium ``--dump-dom`` of the same view),
+    so what the screenshot shows (run names, metric names) can be checked as text."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(workspace)
@@ -61,7 +64,7 @@ def screenshot_compare(workspace: Path, track: str, stage: str, out_png: Path, *
     out_png.parent.mkdir(parents=True, exist_ok=True)
     if uri.startswith(("http://", "https://")):  # already a server: render its own UI
         with tempfile.TemporaryDirectory() as tmp:
-            _chromium_shot(uri.rstrip("/"), exp.experiment_id, run_ids, out_png, tmp, width, height, wait_ms)
+            _chromium_shot(uri.rstrip("/"), exp.experiment_id, run_ids, out_png, tmp, width, height, wait_ms, dom_out)
         return run_ids
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +85,7 @@ def screenshot_compare(workspace: Path, track: str, stage: str, out_png: Path, *
                 if server.poll() is not None or time.time() > deadline:
                     raise DataError("mlflow server did not become healthy on 127.0.0.1")
                 time.sleep(1)
-            _chromium_shot(base, exp.experiment_id, run_ids, out_png, tmp, width, height, wait_ms)
+            _chromium_shot(base, exp.experiment_id, run_ids, out_png, tmp, width, height, wait_ms, dom_out)
         finally:
             server.terminate()
             try:
@@ -93,11 +96,15 @@ def screenshot_compare(workspace: Path, track: str, stage: str, out_png: Path, *
 
 
 def _chromium_shot(base: str, experiment_id: str, run_ids: list[str], out_png: Path, tmp: str, width: int,
-                   height: int, wait_ms: int) -> None:
+                   height: int, wait_ms: int, dom_out: Path | None = None) -> None:
     out_png.unlink(missing_ok=True)
-    subprocess.run([find_chromium(), *_CHROMIUM_FLAGS, f"--user-data-dir={tmp}/chrome",
-                    f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}",
-                    f"--screenshot={out_png}", compare_url(base, experiment_id, run_ids)],
-                   check=True, timeout=180, capture_output=True)
+    args = [find_chromium(), *_CHROMIUM_FLAGS, f"--user-data-dir={tmp}/chrome", f"--window-size={width},{height}",
+            f"--virtual-time-budget={wait_ms}"]
+    url = compare_url(base, experiment_id, run_ids)
+    subprocess.run([*args, f"--screenshot={out_png}", url], check=True, timeout=180, capture_output=True)
     if not out_png.is_file():
         raise DataError(f"{out_png}: Chromium wrote no screenshot")
+    if dom_out is not None:
+        dom = subprocess.run([*args, "--dump-dom", url], check=True, timeout=180, capture_output=True, text=True)
+        Path(dom_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(dom_out).write_text(dom.stdout)

@@ -1,24 +1,29 @@
 # Shared by every generated rule file: params access, variants, GPU resources.
 # Hand-written (not generated); the rules themselves come from workflow/export.py.
 import os
+import sys
+from pathlib import Path
 
-from medrl.config import select, validate_params
+sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
+
+from medrl.config import validate_params
+from graph import variants_of
+from state import record_in_dvc_hook, write_all_params_files
 
 # params.yaml is validated once when the workflow is parsed: a bad key fails here, naming it.
 PARAMS = validate_params(config, source="params.yaml")
+# each stage's declared params, as the input file that reruns it when they change
+write_all_params_files(Path.cwd(), PARAMS)
 
 
 def variants(key):
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return list(node)
+    return variants_of(config, key)
 
 
-def P(keys, wildcards):
-    """The params sub-dict a rule declares; Snakemake re-runs the rule when it changes."""
+def declared_keys(keys, wildcards):
+    """The params.yaml keys a rule declares (their values are in its medrl_params input)."""
     wc = dict(wildcards.items()) if hasattr(wildcards, "items") else {}
-    return select(PARAMS, [k.format(**wc) for k in keys]) if keys else {}
+    return [k.format(**wc) for k in keys]
 
 
 wildcard_constraints:

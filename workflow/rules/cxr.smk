@@ -2,10 +2,12 @@
 
 rule download_cxr:
     """MIMIC-CXR-JPG (real, credentialed) or the chest-X-ray phantoms in the normalised format."""
+    input:
+        medrl_params='data/.params/download_cxr.json',
     output:
-        dataset=directory('data/datasets/cxr'),
+        dataset=report(directory('data/datasets/cxr'), patterns=['{name,grid}.png'], caption='../report/data_grid.rst', category='CXRL (chest X-ray)', subcategory='data'),
     params:
-        medrl=lambda wildcards: P(['cxr.source', 'cxr.phantom', 'cxr.real'], wildcards),
+        medrl=lambda wildcards: declared_keys(['cxr.source', 'cxr.phantom', 'cxr.real'], wildcards),
     shell: 'python workflow/entry.py download_cxr'
 
 
@@ -13,10 +15,11 @@ rule tokenizer_cxr:
     """CLIP BPE tokenizer trained on the report impressions (or the pretrained model's)."""
     input:
         dataset='data/datasets/cxr',
+        medrl_params='data/.params/tokenizer_cxr.json',
     output:
         tokenizer=directory('data/models/cxr/tokenizer'),
     params:
-        medrl=lambda wildcards: P(['models.cxr.pretrained', 'models.tiny.max_position_embeddings'], wildcards),
+        medrl=lambda wildcards: declared_keys(['models.cxr.pretrained', 'models.tiny.max_position_embeddings'], wildcards),
     shell: 'python workflow/entry.py tokenizer_cxr'
 
 
@@ -25,10 +28,11 @@ rule prepare_cxr:
     input:
         dataset='data/datasets/cxr',
         tokenizer='data/models/cxr/tokenizer',
+        medrl_params='data/.params/prepare_cxr.json',
     output:
         prepared=directory('data/prepared/cxr'),
     params:
-        medrl=lambda wildcards: P(['cxr.prepare'], wildcards),
+        medrl=lambda wildcards: declared_keys(['cxr.prepare'], wildcards),
     shell: 'python workflow/entry.py prepare_cxr'
 
 
@@ -37,10 +41,11 @@ rule stack_cxr:
     input:
         prepared='data/prepared/cxr',
         tokenizer='data/models/cxr/tokenizer',
+        medrl_params='data/.params/stack_cxr.json',
     output:
         stack=directory('data/models/cxr/stack'),
     params:
-        medrl=lambda wildcards: P(['models.cxr.pretrained', 'models.tiny', 'models.vae_train', 'cxr.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['models.cxr.pretrained', 'models.tiny', 'models.vae_train', 'cxr.prepare.size', 'run.seed'], wildcards),
     shell: 'python workflow/entry.py stack_cxr'
 
 
@@ -49,10 +54,11 @@ rule latents_cxr:
     input:
         stack='data/models/cxr/stack',
         prepared='data/prepared/cxr',
+        medrl_params='data/.params/latents_cxr.json',
     output:
         latents=directory('data/latents/cxr'),
     params:
-        medrl=lambda wildcards: P(['cxr.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['cxr.prepare.size'], wildcards),
     shell: 'python workflow/entry.py latents_cxr'
 
 
@@ -61,10 +67,11 @@ rule finetune_base_cxr:
     input:
         stack='data/models/cxr/stack',
         latents='data/latents/cxr',
+        medrl_params='data/.params/finetune_base_cxr.json',
     output:
         base=directory('data/models/cxr/base'),
     params:
-        medrl=lambda wildcards: P(['models.finetune_base', 'models.cxr.unet_weights'], wildcards),
+        medrl=lambda wildcards: declared_keys(['models.finetune_base', 'models.cxr.unet_weights', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'accelerate launch workflow/entry.py finetune_base_cxr'
@@ -74,10 +81,11 @@ rule posture_cxr:
     """ResNet-18 posture aligner trained with L2 to the canonical CXR; psi error on phantoms."""
     input:
         prepared='data/prepared/cxr',
+        medrl_params='data/.params/posture_cxr.json',
     output:
         model=directory('data/models/cxr/aligner'),
     params:
-        medrl=lambda wildcards: P(['classifiers.posture', 'cxr.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['classifiers.posture', 'cxr.prepare.size'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py posture_cxr'
@@ -87,10 +95,11 @@ rule diag_cxr:
     """torchxrayvision DenseNet-121 diagnostic model (local weights, or trained on the phantoms)."""
     input:
         prepared='data/prepared/cxr',
+        medrl_params='data/.params/diag_cxr.json',
     output:
         model=directory('data/models/cxr/diag'),
     params:
-        medrl=lambda wildcards: P(['classifiers.diag', 'cxr.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['classifiers.diag', 'cxr.prepare.size'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py diag_cxr'
@@ -100,10 +109,11 @@ rule dualenc_cxr:
     """CXR-CLIP-style image-report dual encoder (checkpoint, or trained contrastively here)."""
     input:
         prepared='data/prepared/cxr',
+        medrl_params='data/.params/dualenc_cxr.json',
     output:
         model=directory('data/models/cxr/dualenc'),
     params:
-        medrl=lambda wildcards: P(['classifiers.dualenc', 'cxr.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['classifiers.dualenc', 'cxr.prepare.size'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py dualenc_cxr'
@@ -116,10 +126,11 @@ rule anchor_bank_cxr:
         prepared='data/prepared/cxr',
         diag='data/models/cxr/diag',
         dualenc='data/models/cxr/dualenc',
+        medrl_params='data/.params/anchor_bank_cxr.json',
     output:
         bank=directory('data/models/cxr/anchor_bank'),
     params:
-        medrl=lambda wildcards: P(['rl.cxr.bank_k', 'rl.cxr.seed', 'rl.cxr.diag_unmentioned', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.cxr.bank_k', 'rl.cxr.seed', 'rl.cxr.diag_unmentioned', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py anchor_bank_cxr'
@@ -134,10 +145,11 @@ rule rl_cxr:
         diag='data/models/cxr/diag',
         dualenc='data/models/cxr/dualenc',
         bank='data/models/cxr/anchor_bank',
+        medrl_params='data/.params/rl_cxr@{variant}.json',
     output:
-        rl=directory('data/rl/cxr/{variant}'),
+        rl=report(directory('data/rl/cxr/{variant}'), patterns=['{name,rewards}.csv', 'samples/{name,epoch_\\d+}.png'], caption='../report/rl_training.rst', category='CXRL (chest X-ray)', subcategory='RL training: {variant}'),
     params:
-        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.kl_coef', 'rl.cxr.skip_last_steps', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.kl_coef', 'rl.cxr.skip_last_steps', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'accelerate launch workflow/entry.py rl_cxr --variant {wildcards.variant}'
@@ -153,10 +165,11 @@ rule rlcf_modes_cxr:
         dualenc='data/models/cxr/dualenc',
         bank='data/models/cxr/anchor_bank',
         rl='data/rl/cxr/full',
+        medrl_params='data/.params/rlcf_modes_cxr.json',
     output:
         metrics=directory('data/metrics/cxr/rlcf_modes'),
     params:
-        medrl=lambda wildcards: P(['rl.common', 'rl.cxr.seed', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.compare_samples', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.full', 'metrics.bootstrap', 'metrics.ci'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.cxr.seed', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.compare_samples', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.full', 'metrics.bootstrap', 'metrics.ci'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py rlcf_modes_cxr'
@@ -167,10 +180,11 @@ rule generate_cxr_anchor:
     input:
         base='data/models/cxr/base',
         prepared='data/prepared/cxr',
+        medrl_params='data/.params/generate_cxr_anchor.json',
     output:
         samples=directory('data/samples/cxr/anchor'),
     params:
-        medrl=lambda wildcards: P(['generate.cxr', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
+        medrl=lambda wildcards: declared_keys(['generate.cxr', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py generate_cxr_anchor'
@@ -182,10 +196,11 @@ rule generate_cxr:
         base='data/models/cxr/base',
         rl='data/rl/cxr/{variant}',
         prepared='data/prepared/cxr',
+        medrl_params='data/.params/generate_cxr@{variant}.json',
     output:
         samples=directory('data/samples/cxr/{variant}'),
     params:
-        medrl=lambda wildcards: P(['generate.cxr', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
+        medrl=lambda wildcards: declared_keys(['generate.cxr', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py generate_cxr --variant {wildcards.variant}'
@@ -199,10 +214,11 @@ rule metrics_cxr_anchor:
         aligner='data/models/cxr/aligner',
         diag='data/models/cxr/diag',
         dualenc='data/models/cxr/dualenc',
+        medrl_params='data/.params/metrics_cxr_anchor.json',
     output:
         metrics=directory('data/metrics/cxr/anchor'),
     params:
-        medrl=lambda wildcards: P(['metrics', 'rl.cxr.diag_unmentioned'], wildcards),
+        medrl=lambda wildcards: declared_keys(['metrics', 'rl.cxr.diag_unmentioned'], wildcards),
     shell: 'python workflow/entry.py metrics_cxr_anchor'
 
 
@@ -214,10 +230,11 @@ rule metrics_cxr:
         aligner='data/models/cxr/aligner',
         diag='data/models/cxr/diag',
         dualenc='data/models/cxr/dualenc',
+        medrl_params='data/.params/metrics_cxr@{variant}.json',
     output:
         metrics=directory('data/metrics/cxr/{variant}'),
     params:
-        medrl=lambda wildcards: P(['metrics', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}'], wildcards),
+        medrl=lambda wildcards: declared_keys(['metrics', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}'], wildcards),
     shell: 'python workflow/entry.py metrics_cxr --variant {wildcards.variant}'
 
 
@@ -227,8 +244,9 @@ rule tables_cxr:
         anchor='data/metrics/cxr/anchor',
         variants=expand('data/metrics/cxr/{variant}', variant=variants('rl.cxr.variants')),
         rlcf_modes='data/metrics/cxr/rlcf_modes',
+        medrl_params='data/.params/tables_cxr.json',
     output:
-        tables=directory('data/tables/cxr'),
+        tables=report(directory('data/tables/cxr'), patterns=['{name,[a-z0-9_]+}.{ext,md|csv}'], caption='../report/table.rst', category='CXRL (chest X-ray)', subcategory='tables'),
     params:
-        medrl=lambda wildcards: P(['rl.cxr.variants'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.cxr.variants'], wildcards),
     shell: 'python workflow/entry.py tables_cxr'

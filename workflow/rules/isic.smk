@@ -2,10 +2,12 @@
 
 rule download_isic:
     """ISIC 2019 (real) or the dermoscopy phantoms (embedded default) in the normalised format."""
+    input:
+        medrl_params='data/.params/download_isic.json',
     output:
-        dataset=directory('data/datasets/isic'),
+        dataset=report(directory('data/datasets/isic'), patterns=['{name,grid}.png'], caption='../report/data_grid.rst', category='RL4Med-DDPO (ISIC)', subcategory='data'),
     params:
-        medrl=lambda wildcards: P(['isic.source', 'isic.phantom', 'isic.real'], wildcards),
+        medrl=lambda wildcards: declared_keys(['isic.source', 'isic.phantom', 'isic.real'], wildcards),
     shell: 'python workflow/entry.py download_isic'
 
 
@@ -13,10 +15,11 @@ rule tokenizer_isic:
     """CLIP BPE tokenizer built from the ISIC prompt grammar (or the pretrained model's)."""
     input:
         dataset='data/datasets/isic',
+        medrl_params='data/.params/tokenizer_isic.json',
     output:
         tokenizer=directory('data/models/isic/tokenizer'),
     params:
-        medrl=lambda wildcards: P(['models.isic.pretrained', 'models.tiny.max_position_embeddings'], wildcards),
+        medrl=lambda wildcards: declared_keys(['models.isic.pretrained', 'models.tiny.max_position_embeddings'], wildcards),
     shell: 'python workflow/entry.py tokenizer_isic'
 
 
@@ -24,10 +27,11 @@ rule prepare_isic:
     """Prompts in the RL4Med grammar, train / cls_b / test splits, per-prompt real folders."""
     input:
         dataset='data/datasets/isic',
+        medrl_params='data/.params/prepare_isic.json',
     output:
         prepared=directory('data/prepared/isic'),
     params:
-        medrl=lambda wildcards: P(['isic.prepare'], wildcards),
+        medrl=lambda wildcards: declared_keys(['isic.prepare'], wildcards),
     shell: 'python workflow/entry.py prepare_isic'
 
 
@@ -36,10 +40,11 @@ rule stack_isic:
     input:
         prepared='data/prepared/isic',
         tokenizer='data/models/isic/tokenizer',
+        medrl_params='data/.params/stack_isic.json',
     output:
         stack=directory('data/models/isic/stack'),
     params:
-        medrl=lambda wildcards: P(['models.isic.pretrained', 'models.tiny', 'models.vae_train', 'isic.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['models.isic.pretrained', 'models.tiny', 'models.vae_train', 'isic.prepare.size', 'run.seed'], wildcards),
     shell: 'python workflow/entry.py stack_isic'
 
 
@@ -48,10 +53,11 @@ rule latents_isic:
     input:
         stack='data/models/isic/stack',
         prepared='data/prepared/isic',
+        medrl_params='data/.params/latents_isic.json',
     output:
         latents=directory('data/latents/isic'),
     params:
-        medrl=lambda wildcards: P(['isic.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['isic.prepare.size'], wildcards),
     shell: 'python workflow/entry.py latents_isic'
 
 
@@ -60,10 +66,11 @@ rule finetune_base_isic:
     input:
         stack='data/models/isic/stack',
         latents='data/latents/isic',
+        medrl_params='data/.params/finetune_base_isic.json',
     output:
         base=directory('data/models/isic/base'),
     params:
-        medrl=lambda wildcards: P(['models.finetune_base', 'models.isic.unet_weights'], wildcards),
+        medrl=lambda wildcards: declared_keys(['models.finetune_base', 'models.isic.unet_weights', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'accelerate launch workflow/entry.py finetune_base_isic'
@@ -73,10 +80,11 @@ rule classifier_isic_h6:
     """H=6 artifact + diagnosis classifier (EfficientNet-B0) on the train split: the RL reward."""
     input:
         prepared='data/prepared/isic',
+        medrl_params='data/.params/classifier_isic_h6.json',
     output:
         clf=directory('data/models/isic/clf_h6'),
     params:
-        medrl=lambda wildcards: P(['classifiers.isic', 'isic.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['classifiers.isic', 'isic.prepare.size'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py classifier_isic_h6'
@@ -86,10 +94,11 @@ rule classifier_isic_h4:
     """H=4 artifact classifier on the disjoint cls_b split: the APR metric model."""
     input:
         prepared='data/prepared/isic',
+        medrl_params='data/.params/classifier_isic_h4.json',
     output:
         clf=directory('data/models/isic/clf_h4'),
     params:
-        medrl=lambda wildcards: P(['classifiers.isic', 'isic.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['classifiers.isic', 'isic.prepare.size'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py classifier_isic_h4'
@@ -101,10 +110,11 @@ rule rl_isic:
         base='data/models/isic/base',
         clf='data/models/isic/clf_h6',
         prepared='data/prepared/isic',
+        medrl_params='data/.params/rl_isic.json',
     output:
-        rl=directory('data/rl/isic'),
+        rl=report(directory('data/rl/isic'), patterns=['{name,rewards}.csv', 'samples/{name,epoch_\\d+}.png'], caption='../report/rl_training.rst', category='RL4Med-DDPO (ISIC)', subcategory='RL training'),
     params:
-        medrl=lambda wildcards: P(['rl.common', 'rl.isic'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.isic', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'accelerate launch workflow/entry.py rl_isic'
@@ -115,10 +125,11 @@ rule generate_sd_isic:
     input:
         base='data/models/isic/base',
         prepared='data/prepared/isic',
+        medrl_params='data/.params/generate_sd_isic.json',
     output:
         samples=directory('data/samples/isic/sd'),
     params:
-        medrl=lambda wildcards: P(['generate.isic', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
+        medrl=lambda wildcards: declared_keys(['generate.isic', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py generate_sd_isic'
@@ -130,10 +141,11 @@ rule generate_rl_isic:
         base='data/models/isic/base',
         rl='data/rl/isic',
         prepared='data/prepared/isic',
+        medrl_params='data/.params/generate_rl_isic.json',
     output:
         samples=directory('data/samples/isic/rl'),
     params:
-        medrl=lambda wildcards: P(['generate.isic', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
+        medrl=lambda wildcards: declared_keys(['generate.isic', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py generate_rl_isic'
@@ -147,10 +159,11 @@ rule metrics_isic_sd:
         prepared='data/prepared/isic',
         clf_h4='data/models/isic/clf_h4',
         clf_h6='data/models/isic/clf_h6',
+        medrl_params='data/.params/metrics_isic_sd.json',
     output:
         metrics=directory('data/metrics/isic/sd'),
     params:
-        medrl=lambda wildcards: P(['metrics', 'isic.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['metrics', 'isic.prepare.size'], wildcards),
     shell: 'python workflow/entry.py metrics_isic_sd'
 
 
@@ -161,10 +174,11 @@ rule metrics_isic_rl:
         prepared='data/prepared/isic',
         clf_h4='data/models/isic/clf_h4',
         clf_h6='data/models/isic/clf_h6',
+        medrl_params='data/.params/metrics_isic_rl.json',
     output:
         metrics=directory('data/metrics/isic/rl'),
     params:
-        medrl=lambda wildcards: P(['metrics'], wildcards),
+        medrl=lambda wildcards: declared_keys(['metrics'], wildcards),
     shell: 'python workflow/entry.py metrics_isic_rl'
 
 
@@ -174,10 +188,11 @@ rule augment_isic:
         prepared='data/prepared/isic',
         sd='data/samples/isic/sd',
         rl='data/samples/isic/rl',
+        medrl_params='data/.params/augment_isic.json',
     output:
         metrics=directory('data/metrics/isic/augment'),
     params:
-        medrl=lambda wildcards: P(['metrics.augment', 'isic.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['metrics.augment', 'isic.prepare.size', 'classifiers.isic.imagenet_weights'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py augment_isic'
@@ -189,8 +204,9 @@ rule tables_isic:
         sd='data/metrics/isic/sd',
         rl='data/metrics/isic/rl',
         augment='data/metrics/isic/augment',
+        medrl_params='data/.params/tables_isic.json',
     output:
-        tables=directory('data/tables/isic'),
+        tables=report(directory('data/tables/isic'), patterns=['{name,[a-z0-9_]+}.{ext,md|csv}'], caption='../report/table.rst', category='RL4Med-DDPO (ISIC)', subcategory='tables'),
     params:
-        medrl=lambda wildcards: P([], wildcards),
+        medrl=lambda wildcards: declared_keys(['metrics.bootstrap', 'metrics.ci', 'metrics.seed'], wildcards),
     shell: 'python workflow/entry.py tables_isic'

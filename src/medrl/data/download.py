@@ -16,6 +16,7 @@ Credentials: callers pass ``auth`` as a ``requests`` auth object; it travels onl
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ from requests.auth import HTTPBasicAuth
 
 from medrl.errors import DataError
 from medrl.progress import progress
+from medrl.redact import redact, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,31 @@ def check_base_url(base_url: str, what: str) -> str:
             "pass them through the environment instead"
         )
     return base_url.rstrip("/")
+
+
+def is_loopback_host(host: Optional[str]) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves this machine."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_credentials_url(url: str, what: str) -> str:
+    """Refuse to send credentials anywhere but https:// (plain http only to a loopback host,
+    as in tests): basic auth over http travels in clear text."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname)):
+        return url
+    raise DataError(
+        f"{what}: refusing to send credentials to {redact_url(url)}: it is not an https:// URL, so the "
+        "password would travel in clear text (plain http:// is accepted only for a loopback host: "
+        "127.0.0.0/8, localhost, ::1); use https://"
+    )
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -213,6 +240,8 @@ def fetch(
     ``<dest>.part`` so the next call resumes it; a hash mismatch leaves nothing behind.
     """
     dest = Path(dest)
+    if auth is not None:
+        check_credentials_url(url, dest.name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     downloader = ResumableDownloader(
@@ -228,27 +257,27 @@ def fetch(
             hint = f"; {auth_hint}" if auth_hint else "; the server refused access"
         elif code == 404:
             hint = "; expected the file at this URL (check base_url)"
-        raise DataError(f"{dest.name}: HTTP {code} {reason} from {url}{hint}") from None
+        raise DataError(f"{dest.name}: HTTP {code} {reason} from {redact_url(url)}{hint}") from None
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
             requests.exceptions.ChunkedEncodingError, requests.exceptions.InvalidHeader) as e:
         have = part.stat().st_size if part.exists() else 0
         raise DataError(
-            f"{dest.name}: download from {url} interrupted ({type(e).__name__}: {_safe(e)}); "
+            f"{dest.name}: download from {redact_url(url)} interrupted ({type(e).__name__}: {_safe(e)}); "
             f"{have} bytes kept in {part}, the next run resumes from there"
         ) from None
     except requests.exceptions.RequestException as e:
-        raise DataError(f"{dest.name}: download from {url} failed ({type(e).__name__})") from None
+        raise DataError(f"{dest.name}: download from {redact_url(url)} failed ({type(e).__name__})") from None
     except DataError:
         raise
     except ValueError as e:  # pooch: hash mismatch (the downloaded temp file is already gone)
-        raise DataError(f"{dest}: checksum mismatch: {e}; nothing was kept, re-run to download again "
+        raise DataError(f"{dest}: checksum mismatch: {redact(e)}; nothing was kept, re-run to download again "
                         "or correct the pinned hash") from None
     return dest
 
 
 def _safe(e: BaseException) -> str:
-    """Short exception text; requests' messages carry URLs but never the auth header."""
-    text = str(e)
+    """Short exception text, redacted; requests' messages carry URLs but never the auth header."""
+    text = redact(e)
     return text if len(text) < 300 else text[:300] + "..."
 
 

@@ -41,8 +41,11 @@ A partial local copy is fine: frontal images whose JPG is absent are skipped (co
 logged). Download mode fetches ``{base_url}/mimic-cxr-jpg/2.1.0/<csv>`` and
 ``{base_url}/mimic-cxr/2.0.0/mimic-cxr-reports.zip`` first, chooses the images, then fetches
 only those JPGs (resumable, parallel, progress bar) into ``cache_dir``, mirroring the
-PhysioNet paths. Every file listed in the project's published ``SHA256SUMS.txt`` is checked
-against it (a project without that file is fetched unchecked, with a warning).
+PhysioNet paths. Every file is checked against the project's published ``SHA256SUMS.txt``;
+a project without that file, or a file it does not list, fails the download (fail closed)
+unless ``verify_checksums=False`` (``cxr.real.verify_checksums: false``), which fetches such
+files unverified with a warning. Credentials are sent only over https:// (plain http:// only
+to a loopback host, for tests).
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ import requests
 from medrl.data.download import (
     RedactedBasicAuth,
     check_base_url,
+    check_credentials_url,
     fetch,
     link_or_copy,
     parse_sha256sums,
@@ -74,6 +78,7 @@ from medrl.data.reports import PATHOLOGIES
 from medrl.errors import DataError
 from medrl.io import atomic_dir, read_table, write_table
 from medrl.progress import progress
+from medrl.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,7 @@ def acquire_mimic(
     max_images: int | None = None,
     workers: int = 4,
     progressbar: bool = True,
+    verify_checksums: bool = True,
 ) -> dict[str, float]:
     """Build ``out_dir`` (normalised CXR format) from a local MIMIC-CXR-JPG copy or PhysioNet.
 
@@ -148,8 +154,9 @@ def acquire_mimic(
                     "cxr.real: neither root (a local MIMIC-CXR-JPG copy) nor download: true is set; "
                     "expected one of them for cxr.source=real"
                 )
-            base = check_base_url(base_url, "cxr.real.base_url")
-            dl = stack.enter_context(_Downloader(Path(cache_dir), base, _physionet_auth(), workers, progressbar))
+            base = check_credentials_url(check_base_url(base_url, "cxr.real.base_url"), "cxr.real.base_url")
+            dl = stack.enter_context(_Downloader(Path(cache_dir), base, _physionet_auth(), workers, progressbar,
+                                                 verify_checksums=verify_checksums))
             src = dl.jpg_root
             table = _load_tables(dl.tables())
             reports = stack.enter_context(_ReportSource(zip_path=dl.reports_zip()))
@@ -372,8 +379,10 @@ def _physionet_auth() -> RedactedBasicAuth:
 class _Downloader:
     """Fetches PhysioNet files into ``cache/<project>/<path>``, checking SHA256SUMS.txt."""
 
-    def __init__(self, cache: Path, base: str, auth: RedactedBasicAuth, workers: int, progressbar: bool) -> None:
+    def __init__(self, cache: Path, base: str, auth: RedactedBasicAuth, workers: int, progressbar: bool,
+                 verify_checksums: bool = True) -> None:
         self.cache, self.base, self.auth = cache, base, auth
+        self.verify_checksums = verify_checksums
         self.workers = max(1, int(workers))
         self.progressbar = progressbar
         self.jpg_root = cache / JPG_PROJECT
@@ -407,14 +416,26 @@ class _Downloader:
             except DataError as e:
                 if "HTTP 404" not in str(e):
                     raise
-                log.warning("%s/%s: no %s published; files of this project are not checksum-verified", self.base, project, SUMS)
+                if self.verify_checksums:
+                    raise DataError(
+                        f"{redact_url(self.base)}/{project}/{SUMS}: not found (HTTP 404), so the files of {project} "
+                        f"cannot be checksum-verified; expected PhysioNet's published {SUMS} there (check "
+                        "cxr.real.base_url), or set cxr.real.verify_checksums: false to download them unverified"
+                    ) from None
+                log.warning("%s/%s: no %s published; files of this project are not checksum-verified "
+                            "(cxr.real.verify_checksums: false)", redact_url(self.base), project, SUMS)
                 self._sums[project] = {}
         return self._sums[project]
 
     def _get(self, project: str, rel: str, progressbar: bool) -> Path:
         sha = self._sums_for(project).get(rel)
+        if sha is None and self.verify_checksums:
+            raise DataError(
+                f"{project}/{rel}: not listed in {project}/{SUMS}, so it cannot be checksum-verified; "
+                "set cxr.real.verify_checksums: false to download it unverified"
+            )
         if sha is None and self._sums[project]:
-            log.debug("%s/%s: not listed in %s; fetched unverified", project, rel, SUMS)
+            log.warning("%s/%s: not listed in %s; fetched unverified", project, rel, SUMS)
         return fetch(
             f"{self.base}/{project}/{rel}", self.cache / project / rel,
             known_hash=f"sha256:{sha}" if sha else None, auth=self.auth, session=self._session(),

@@ -54,6 +54,24 @@ def _find_images(images_dir: Path, names: list[str], table: Path) -> list[Path]:
     return out
 
 
+def _verify_images(files: list[Path], table: Path) -> None:
+    """Decode every image completely; DataError naming the unreadable files. Without this a
+    corrupt or truncated image only fails stages later (latents, classifiers)."""
+    from PIL import Image
+
+    bad: list[str] = []
+    for f in progress(files, desc="verify images"):
+        try:
+            with Image.open(f) as im:
+                im.load()
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... on bad data
+            bad.append(f"{f} ({type(e).__name__}: {e})")
+    if bad:
+        raise DataError(f"{table}: {len(bad)} images cannot be decoded: {'; '.join(bad[:3])}"
+                        f"{' ...' if len(bad) > 3 else ''}; expected readable PNG/JPEG files (re-download or remove "
+                        "them from the table)")
+
+
 def _split_counts(n: int, frac_b: float, frac_test: float) -> tuple[int, int, int]:
     """(train, cls_b, test) for a group of n: rounded fractions, test >= 1 from n = 2,
     cls_b >= 1 from n = 3, train always >= 1."""
@@ -106,6 +124,7 @@ def prepare_isic(dataset_dir: Path, out_dir: Path, *, size: int, frac_cls_b: flo
     if df.empty:
         raise DataError(f"{labels_path}: no rows")
     files = _find_images(dataset_dir / "images", df["image"].tolist(), labels_path)
+    _verify_images(files, labels_path)
     df["path"] = [workspace_path(f) for f in files]
     df["prompt"] = [labels_to_prompt(r) for r in df[LABEL_COLUMNS].to_dict("records")]
 
@@ -183,33 +202,13 @@ def prepare_cxr(
 
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     meta_path = dataset_dir / "metadata.csv"
-    meta = read_table(meta_path, ["image", "view", "split", "report"])
-    meta["image"] = meta["image"].astype(str)
-    meta["view"] = meta["view"].astype(str).str.strip().str.upper()
-    meta["split"] = meta["split"].astype(str).str.strip().str.lower()
-    phantom = _is_phantom(meta)
-    n_all = len(meta)
-    meta = meta[meta["view"].isin(["PA", "AP"])].reset_index(drop=True)
-    meta["impression"] = [extract_impression(r) for r in meta["report"]]
-    no_imp = meta["impression"].str.len() == 0
-    meta = meta[~no_imp].reset_index(drop=True)
+    meta, phantom, n_all, no_imp = _cxr_impressions(meta_path)
 
     tokenizer = load_tokenizer(Path(tokenizer_dir))
     meta["n_tokens"] = [count_tokens(tokenizer, t) for t in progress(meta["impression"], desc="count tokens")]
     long = meta["n_tokens"] > max_tokens
     kept = meta[~long].reset_index(drop=True)
-
-    if phantom:
-        truth = kept[PATHOLOGIES].apply(pd.to_numeric, errors="coerce") if all(c in kept for c in PATHOLOGIES) else None
-        if truth is None:
-            raise DataError(f"{meta_path}: phantom metadata lacks pathology columns; expected {PATHOLOGIES}")
-        labels = pd.DataFrame([label_report(t) for t in kept["impression"]], columns=PATHOLOGIES)
-    else:
-        missing = [c for c in PATHOLOGIES if c not in kept.columns]
-        if missing:
-            raise DataError(f"{meta_path}: real metadata lacks CheXpert columns {missing}; expected {PATHOLOGIES}")
-        labels = kept[PATHOLOGIES].apply(pd.to_numeric, errors="coerce")
-        truth = None
+    labels, truth = _cxr_labels(kept, phantom, meta_path)
 
     train_pool = np.flatnonzero((kept["split"] == "train").to_numpy())
     test_pool = np.flatnonzero(((kept["split"] == "test") & (kept["view"] == "PA")).to_numpy())
@@ -222,22 +221,7 @@ def prepare_cxr(
     train_idx = np.sort(rng.choice(train_pool, size=n_train, replace=False))
     test_idx = np.sort(rng.choice(test_pool, size=n_test, replace=False))
     chosen = np.concatenate([train_idx, test_idx])
-
-    sel = kept.iloc[chosen].reset_index(drop=True)
-    files = _find_images(dataset_dir / "images", sel["image"].tolist(), meta_path)
-    pairs = pd.DataFrame({
-        "image": sel["image"], "path": [workspace_path(f) for f in files],
-        "split": ["train"] * n_train + ["test"] * n_test, "view": sel["view"],
-        "impression": sel["impression"], "n_tokens": sel["n_tokens"].astype(int),
-    })
-    for c in PATHOLOGIES:
-        pairs[c] = labels[c].iloc[chosen].to_numpy()
-    if truth is not None:
-        for c in PATHOLOGIES:
-            pairs[f"gt_{c}"] = truth[c].iloc[chosen].to_numpy()
-    if phantom:
-        for c in PSI_NAMES:
-            pairs[c] = sel[c].astype(float).to_numpy()
+    pairs = _cxr_pairs(kept, chosen, labels, truth, phantom, dataset_dir, meta_path, n_train=n_train, n_test=n_test)
 
     canon_rows = np.sort(rng.choice(n_train, size=min(n_canonical, n_train), replace=False))
     acc = torch.zeros(1, size, size, dtype=torch.float64)
@@ -256,6 +240,68 @@ def prepare_cxr(
     }
     for c in PATHOLOGIES:
         metrics[f"train_positive_{c}"] = float((pairs.loc[pairs.split == "train", c] == 1).mean())
+    _write_cxr_outputs(out_dir, pairs, canonical, labels, truth, metrics)
+    return metrics
+
+
+def _cxr_impressions(meta_path: Path) -> tuple[pd.DataFrame, bool, int, pd.Series]:
+    """(PA/AP rows of metadata.csv with a non-empty impression, phantom data?, number of rows read,
+    mask of the PA/AP rows dropped for an empty impression)."""
+    meta = read_table(meta_path, ["image", "view", "split", "report"])
+    meta["image"] = meta["image"].astype(str)
+    meta["view"] = meta["view"].astype(str).str.strip().str.upper()
+    meta["split"] = meta["split"].astype(str).str.strip().str.lower()
+    phantom = _is_phantom(meta)
+    n_all = len(meta)
+    meta = meta[meta["view"].isin(["PA", "AP"])].reset_index(drop=True)
+    meta["impression"] = [extract_impression(r) for r in meta["report"]]
+    no_imp = meta["impression"].str.len() == 0
+    meta = meta[~no_imp].reset_index(drop=True)
+    return meta, phantom, n_all, no_imp
+
+
+def _cxr_labels(kept: pd.DataFrame, phantom: bool, meta_path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(labels used downstream, true labels or None): phantoms are labelled from the impression by
+    ``label_report`` (their metadata labels are the truth); real data keeps its CheXpert columns."""
+    if phantom:
+        truth = kept[PATHOLOGIES].apply(pd.to_numeric, errors="coerce") if all(c in kept for c in PATHOLOGIES) else None
+        if truth is None:
+            raise DataError(f"{meta_path}: phantom metadata lacks pathology columns; expected {PATHOLOGIES}")
+        labels = pd.DataFrame([label_report(t) for t in kept["impression"]], columns=PATHOLOGIES)
+    else:
+        missing = [c for c in PATHOLOGIES if c not in kept.columns]
+        if missing:
+            raise DataError(f"{meta_path}: real metadata lacks CheXpert columns {missing}; expected {PATHOLOGIES}")
+        labels = kept[PATHOLOGIES].apply(pd.to_numeric, errors="coerce")
+        truth = None
+    return labels, truth
+
+
+def _cxr_pairs(kept: pd.DataFrame, chosen: np.ndarray, labels: pd.DataFrame, truth: pd.DataFrame | None,
+               phantom: bool, dataset_dir: Path, meta_path: Path, *, n_train: int, n_test: int) -> pd.DataFrame:
+    """pairs.csv rows of the ``chosen`` rows of ``kept``: image path, split, impression, labels
+    (+ gt_<class> and the posture psi for phantoms)."""
+    sel = kept.iloc[chosen].reset_index(drop=True)
+    files = _find_images(dataset_dir / "images", sel["image"].tolist(), meta_path)
+    pairs = pd.DataFrame({
+        "image": sel["image"], "path": [workspace_path(f) for f in files],
+        "split": ["train"] * n_train + ["test"] * n_test, "view": sel["view"],
+        "impression": sel["impression"], "n_tokens": sel["n_tokens"].astype(int),
+    })
+    for c in PATHOLOGIES:
+        pairs[c] = labels[c].iloc[chosen].to_numpy()
+    if truth is not None:
+        for c in PATHOLOGIES:
+            pairs[f"gt_{c}"] = truth[c].iloc[chosen].to_numpy()
+    if phantom:
+        for c in PSI_NAMES:
+            pairs[c] = sel[c].astype(float).to_numpy()
+    return pairs
+
+
+def _write_cxr_outputs(out_dir: Path, pairs: pd.DataFrame, canonical: torch.Tensor, labels: pd.DataFrame,
+                       truth: pd.DataFrame | None, metrics: dict[str, float]) -> None:
+    """pairs.csv, canonical.png/.safetensors and (phantoms) labeler_eval.json, whose F1s are added to ``metrics``."""
     with atomic_dir(out_dir) as tmp:
         write_table(pairs, tmp / "pairs.csv")
         save_image(canonical, tmp / "canonical.png")
@@ -269,4 +315,3 @@ def prepare_cxr(
             write_json(tmp / "labeler_eval.json", _nan_to_none(ev))
             metrics.update({"labeler_macro_f1": ev["macro_f1"], "labeler_micro_f1": ev["micro_f1"],
                             "labeler_agreement": ev["agreement"]})
-    return metrics

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import pandas as pd
 
@@ -141,28 +141,9 @@ def augment_experiment(
                            "subset": test["subset"], "label": test["MEL"].astype(int), "prob": prob})
         per_image_all.append(pi)
         groups = subgroup_metrics(pi)
-        train["subset"] = [subset_name(r) for r in train[ARTIFACTS4].to_dict("records")]
-        summary["conditions"][cond] = {  # type: ignore[index]
-            "manifest": None if manifest is None else str(manifest),
-            "n_train_real": int(len(train_real)),
-            "n_train_synthetic": int(len(synth)),
-            "train_counts": {
-                "subset": {str(k): int(v) for k, v in train.groupby("subset").size().items()},
-                "artifact": {f"{a}={v}": int((train[a] == v).sum()) for a in ARTIFACTS4 for v in (1, 0)},
-            },
-            **groups,
-            "classifier": clf,
-        }
-        k = _metric_key(cond)
-        flat[f"{k}/acc"] = groups["overall"]["all"]["acc"]
-        flat[f"{k}/auroc"] = groups["overall"]["all"]["auroc"]
-        flat[f"{k}/n_train_synthetic"] = float(len(synth))
-        for kind in ("artifact", "subset"):
-            for g, m in groups[kind].items():
-                flat[f"{k}/auroc/{_metric_key(g)}"] = m["auroc"]
-                flat[f"{k}/acc/{_metric_key(g)}"] = m["acc"]
-        sub = [m["auroc"] for m in groups["subset"].values() if not math.isnan(m["auroc"])]
-        flat[f"{k}/worst_auroc"] = float(min(sub)) if sub else math.nan
+        summary["conditions"][cond] = _condition_summary(  # type: ignore[index]
+            manifest, train, n_train_real=len(train_real), n_train_synthetic=len(synth), groups=groups, clf=clf)
+        flat.update(_flat_condition_metrics(cond, groups, n_train_synthetic=len(synth)))
 
     if "real" in synthetic:
         for cond in synthetic:
@@ -173,4 +154,40 @@ def augment_experiment(
 
     write_table(pd.concat(per_image_all, ignore_index=True), out_dir / "per_image.csv")
     write_json(out_dir / "summary.json", json_safe(summary | {"metrics": flat}))
+    return flat
+
+
+def _condition_summary(manifest: Path | None, train: pd.DataFrame, *, n_train_real: int, n_train_synthetic: int,
+                       groups: dict[str, Any], clf: dict[str, float]) -> dict[str, Any]:
+    """summary.json entry of one condition: its training set's make-up, subgroup metrics, classifier metrics
+    (adds the ``subset`` column to ``train``)."""
+    from medrl.data.prompts import ARTIFACTS4
+
+    train["subset"] = [subset_name(r) for r in train[ARTIFACTS4].to_dict("records")]
+    return {
+        "manifest": None if manifest is None else str(manifest),
+        "n_train_real": int(n_train_real),
+        "n_train_synthetic": int(n_train_synthetic),
+        "train_counts": {
+            "subset": {str(k): int(v) for k, v in train.groupby("subset").size().items()},
+            "artifact": {f"{a}={v}": int((train[a] == v).sum()) for a in ARTIFACTS4 for v in (1, 0)},
+        },
+        **groups,
+        "classifier": clf,
+    }
+
+
+def _flat_condition_metrics(cond: str, groups: dict[str, Any], *, n_train_synthetic: int) -> dict[str, float]:
+    """The MLflow-safe flat metrics of one condition (accuracy, AUROC overall and per subgroup, worst AUROC)."""
+    flat: dict[str, float] = {}
+    k = _metric_key(cond)
+    flat[f"{k}/acc"] = groups["overall"]["all"]["acc"]
+    flat[f"{k}/auroc"] = groups["overall"]["all"]["auroc"]
+    flat[f"{k}/n_train_synthetic"] = float(n_train_synthetic)
+    for kind in ("artifact", "subset"):
+        for g, m in groups[kind].items():
+            flat[f"{k}/auroc/{_metric_key(g)}"] = m["auroc"]
+            flat[f"{k}/acc/{_metric_key(g)}"] = m["acc"]
+    sub = [m["auroc"] for m in groups["subset"].values() if not math.isnan(m["auroc"])]
+    flat[f"{k}/worst_auroc"] = float(min(sub)) if sub else math.nan
     return flat

@@ -7,7 +7,7 @@ For each class only rows with a 0/1 target are used: uncertain (-1) and NaN rows
 CheXpert convention); -1 is always ignored. A class whose valid targets are all one value has
 no AUROC (NaN); the macro average ("avg") is the mean over classes with a defined AUROC.
 
-CIs resample *rows* (images) jointly for all classes (``bootstrap_ci`` over the aligned
+CIs resample *rows* (images; or whole clusters of rows, ``clusters=``) jointly for all classes (``bootstrap_ci`` over the aligned
 (y, p) arrays), so the macro-average CI respects the correlation between classes. The
 bootstrap AUROC uses the rank (Mann-Whitney) form with mid-ranks, identical to
 ``sklearn.metrics.roc_auc_score`` including ties; replicates where a class has one label
@@ -88,22 +88,30 @@ def auroc_with_ci(
     keep_boot: bool = True,
     items: Sequence[Any] | None = None,
     chunk: int = 100,
+    clusters: Sequence[Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{class: Metric, "avg": Metric} with row-bootstrap percentile CIs (see module docstring).
 
     ``Metric["n"]`` is the number of rows with a valid target for that class (all rows for avg).
-    ``items`` (row ids, e.g. image keys) feed ``boot_key`` for paired model differences."""
+    ``items`` (row ids, e.g. image keys) feed ``boot_key`` for paired model differences.
+    ``clusters`` (one id per row, e.g. the report an image was generated from) resamples whole
+    clusters instead of rows (``medrl.metrics.bootstrap.boot_indices``)."""
     y, p = _check(y_true, y_prob, classes)
     point = per_class_auroc(y, p, classes, nan_as_negative=nan_as_negative)
     y, valid = _valid(y, nan_as_negative)
     n = len(y)
-    idx = boot_indices(n, n_boot=n_boot, seed=seed)
+    idx = boot_indices(n, n_boot=n_boot, seed=seed, clusters=clusters)
     reps = np.empty((n_boot, len(classes)), dtype=np.float64)
-    for start in range(0, n_boot, chunk):  # bounded memory: (chunk, N) per class
-        rows = idx[start:start + chunk]
-        for c in range(len(classes)):
-            reps[start:start + chunk, c] = _rank_auroc(y[rows, c], p[rows, c], valid[rows, c])
-    key = boot_key(seed, n, n_boot, items)
+    if isinstance(idx, np.ndarray):
+        for start in range(0, n_boot, chunk):  # bounded memory: (chunk, N) per class
+            rows = idx[start:start + chunk]
+            for c in range(len(classes)):
+                reps[start:start + chunk, c] = _rank_auroc(y[rows, c], p[rows, c], valid[rows, c])
+    else:  # cluster bootstrap with unequal cluster sizes: replicates of varying length
+        for b, rows in enumerate(idx):
+            for c in range(len(classes)):
+                reps[b, c] = _rank_auroc(y[rows, c][None], p[rows, c][None], valid[rows, c][None])[0]
+    key = boot_key(seed, n, n_boot, items, clusters)
     out: dict[str, dict[str, Any]] = {}
     for c, name in enumerate(classes):
         out[name] = metric_from_reps(point[name], reps[:, c], n=int(valid[:, c].sum()), ci=ci, keep_boot=keep_boot,

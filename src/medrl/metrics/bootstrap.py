@@ -76,23 +76,61 @@ def check_metric(d: Any, *, where: str = "metric") -> dict[str, Any]:
     return dict(d)
 
 
-def boot_key(seed: int, n: int | Sequence[int], n_boot: int, items: Sequence[Any] | None = None) -> str:
-    """Identity of a resampling scheme (see module docstring)."""
-    blob = json.dumps([int(seed), list(n) if isinstance(n, (list, tuple)) else int(n), int(n_boot),
-                       [str(i) for i in items] if items is not None else None])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def boot_key(seed: int, n: int | Sequence[int], n_boot: int, items: Sequence[Any] | None = None,
+             clusters: Sequence[Any] | None = None) -> str:
+    """Identity of a resampling scheme (see module docstring); a cluster bootstrap (``clusters``)
+    never shares a key with a row bootstrap."""
+    parts: list[Any] = [int(seed), list(n) if isinstance(n, (list, tuple)) else int(n), int(n_boot),
+                        [str(i) for i in items] if items is not None else None]
+    if clusters is not None:
+        parts.append(["clusters", [str(c) for c in clusters]])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def boot_indices(n: int, *, n_boot: int, seed: int) -> np.ndarray:
-    """The (n_boot, n) resampling index matrix; a pure function of (n, n_boot, seed)."""
+def cluster_codes(clusters: Sequence[Any], n: int) -> tuple[np.ndarray, int]:
+    """Row -> cluster number (0..K-1, in sorted order of the cluster ids), and K."""
+    labels = np.asarray([str(c) for c in clusters])
+    if len(labels) != n:
+        raise DataError(f"bootstrap: {len(labels)} cluster ids for {n} values; expected one per row")
+    _, codes = np.unique(labels, return_inverse=True)
+    return codes.astype(np.int64), int(codes.max()) + 1
+
+
+def _cluster_draws(k: int, *, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, k, size=(n_boot, k), dtype=np.int64)
+
+
+def boot_indices(n: int, *, n_boot: int, seed: int, clusters: Sequence[Any] | None = None) -> Any:
+    """The (n_boot, n) resampling index matrix; a pure function of (n, n_boot, seed[, clusters]).
+
+    With ``clusters`` (one id per row; e.g. the report each image was generated from) whole
+    clusters are resampled (cluster bootstrap): K clusters drawn with replacement, each bringing
+    all its rows. With equal cluster sizes that is again an (n_boot, n) matrix; with unequal
+    sizes a list of n_boot row-index arrays of varying length."""
     if n < 1:
         raise DataError(f"bootstrap: need at least one item, got n={n}")
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, n, size=(n_boot, n), dtype=np.int64)
+    if clusters is None:
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, n, size=(n_boot, n), dtype=np.int64)
+    codes, k = cluster_codes(clusters, n)
+    draws = _cluster_draws(k, n_boot=n_boot, seed=seed)
+    order = np.argsort(codes, kind="stable")
+    sizes = np.bincount(codes, minlength=k)
+    if np.all(sizes == sizes[0]):
+        members = order.reshape(k, int(sizes[0]))
+        return members[draws].reshape(n_boot, n)
+    members_list = np.split(order, np.cumsum(sizes)[:-1])
+    return [np.concatenate([members_list[c] for c in row]) for row in draws]
 
 
-def boot_counts(n: int, *, n_boot: int, seed: int) -> np.ndarray:
+def boot_counts(n: int, *, n_boot: int, seed: int, clusters: Sequence[Any] | None = None) -> np.ndarray:
     """Same resamples as ``boot_indices`` but as (n_boot, n) multiplicity counts."""
+    if clusters is not None:
+        codes, k = cluster_codes(clusters, n)
+        draws = _cluster_draws(k, n_boot=n_boot, seed=seed)
+        c = np.zeros((n_boot, k), dtype=np.float64)
+        np.add.at(c, (np.repeat(np.arange(n_boot), k), draws.ravel()), 1.0)
+        return c[:, codes]
     idx = boot_indices(n, n_boot=n_boot, seed=seed)
     counts = np.zeros((n_boot, n), dtype=np.float64)
     np.add.at(counts, (np.repeat(np.arange(n_boot), n), idx.ravel()), 1.0)
@@ -133,6 +171,7 @@ def bootstrap_ci(
     method: Method = "percentile",
     keep_boot: bool = False,
     items: Sequence[Any] | None = None,
+    clusters: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Bootstrap over items (rows) -> Metric dict ``{value, lo, hi, n, ci[, boot, boot_key]}``.
 
@@ -142,7 +181,9 @@ def bootstrap_ci(
     finite (e.g. AUROC with one class) are dropped; with fewer than half valid, lo/hi are NaN.
     ``items`` (item ids in row order) only feed ``boot_key`` so paired differences can check
     alignment. ``method="basic"`` gives the reverse-percentile interval (used for biased
-    statistics such as FID).
+    statistics such as FID). ``clusters`` (one id per row) resamples whole clusters instead of
+    rows (see ``boot_indices``): for rows that are not independent, e.g. several images
+    generated from one report.
     """
     arrays = _as_arrays(values)
     n = len(arrays[0])
@@ -151,13 +192,17 @@ def bootstrap_ci(
     if items is not None and len(items) != n:
         raise DataError(f"bootstrap: {len(items)} item ids for {n} values; expected one id per row")
     value = float(stat(*arrays))
-    idx = boot_indices(n, n_boot=n_boot, seed=seed)
     if stat is np.mean and len(arrays) == 1 and arrays[0].ndim == 1:
         x = arrays[0].astype(np.float64)
         if not np.all(np.isfinite(x)):
             raise DataError("bootstrap: values contain NaN/inf; expected finite numbers")
-        reps = x[idx].mean(axis=1)
+        if clusters is None:
+            reps = x[boot_indices(n, n_boot=n_boot, seed=seed)].mean(axis=1)
+        else:
+            counts = boot_counts(n, n_boot=n_boot, seed=seed, clusters=clusters)
+            reps = (counts @ x) / counts.sum(axis=1)
     else:
+        idx = boot_indices(n, n_boot=n_boot, seed=seed, clusters=clusters)
         reps = np.empty(n_boot, dtype=np.float64)
         for b in range(n_boot):
             rows = idx[b]
@@ -166,7 +211,7 @@ def bootstrap_ci(
             except ValueError:  # e.g. sklearn refusing a one-class resample
                 reps[b] = np.nan
     return metric_from_reps(value, reps, n=n, ci=ci, method=method, keep_boot=keep_boot,
-                            key=boot_key(seed, n, n_boot, items))
+                            key=boot_key(seed, n, n_boot, items, clusters))
 
 
 def metric_from_reps(

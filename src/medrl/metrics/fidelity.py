@@ -45,7 +45,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -429,6 +429,7 @@ def fid_kid(
     batch_size: int = 64,
     image_size: int | None = None,
     verbose: bool = True,
+    fake_clusters: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """FID and KID between real and generated images, with bootstrap CIs.
 
@@ -437,7 +438,8 @@ def fid_kid(
     or a ``ModuleExtractorSpec``. Returns ``fid, kid_mean, kid_std, n_real, n_fake`` (floats /
     ints, torch-fidelity's numbers), ``fid_metric`` / ``kid_metric`` (Metric dicts with paired
     replicates, see module docstring), ``feature_extractor`` (description), ``feature_dim``,
-    ``kid_subset_size`` (as used)."""
+    ``kid_subset_size`` (as used). ``fake_clusters`` ({item_key(path): cluster id}, e.g. the
+    report each generated image comes from) resamples the generated images by cluster."""
     real_paths, fake_paths = list_images(real), list_images(fake)
     if len(real_paths) < 2 or len(fake_paths) < 2:
         raise DataError(f"FID/KID need at least 2 images per set; got {len(real_paths)} real ({real!s:.200}), "
@@ -453,9 +455,15 @@ def fid_kid(
                                                      subsets=kid_subsets, seed=seed)
     # Different seeds for the two index matrices, both pure functions of (seed, n).
     c_real = boot_counts(n_real, n_boot=n_boot, seed=seed)
-    c_fake = boot_counts(n_fake, n_boot=n_boot, seed=seed + 1)
+    clusters = None
+    if fake_clusters is not None:
+        missing = [str(p) for p in fake_paths if item_key(p) not in fake_clusters][:3]
+        if missing:
+            raise DataError(f"FID/KID: no cluster id for generated images {missing}")
+        clusters = [fake_clusters[item_key(p)] for p in fake_paths]
+    c_fake = boot_counts(n_fake, n_boot=n_boot, seed=seed + 1, clusters=clusters)
     key = boot_key(seed, [n_real, n_fake], n_boot,
-                   [item_key(p) for p in real_paths] + ["|"] + [item_key(p) for p in fake_paths])
+                   [item_key(p) for p in real_paths] + ["|"] + [item_key(p) for p in fake_paths], clusters)
     fid_metric = metric_from_reps(fid, fid_replicates(f_real, f_fake, c_real, c_fake), n=n_fake, ci=ci,
                                   method="basic", keep_boot=True, key=key)
     if np.isfinite(fid_metric["lo"]):

@@ -134,14 +134,9 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
     """Write ``out_dir/metrics.json`` (tables.rl4med schema) and ``out_dir/per_image.csv``.
     With ``stack_dir`` (and the VAE's ``image_size``) also the APR ceiling of that stack's VAE
     (``vae_artifact_ceiling``) under ``vae_ceiling``."""
-    from medrl.data.prompts import HEADS6, prompt_to_labels
     from medrl.metrics.apr import evaluate_apr
     from medrl.metrics.bootstrap import bootstrap_ci
-    from medrl.metrics.fidelity import INCEPTION, ModuleExtractorSpec, fid_kid, item_key
-    from medrl.metrics.perceptual import (EFFICIENTNET_B0_TAPS, construction_name, lpips_from_local,
-                                          perceptual_net_from_sequential)
-    from medrl.models.classifiers import load_classifier, predict_probs
-    from medrl.rewards.isic import match_reward
+    from medrl.metrics.fidelity import item_key
 
     samples_dir, prepared_dir, out_dir = Path(samples_dir), Path(prepared_dir), Path(out_dir)
     n_boot, ci, seed = int(metrics["bootstrap"]), float(metrics["ci"]), int(metrics["seed"])
@@ -151,17 +146,7 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
     per_image["item"] = [item_key(Path(p)) for p in per_image["path"]]
     per_image = per_image.sort_values("item", kind="stable").reset_index(drop=True)
     items = per_image["item"].tolist()
-
-    # The H=6 reward the policy was trained on, re-scored on the held-out-seed samples.
-    h6 = load_classifier(clf_h6_dir, device=device)
-    probs6 = torch.from_numpy(predict_probs(h6, per_image, device=device, desc="H=6 reward"))
-    order = [h6.heads.index(h) for h in HEADS6]
-    target6 = torch.tensor([[prompt_to_labels(p)[h] for h in HEADS6] for p in per_image["prompt"]], dtype=torch.float32)
-    per_image["reward"] = match_reward(probs6[:, order], target6).numpy()
-    pred6 = (probs6[:, order] > 0.5).numpy()
-    for j, h in enumerate(HEADS6):
-        per_image[f"h6_pred_{h}"] = pred6[:, j].astype(int)
-    breakdown = reward_head_breakdown(pred6, target6.numpy(), list(HEADS6), per_image["prompt"].tolist())
+    breakdown = _score_h6_reward(per_image, clf_h6_dir, device)
 
     boot = dict(n_boot=n_boot, ci=ci, seed=seed, keep_boot=True)
     result: dict[str, Any] = {
@@ -174,35 +159,8 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
         prompt: bootstrap_ci(g["exact"].to_numpy(float), items=g["item"].tolist(), **boot)
         for prompt, g in per_image.groupby("prompt", sort=True)
     }
-
-    # FID / KID: generated vs the held-out real test images.
-    prepared_items = read_table(prepared_dir / "items.csv", ["path", "split"])
-    real_test = [Path(p) for p in prepared_items.loc[prepared_items.split == "test", "path"]]
-    h4 = load_classifier(clf_h4_dir, device=device)
-    if metrics.get("inception_weights"):
-        extractor: Any = INCEPTION
-    else:
-        extractor = ModuleExtractorSpec(module=h4.net, name="EfficientNet-B0 H=4 metric classifier (phantom-trained), 1280-d",
-                                        features=effnet_penultimate, input_size=h4.size, in_channels=3,
-                                        mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    fk = fid_kid(real_test, [Path(p) for p in per_image["path"]], extractor=extractor,
-                 weights_path=metrics.get("inception_weights"), kid_subset_size=int(metrics["kid_subset_size"]),
-                 device=device, n_boot=n_boot, ci=ci, seed=seed)
-    result.update(fid=fk["fid_metric"], kid=fk["kid_metric"], feature_extractor=fk["feature_extractor"])
-
-    # Perceptual distance between real and generated images of the same prompt.
-    if metrics.get("lpips_weights"):
-        net = lpips_from_local(metrics["lpips_weights"])
-    else:
-        net = perceptual_net_from_sequential(h4.net.features, EFFICIENTNET_B0_TAPS,
-                                             name=construction_name("EfficientNet-B0 H=4 (phantom-trained)"),
-                                             input_size=h4.size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    fake_by_prompt = {p: [Path(x) for x in g["path"]] for p, g in per_image.groupby("prompt", sort=True)}
-    pairs, perc = perceptual_distance_call(_real_by_prompt(prepared_dir), fake_by_prompt, net, seed, device, n_boot, ci)
-    result["perceptual"] = {k: perc[k] for k in ("value", "lo", "hi", "n", "ci", "method", "boot", "boot_key") if k in perc}
-    result["perceptual_name"] = perc["name"]
-    if perc.get("prompts_skipped"):
-        result["perceptual_prompts_skipped"] = perc["prompts_skipped"]
+    h4 = _fid_kid_against_real_test(result, per_image, prepared_dir, clf_h4_dir, metrics, device)
+    pairs = _perceptual_against_real(result, per_image, prepared_dir, h4, metrics, device)
 
     extra: dict[str, float] = {}
     if stack_dir is not None:
@@ -225,6 +183,71 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
             "n_images": float(len(per_image)), "reward_within_prompt_var": breakdown["reward_within_prompt_var"],
             **{f"h6_within_var_{h}": v["within_prompt_var"] for h, v in breakdown["heads"].items()},
             **{f"h4_{k}": v for k, v in apr_summary.items() if k.startswith("acc_")}, **extra}
+
+
+def _score_h6_reward(per_image: pd.DataFrame, clf_h6_dir: Path, device: str) -> dict[str, Any]:
+    """The H=6 reward the policy was trained on, re-scored on the held-out-seed samples: adds the
+    ``reward`` and ``h6_pred_<head>`` columns to ``per_image``; returns the per-head breakdown."""
+    from medrl.data.prompts import HEADS6, prompt_to_labels
+    from medrl.models.classifiers import load_classifier, predict_probs
+    from medrl.rewards.isic import match_reward
+
+    h6 = load_classifier(clf_h6_dir, device=device)
+    probs6 = torch.from_numpy(predict_probs(h6, per_image, device=device, desc="H=6 reward"))
+    order = [h6.heads.index(h) for h in HEADS6]
+    target6 = torch.tensor([[prompt_to_labels(p)[h] for h in HEADS6] for p in per_image["prompt"]], dtype=torch.float32)
+    per_image["reward"] = match_reward(probs6[:, order], target6).numpy()
+    pred6 = (probs6[:, order] > 0.5).numpy()
+    for j, h in enumerate(HEADS6):
+        per_image[f"h6_pred_{h}"] = pred6[:, j].astype(int)
+    return reward_head_breakdown(pred6, target6.numpy(), list(HEADS6), per_image["prompt"].tolist())
+
+
+def _fid_kid_against_real_test(result: dict[str, Any], per_image: pd.DataFrame, prepared_dir: Path, clf_h4_dir: Path,
+                               metrics: dict[str, Any], device: str) -> Any:
+    """FID / KID of the generated images vs the held-out real test images (into ``result``); returns
+    the H=4 metric classifier (its features stand in when no Inception weights are given)."""
+    from medrl.metrics.fidelity import INCEPTION, ModuleExtractorSpec, fid_kid
+    from medrl.models.classifiers import load_classifier
+
+    n_boot, ci, seed = int(metrics["bootstrap"]), float(metrics["ci"]), int(metrics["seed"])
+    prepared_items = read_table(prepared_dir / "items.csv", ["path", "split"])
+    real_test = [Path(p) for p in prepared_items.loc[prepared_items.split == "test", "path"]]
+    h4 = load_classifier(clf_h4_dir, device=device)
+    if metrics.get("inception_weights"):
+        extractor: Any = INCEPTION
+    else:
+        extractor = ModuleExtractorSpec(module=h4.net, name="EfficientNet-B0 H=4 metric classifier (phantom-trained), 1280-d",
+                                        features=effnet_penultimate, input_size=h4.size, in_channels=3,
+                                        mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    fk = fid_kid(real_test, [Path(p) for p in per_image["path"]], extractor=extractor,
+                 weights_path=metrics.get("inception_weights"), kid_subset_size=int(metrics["kid_subset_size"]),
+                 device=device, n_boot=n_boot, ci=ci, seed=seed)
+    result.update(fid=fk["fid_metric"], kid=fk["kid_metric"], feature_extractor=fk["feature_extractor"])
+    return h4
+
+
+def _perceptual_against_real(result: dict[str, Any], per_image: pd.DataFrame, prepared_dir: Path, h4: Any,
+                             metrics: dict[str, Any], device: str) -> pd.DataFrame:
+    """Perceptual distance between real and generated images of the same prompt (into ``result``);
+    returns the scored pairs."""
+    from medrl.metrics.perceptual import (EFFICIENTNET_B0_TAPS, construction_name, lpips_from_local,
+                                          perceptual_net_from_sequential)
+
+    n_boot, ci, seed = int(metrics["bootstrap"]), float(metrics["ci"]), int(metrics["seed"])
+    if metrics.get("lpips_weights"):
+        net = lpips_from_local(metrics["lpips_weights"])
+    else:
+        net = perceptual_net_from_sequential(h4.net.features, EFFICIENTNET_B0_TAPS,
+                                             name=construction_name("EfficientNet-B0 H=4 (phantom-trained)"),
+                                             input_size=h4.size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    fake_by_prompt = {p: [Path(x) for x in g["path"]] for p, g in per_image.groupby("prompt", sort=True)}
+    pairs, perc = perceptual_distance_call(_real_by_prompt(prepared_dir), fake_by_prompt, net, seed, device, n_boot, ci)
+    result["perceptual"] = {k: perc[k] for k in ("value", "lo", "hi", "n", "ci", "method", "boot", "boot_key") if k in perc}
+    result["perceptual_name"] = perc["name"]
+    if perc.get("prompts_skipped"):
+        result["perceptual_prompts_skipped"] = perc["prompts_skipped"]
+    return pairs
 
 
 def perceptual_distance_call(real_by_prompt, fake_by_prompt, net, seed, device, n_boot, ci) -> tuple[pd.DataFrame, dict]:

@@ -13,7 +13,7 @@ features before the last Linear. Trained from scratch on 879 64-px phantoms, the
 EfficientNet never finds the thin purple ink strokes and small white gel bubbles (test
 AUROC 0.60 / 0.63, train 0.65 / 0.65: it underfits) although one colour statistic separates them (0.86 /
 0.98); its stride-2 stem and 32x downsampling dilute a few pixels of colour. The branch is
-a learned colour/edge detector that keeps them (docs/RESULTS.md, experiment G). 0 gives the
+a learned colour/edge detector that keeps them (docs/NOTEBOOK.md, ISIC-06). 0 gives the
 plain torchvision network (the paper's, and the published checkpoints' layout).
 
 ImageNet normalisation happens inside ``forward`` so every caller (reward, APR, augmentation)
@@ -383,11 +383,11 @@ def predict_probs(
 
 
 def recalibrate_bn_loader(model: nn.Module, loader: Any, device: torch.device) -> None:
-    """BatchNorm recalibration (medrl.models.posture.recalibrate_bn) over a loader's images.
+    """BatchNorm recalibration (medrl.models.training.recalibrate_bn) over a loader's images.
 
     A from-scratch EfficientNet trained for a few hundred steps has running statistics that
     lag its weights (eval-mode outputs near chance); one pass over un-augmented images fixes it."""
-    from medrl.models.posture import recalibrate_bn
+    from medrl.models.training import recalibrate_bn
 
     recalibrate_bn(model, (_split_batch(b)[0].float() for b in progress(loader, desc="recalibrate BatchNorm", total=len(loader))), device)
 
@@ -418,16 +418,23 @@ def _load_ckpt(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: 
     """Restore a checkpoint written by ``_save_ckpt`` if it belongs to this run, else None."""
     from safetensors import safe_open
 
+    from medrl.checkpoints import read_or_set_aside
+
     if not path.is_file():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
+
+    def read(p: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | bool:
+        with safe_open(str(p), framework="pt") as f:
             info = json.loads(f.metadata()["info"])
             if info.get("fingerprint") != fingerprint:
-                return None  # another configuration's checkpoint: start over
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception:  # a truncated/corrupt checkpoint is not worth failing the stage for
+                return False  # another configuration's checkpoint: start over
+            return info, {k: f.get_tensor(k) for k in f.keys()}
+
+    # a truncated/corrupt checkpoint is reported and set aside (<name>.corrupt), not fatal
+    got = read_or_set_aside(path, read)
+    if not got:
         return None
+    info, tensors = got
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
@@ -490,62 +497,18 @@ def train_classifier(
         labels=hashlib.sha256(train_rows[heads].to_numpy().astype(np.int8).tobytes()).hexdigest(),
     )
     ds = _dataset(train_rows, heads, size)
-    drop_last = len(ds) > batch_size  # BatchNorm cannot train on a last batch of one image
-    steps_per_epoch = len(ds) // batch_size if drop_last else 1
     ckpt = ckpt_dir / _CKPT_NAME
     t0 = time.perf_counter()
-
-    # Library code must not disturb the caller's global RNG (dropout and init use it).
-    with torch.random.fork_rng(devices=_rng_devices(dev)):
-        torch.manual_seed(seed)
-        model = build_classifier(heads, arch=arch, imagenet_weights=imagenet_weights, pixel_branch=pixel_branch).to(dev)
-        model.size = size
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-        info = _load_ckpt(ckpt, model, opt, sched, fingerprint)
-        start = int(info["epoch"]) + 1 if info else 0
-        losses: list[float] = list(info["losses"]) if info else []
-        for epoch in progress(range(start, epochs), desc=f"train classifier {'/'.join(heads)}", total=epochs, initial=start):
-            torch.manual_seed(seed * 100_003 + epoch)
-            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            loader = torch.utils.data.DataLoader(
-                ds, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=gen,
-                num_workers=num_workers, pin_memory=dev.type == "cuda",
-            )
-            model.train()
-            total, count = 0.0, 0
-            for batch in loader:
-                img, lab = _split_batch(batch)
-                img = augment_batch(img.to(dev, non_blocking=True).float(), gen)
-                lab = lab.to(dev).float().view(img.shape[0], len(heads))
-                loss = nn.functional.binary_cross_entropy_with_logits(model(img), lab)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * img.shape[0]
-                count += img.shape[0]
-            losses.append(total / max(count, 1))
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            _save_ckpt(ckpt, model, opt, sched, {"fingerprint": fingerprint, "epoch": epoch, "losses": losses})
-        # Inside fork_rng for a clean global RNG; deterministic, so a resumed run agrees.
-        bn_loader = torch.utils.data.DataLoader(ds, batch_size=max(batch_size, 64), shuffle=False, num_workers=num_workers)
-        recalibrate_bn_loader(model, bn_loader, dev)
+    model, losses = _fit_classifier(
+        ds, heads, dev, ckpt, fingerprint, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+        seed=seed, imagenet_weights=imagenet_weights, weight_decay=weight_decay, num_workers=num_workers,
+        pixel_branch=pixel_branch)
     train_s = time.perf_counter() - t0
 
     model.eval()
     probs = predict_probs(model, eval_rows, size=size, device=dev, batch_size=max(batch_size, 64), desc=f"eval {eval_split}")
     labels = eval_rows[heads].to_numpy().astype(int)
-    metrics: dict[str, float] = {}
-    per_head: dict[str, dict[str, float]] = {}
-    for j, h in enumerate(heads):
-        m = binary_metrics(probs[:, j], labels[:, j])
-        per_head[h] = m
-        metrics[f"auroc_{h}"] = m["auroc"]
-        metrics[f"acc_{h}"] = m["acc"]
-    metrics["auroc_macro"] = _nanmean([per_head[h]["auroc"] for h in heads])
-    metrics["acc_macro"] = _nanmean([per_head[h]["acc"] for h in heads])
-    metrics["exact_match"] = float(((probs > 0.5).astype(int) == labels).all(axis=1).mean())
+    metrics, per_head = _head_metrics(probs, labels, heads)
     metrics["train_loss"] = float(losses[-1]) if losses else math.nan
     metrics["n_train"] = float(len(train_rows))
     metrics["n_eval"] = float(len(eval_rows))
@@ -566,3 +529,70 @@ def train_classifier(
     if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
+
+
+def _fit_classifier(ds: Any, heads: list[str], dev: torch.device, ckpt: Path, fingerprint: str, *, arch: str,
+                    size: int, epochs: int, batch_size: int, lr: float, seed: int, imagenet_weights: str | None,
+                    weight_decay: float, num_workers: int, pixel_branch: int) -> tuple[ArtifactClassifier, list[float]]:
+    """Build (or resume) and train the classifier, checkpointing after every epoch, then recalibrate
+    BatchNorm; returns (model, mean loss per epoch). The caller's global RNG is left untouched."""
+    drop_last = len(ds) > batch_size  # BatchNorm cannot train on a last batch of one image
+    steps_per_epoch = len(ds) // batch_size if drop_last else 1
+    # Library code must not disturb the caller's global RNG (dropout and init use it).
+    with torch.random.fork_rng(devices=_rng_devices(dev)):
+        torch.manual_seed(seed)
+        model = build_classifier(heads, arch=arch, imagenet_weights=imagenet_weights, pixel_branch=pixel_branch).to(dev)
+        model.size = size
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+        info = _load_ckpt(ckpt, model, opt, sched, fingerprint)
+        start = int(info["epoch"]) + 1 if info else 0
+        losses: list[float] = list(info["losses"]) if info else []
+        for epoch in progress(range(start, epochs), desc=f"train classifier {'/'.join(heads)}", total=epochs, initial=start):
+            torch.manual_seed(seed * 100_003 + epoch)
+            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            loader = torch.utils.data.DataLoader(
+                ds, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=gen,
+                num_workers=num_workers, pin_memory=dev.type == "cuda",
+            )
+            losses.append(_train_epoch(model, opt, sched, loader, gen, len(heads), dev))
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            _save_ckpt(ckpt, model, opt, sched, {"fingerprint": fingerprint, "epoch": epoch, "losses": losses})
+        # Inside fork_rng for a clean global RNG; deterministic, so a resumed run agrees.
+        bn_loader = torch.utils.data.DataLoader(ds, batch_size=max(batch_size, 64), shuffle=False, num_workers=num_workers)
+        recalibrate_bn_loader(model, bn_loader, dev)
+    return model, losses
+
+
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, loader: Any, gen: torch.Generator,
+                 n_heads: int, dev: torch.device) -> float:
+    """One epoch of augmented multi-label BCE steps; returns the epoch's mean loss per image."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        img, lab = _split_batch(batch)
+        img = augment_batch(img.to(dev, non_blocking=True).float(), gen)
+        lab = lab.to(dev).float().view(img.shape[0], n_heads)
+        loss = nn.functional.binary_cross_entropy_with_logits(model(img), lab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss.detach()) * img.shape[0]
+        count += img.shape[0]
+    return total / max(count, 1)
+
+
+def _head_metrics(probs: np.ndarray, labels: np.ndarray, heads: list[str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(per-head and macro AUROC/accuracy plus exact match, per-head binary metrics)."""
+    metrics: dict[str, float] = {}
+    per_head: dict[str, dict[str, float]] = {}
+    for j, h in enumerate(heads):
+        m = binary_metrics(probs[:, j], labels[:, j])
+        per_head[h] = m
+        metrics[f"auroc_{h}"] = m["auroc"]
+        metrics[f"acc_{h}"] = m["acc"]
+    metrics["auroc_macro"] = _nanmean([per_head[h]["auroc"] for h in heads])
+    metrics["acc_macro"] = _nanmean([per_head[h]["acc"] for h in heads])
+    metrics["exact_match"] = float(((probs > 0.5).astype(int) == labels).all(axis=1).mean())
+    return metrics, per_head

@@ -48,16 +48,16 @@ from torch import nn
 
 from medrl.errors import DataError
 from medrl.io import atomic_dir, read_json, write_json
-from medrl.models.posture import (
+from medrl.models.training import (
     TORCH_LOAD_ERRORS,
-    _split,
-    _u8,
     cosine_lr,
     fingerprint,
     images_from_pairs,
     load_train_state,
     recalibrate_bn,
     save_train_state,
+    split_rows,
+    to_unit,
 )
 from medrl.progress import progress
 
@@ -549,7 +549,7 @@ def train_dual_encoder(
     (``retrieval_metrics``). Writes ``out_dir`` (``save_dual_encoder`` layout).
     ``augment``: strength of ``augment_cxr`` on training batches (0 = none)."""
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
-    train, test = _split(pairs, "train"), _split(pairs, "test")
+    train, test = split_rows(pairs, "train"), split_rows(pairs, "test")
     if len(train) == 0:
         raise DataError("pairs: no rows with split == 'train'")
     t_train = _texts(train)
@@ -584,20 +584,12 @@ def train_dual_encoder(
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(lr, epoch * steps + i, total_steps, warmup=min(steps, total_steps // 10))
             idx = perm[i * batch_size : (i + 1) * batch_size]
-            texts = [t_train[j] for j in idx.tolist()]
-            xb = augment_cxr(_u8(x_train[idx]), aug_gen, augment)
-            img = F.normalize(model.encode_image(model.preprocess_images(xb.to(device))), dim=-1)
-            txt = F.normalize(model.encode_text(model.tokenize(texts, device)), dim=-1)
-            loss = clip_loss(img, txt, model.logit_scale, texts)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
+            total += _clip_step(model, opt, x_train, t_train, idx, aug_gen, augment, device)
         history.append({"epoch": epoch + 1, "train_loss": total / steps, "seconds": time.perf_counter() - t0,
                         "temperature": float(1.0 / model.logit_scale.detach().exp().clamp(max=100.0))})
         save_train_state(ckpt, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optim": opt.state_dict(), "history": history})
 
-    recalibrate_bn(model.image_encoder, [model.preprocess_images(_u8(x_train[i : i + 256])) for i in range(0, n, 256)], device)
+    recalibrate_bn(model.image_encoder, [model.preprocess_images(to_unit(x_train[i : i + 256])) for i in range(0, n, 256)], device)
     model = model.cpu().eval()
     metrics: dict[str, float] = {
         "train_loss_final": float(history[-1]["train_loss"]) if history else float("nan"),
@@ -607,12 +599,33 @@ def train_dual_encoder(
         "vocab_size": float(len(tokenizer)),
     }
     if len(test):
-        x_test = _u8(images_from_pairs(test, size, base=base, desc="dualenc: load test"))
-        t_test = _texts(test)
-        m = retrieval_metrics(embed_images(model, x_test), embed_texts(model, t_test), t_test)
-        metrics.update({f"test_{k}": v for k, v in m.items()})
-        metrics["test_n"] = float(len(test))
-        metrics["test_unique_reports"] = float(len(set(t_test)))
+        metrics.update(_retrieval_test_metrics(model, test, size, base))
     save_dual_encoder(model, out_dir, {"metrics": metrics, "history": history})
     ckpt.unlink(missing_ok=True)
+    return metrics
+
+
+def _clip_step(model: DualEncoder, opt: torch.optim.Optimizer, x_train: torch.Tensor, t_train: list[str],
+               idx: torch.Tensor, aug_gen: torch.Generator, augment: float, device: str) -> float:
+    """One CLIP step on the (augmented) batch ``idx``; returns its loss."""
+    texts = [t_train[j] for j in idx.tolist()]
+    xb = augment_cxr(to_unit(x_train[idx]), aug_gen, augment)
+    img = F.normalize(model.encode_image(model.preprocess_images(xb.to(device))), dim=-1)
+    txt = F.normalize(model.encode_text(model.tokenize(texts, device)), dim=-1)
+    loss = clip_loss(img, txt, model.logit_scale, texts)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _retrieval_test_metrics(model: DualEncoder, test: pd.DataFrame, size: int, base: str | Path | None
+                            ) -> dict[str, float]:
+    """Image<->text retrieval on the test pairs (``test_``-prefixed ``retrieval_metrics``) and counts."""
+    x_test = to_unit(images_from_pairs(test, size, base=base, desc="dualenc: load test"))
+    t_test = _texts(test)
+    m = retrieval_metrics(embed_images(model, x_test), embed_texts(model, t_test), t_test)
+    metrics = {f"test_{k}": v for k, v in m.items()}
+    metrics["test_n"] = float(len(test))
+    metrics["test_unique_reports"] = float(len(set(t_test)))
     return metrics

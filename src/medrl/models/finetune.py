@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -99,52 +100,20 @@ def finetune_base(
     process). Under ``accelerate launch`` each process draws its own slice of the batch
     and only the main process writes checkpoints and outputs. Resumes from ``ckpt_dir``
     when it holds a checkpoint of the same settings, and deletes ``ckpt_dir`` on success."""
-    from accelerate import Accelerator
-
-    from medrl.models.latents import load_latents
-    from medrl.models.tiny_sd import encode_prompts, load_components
-    from medrl.models.vae_train import load_train_state, save_train_state
+    from medrl.models.tiny_sd import load_components
 
     stack_dir, latents_dir, out_dir, ckpt_dir = Path(stack_dir), Path(latents_dir), Path(out_dir), Path(ckpt_dir)
     if not 0.0 <= cond_dropout < 1.0:
         raise DataError(f"cond_dropout={cond_dropout}: expected a probability in [0, 1)")
-    device = str(device)
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    dev = accelerator.device
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    accelerator = _accelerator(device, mixed_precision)
+    dev, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
 
     c = load_components(str(stack_dir), unet_weights=unet_weights)
     if unet_weights is not None:
-        if main:
-            write_stack_with_unet(stack_dir, c.unet, out_dir)
-            write_table(pd.DataFrame({"step": [], "loss": []}), out_dir / "loss.csv")
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return {"finetune_steps": 0.0, "unet_weights_loaded": 1.0}
-
-    latents, index = load_latents(latents_dir, expect_vae=stack_dir)
-    train = (index["split"] == "train").to_numpy()
-    if not train.any():
-        raise DataError(f"{latents_dir / 'index.csv'}: no rows with split == 'train'")
-    lat = latents[torch.as_tensor(train.copy())]
-    texts = index.loc[train, "text"].astype(str).tolist()
-    if tuple(lat.shape[1:2]) != (c.unet.config.in_channels,):
-        raise DataError(f"{latents_dir}: latents have {lat.shape[1]} channels; the UNet of {stack_dir} "
-                        f"expects {c.unet.config.in_channels}")
-
-    # Row 0 is the unconditional ("") embedding used for dropped prompts.
-    prompts = [""] + sorted(set(texts))
-    pos = {p: i for i, p in enumerate(prompts)}
-    text_idx = torch.tensor([pos[t] for t in texts])
-    with torch.no_grad():
-        emb = torch.cat([encode_prompts(c, prompts[i:i + 64]).float() for i in range(0, len(prompts), 64)])
-
-    sched = c.scheduler
-    n_train_t = int(sched.config.num_train_timesteps)
-    pred_type = sched.config.prediction_type
-    if pred_type not in ("epsilon", "v_prediction"):
-        raise DataError(f"{stack_dir}/scheduler: prediction_type {pred_type!r}; expected epsilon or v_prediction")
+        return _install_given_unet(accelerator, c.unet, stack_dir, out_dir, ckpt_dir)
+    lat, texts = _train_latents(latents_dir, stack_dir, c.unet)
+    prompts, text_idx, emb = _prompt_embeddings(c, texts)
+    n_train_t, pred_type = _noise_target(c.scheduler, stack_dir)
 
     unet = c.unet
     unet.train().requires_grad_(True)
@@ -153,6 +122,129 @@ def finetune_base(
               "latents": (latents_dir / "manifest.json").read_text(), "steps": steps,
               "batch_size": batch_size, "lr": lr, "cond_dropout": cond_dropout, "seed": seed,
               "mixed_precision": mixed_precision, "processes": world}
+    unet, opt, start, losses = _prepare_or_resume(accelerator, unet, opt, ckpt_dir, config)
+    emb, lat, text_idx = emb.to(dev), lat.to(dev), text_idx.to(dev)
+
+    t0 = time.perf_counter()
+    for step in progress(range(start, steps), desc="finetune unet", total=steps - start):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr)
+        loss = _denoising_loss(accelerator, unet, c.scheduler, lat, emb, text_idx, step=step, seed=seed,
+                               batch_size=batch_size, cond_dropout=cond_dropout, n_train_t=n_train_t,
+                               pred_type=pred_type)
+        value = _optimizer_step(accelerator, unet, opt, loss, step)
+        losses.append(value)
+        done = step + 1
+        if done % checkpoint_every == 0 and done < steps:
+            _checkpoint(accelerator, unet, opt, ckpt_dir, done, losses, config)
+        if log_fn is not None and main and (done % log_every == 0 or done == steps):
+            log_fn({"finetune_loss": _mean(losses[-log_every:]), "finetune_lr": _lr_at(step, steps, lr)}, done)
+        if callback is not None:
+            callback(done, value)
+    elapsed = time.perf_counter() - t0
+
+    _write_finetuned(accelerator, unet, stack_dir, out_dir, ckpt_dir, losses)
+    return _finetune_metrics(steps, start, losses, elapsed, n_train=len(lat), n_prompts=len(prompts) - 1)
+
+
+def _finetune_metrics(steps: int, start: int, losses: list[float], elapsed: float, *, n_train: int,
+                      n_prompts: int) -> dict[str, float]:
+    return {
+        "finetune_steps": float(steps),
+        "finetune_resumed_from": float(start),
+        "finetune_loss_first100": _mean(losses[:100]),
+        "finetune_loss_last100": _mean(losses[-100:]),
+        "finetune_steps_per_s": (steps - start) / elapsed if steps > start and elapsed > 0 else float("nan"),
+        "finetune_n_train": float(n_train),
+        "finetune_n_prompts": float(n_prompts),
+    }
+
+
+def _accelerator(device: str, mixed_precision: str):
+    """The accelerate ``Accelerator`` for ``device`` ("cpu", "auto" or a device name)."""
+    from accelerate import Accelerator
+
+    device = str(device)
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def _optimizer_step(accelerator, unet, opt, loss: torch.Tensor, step: int) -> float:
+    """Backward, clip to norm 1, step; returns the loss value (a non-finite loss stops the run)."""
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise RuntimeError(f"finetune_base: loss is {value} at step {step}; lower models.finetune_base.lr")
+    return value
+
+
+def _checkpoint(accelerator, unet, opt, ckpt_dir: Path, done: int, losses: list[float], config: dict) -> None:
+    """Main process: save model, optimiser, step and losses to ``ckpt_dir``; every process waits for it."""
+    from medrl.models.vae_train import save_train_state
+
+    if accelerator.is_main_process:
+        save_train_state(ckpt_dir, accelerator.unwrap_model(unet).state_dict(),
+                         {"optimizer": opt.state_dict(), "step": done,
+                          "losses": torch.tensor(losses, dtype=torch.float64)}, config)
+    accelerator.wait_for_everyone()
+
+
+def _install_given_unet(accelerator, unet, stack_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
+    """``unet_weights`` given: write the stack with that UNet (no training) and an empty loss.csv."""
+    if accelerator.is_main_process:
+        write_stack_with_unet(stack_dir, unet, out_dir)
+        write_table(pd.DataFrame({"step": [], "loss": []}), out_dir / "loss.csv")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return {"finetune_steps": 0.0, "unet_weights_loaded": 1.0}
+
+
+def _train_latents(latents_dir: Path, stack_dir: Path, unet) -> tuple[torch.Tensor, list[str]]:
+    """The latents and texts of the ``split == "train"`` rows of the latent store (checked against the UNet)."""
+    from medrl.models.latents import load_latents
+
+    latents, index = load_latents(latents_dir, expect_vae=stack_dir)
+    train = (index["split"] == "train").to_numpy()
+    if not train.any():
+        raise DataError(f"{latents_dir / 'index.csv'}: no rows with split == 'train'")
+    lat = latents[torch.as_tensor(train.copy())]
+    texts = index.loc[train, "text"].astype(str).tolist()
+    if tuple(lat.shape[1:2]) != (unet.config.in_channels,):
+        raise DataError(f"{latents_dir}: latents have {lat.shape[1]} channels; the UNet of {stack_dir} "
+                        f"expects {unet.config.in_channels}")
+    return lat, texts
+
+
+def _prompt_embeddings(c, texts: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(prompts, index of each text's prompt, prompt embeddings); row 0 is the unconditional ("")
+    embedding used for dropped prompts."""
+    from medrl.models.tiny_sd import encode_prompts
+
+    prompts = [""] + sorted(set(texts))
+    pos = {p: i for i, p in enumerate(prompts)}
+    text_idx = torch.tensor([pos[t] for t in texts])
+    with torch.no_grad():
+        emb = torch.cat([encode_prompts(c, prompts[i:i + 64]).float() for i in range(0, len(prompts), 64)])
+    return prompts, text_idx, emb
+
+
+def _noise_target(sched, stack_dir: Path) -> tuple[int, str]:
+    """(number of training timesteps, prediction type) of the stack's scheduler."""
+    n_train_t = int(sched.config.num_train_timesteps)
+    pred_type = sched.config.prediction_type
+    if pred_type not in ("epsilon", "v_prediction"):
+        raise DataError(f"{stack_dir}/scheduler: prediction_type {pred_type!r}; expected epsilon or v_prediction")
+    return n_train_t, pred_type
+
+
+def _prepare_or_resume(accelerator, unet, opt, ckpt_dir: Path, config: dict) -> tuple[Any, Any, int, list[float]]:
+    """Load the checkpoint of the same ``config`` if any, then hand model and optimiser to accelerate;
+    returns (unet, optimiser, first step, losses so far)."""
+    from medrl.models.vae_train import load_train_state
+
     start, losses = 0, []
     resumed = load_train_state(ckpt_dir, config)
     if resumed is not None:
@@ -162,59 +254,37 @@ def finetune_base(
     unet, opt = accelerator.prepare(unet, opt)
     if resumed is not None:
         opt.load_state_dict(resumed[1]["optimizer"])
-    emb, lat, text_idx = emb.to(dev), lat.to(dev), text_idx.to(dev)
+    return unet, opt, start, losses
 
-    t0 = time.perf_counter()
-    for step in progress(range(start, steps), desc="finetune unet", total=steps - start):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr)
-        idx = _batch_indices(len(lat), batch_size, seed, step, rank, world).to(dev)
-        gen = _gen(seed + 7919 * rank, step)
-        noise = torch.randn((batch_size, *lat.shape[1:]), generator=gen).to(dev)
-        t = torch.randint(0, n_train_t, (batch_size,), generator=gen).to(dev)
-        drop = (torch.rand(batch_size, generator=gen) < cond_dropout).to(dev)
-        x0 = lat[idx]
-        cond = emb[torch.where(drop, torch.zeros_like(idx), text_idx[idx])]
-        noisy = sched.add_noise(x0, noise, t)
-        target = noise if pred_type == "epsilon" else sched.get_velocity(x0, noise, t)
-        with accelerator.autocast():
-            pred = unet(noisy, t, cond).sample
-        loss = F.mse_loss(pred.float(), target.float())
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"finetune_base: loss is {value} at step {step}; lower models.finetune_base.lr")
-        losses.append(value)
-        done = step + 1
-        if done % checkpoint_every == 0 and done < steps:
-            if main:
-                save_train_state(ckpt_dir, accelerator.unwrap_model(unet).state_dict(),
-                                 {"optimizer": opt.state_dict(), "step": done,
-                                  "losses": torch.tensor(losses, dtype=torch.float64)}, config)
-            accelerator.wait_for_everyone()
-        if log_fn is not None and main and (done % log_every == 0 or done == steps):
-            log_fn({"finetune_loss": _mean(losses[-log_every:]), "finetune_lr": _lr_at(step, steps, lr)}, done)
-        if callback is not None:
-            callback(done, value)
-    elapsed = time.perf_counter() - t0
 
+def _denoising_loss(accelerator, unet, sched, lat: torch.Tensor, emb: torch.Tensor, text_idx: torch.Tensor, *,
+                    step: int, seed: int, batch_size: int, cond_dropout: float, n_train_t: int,
+                    pred_type: str) -> torch.Tensor:
+    """The diffusion loss of step ``step``'s batch (this process's slice; noise, timesteps and prompt
+    dropout drawn from the step's own generator)."""
+    dev = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    idx = _batch_indices(len(lat), batch_size, seed, step, rank, world).to(dev)
+    gen = _gen(seed + 7919 * rank, step)
+    noise = torch.randn((batch_size, *lat.shape[1:]), generator=gen).to(dev)
+    t = torch.randint(0, n_train_t, (batch_size,), generator=gen).to(dev)
+    drop = (torch.rand(batch_size, generator=gen) < cond_dropout).to(dev)
+    x0 = lat[idx]
+    cond = emb[torch.where(drop, torch.zeros_like(idx), text_idx[idx])]
+    noisy = sched.add_noise(x0, noise, t)
+    target = noise if pred_type == "epsilon" else sched.get_velocity(x0, noise, t)
+    with accelerator.autocast():
+        pred = unet(noisy, t, cond).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _write_finetuned(accelerator, unet, stack_dir: Path, out_dir: Path, ckpt_dir: Path, losses: list[float]) -> None:
+    """Main process: the stack with the trained UNet, loss.csv; the checkpoint is removed."""
     accelerator.wait_for_everyone()
-    if main:
+    if accelerator.is_main_process:
         final = accelerator.unwrap_model(unet).to("cpu", dtype=torch.float32).eval().requires_grad_(False)
         write_stack_with_unet(stack_dir, final, out_dir)
         # the main process's loss trajectory (with several processes, its own batches)
         write_table(pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses}), out_dir / "loss.csv")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return {
-        "finetune_steps": float(steps),
-        "finetune_resumed_from": float(start),
-        "finetune_loss_first100": _mean(losses[:100]),
-        "finetune_loss_last100": _mean(losses[-100:]),
-        "finetune_steps_per_s": (steps - start) / elapsed if steps > start and elapsed > 0 else float("nan"),
-        "finetune_n_train": float(len(lat)),
-        "finetune_n_prompts": float(len(prompts) - 1),
-    }

@@ -25,11 +25,10 @@ evaluation also reports the parameter-free residual ``theta_to_psi(M_true @ M_pr
 from __future__ import annotations
 
 import math
-import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,13 +38,25 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medrl.errors import DataError
-from medrl.io import atomic_dir, atomic_path, load_image, read_json, write_json
+from medrl.io import atomic_dir, read_json, write_json
+from medrl.models.training import (
+    cosine_lr,
+    fingerprint,
+    images_from_pairs,
+    load_train_state,
+    recalibrate_bn,
+    resolve_image_path,
+    save_train_state,
+    split_rows,
+    to_unit,
+)
 from medrl.progress import progress
 
 __all__ = [
     "PSI_NAMES",
     "AlignerConfig",
     "PostureAligner",
+    "align_reward",
     "aligning_psi",
     "compose_theta",
     "cosine_lr",
@@ -67,8 +78,6 @@ __all__ = [
 ]
 
 PSI_NAMES = ("sx", "sy", "tx", "ty", "theta")
-# what torch.load(weights_only=True) raises on refused pickles (UnpicklingError) or torn files
-TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError)
 IDENTITY_PSI = (1.0, 1.0, 0.0, 0.0, 0.0)
 
 # ----------------------------------------------------------------------------- affine algebra
@@ -132,6 +141,19 @@ def warp_theta(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 def warp(images: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
     """Warp (B, C, H, W) images by psi (B, 5) or (5,); see the module doc for the direction."""
     return warp_theta(images, psi_to_theta(psi.reshape(-1, 5)))
+
+
+
+def align_reward(psi: torch.Tensor) -> torch.Tensor:
+    """CXRL posture-alignment reward (paper Sec. 2.3.1; ``medrl.rewards.align``) for psi of shape
+    (..., 5) ordered (sx, sy, tx, ty, theta); returns shape (...)."""
+    if psi.shape[-1] != 5:
+        raise ValueError(f"psi: last dimension must be 5 (sx, sy, tx, ty, theta), got shape {tuple(psi.shape)}")
+    sx, sy, tx, ty, theta = psi.unbind(-1)
+    scale = torch.maximum((sx - 1).abs(), (sy - 1).abs())
+    rot = theta.abs() / (2 * math.pi)
+    shift = torch.sqrt(tx * tx + ty * ty)
+    return -(scale + rot + shift)
 
 
 # ----------------------------------------------------------------------------- model
@@ -199,30 +221,6 @@ def predict_psi(model: PostureAligner, images: torch.Tensor, batch_size: int = 2
 # ----------------------------------------------------------------------------- data helpers
 
 
-def resolve_image_path(path: str | Path, base: str | Path | None = None) -> Path:
-    """Absolute paths as given; relative ones against ``base`` (default: the cwd, which is
-    the workspace root that pairs.csv paths are relative to)."""
-    p = Path(path)
-    return p if p.is_absolute() or base is None else Path(base) / p
-
-
-def images_from_pairs(pairs: pd.DataFrame, size: int, *, column: str = "path", base: str | Path | None = None, desc: str = "load images") -> torch.Tensor:
-    """Load the grayscale images named by ``pairs[column]`` as uint8 (N, 1, size, size).
-
-    uint8 keeps a 5000-image 224 px real set at 250 MB; callers convert per batch."""
-    if column not in pairs.columns:
-        raise DataError(f"pairs: missing column '{column}'; expected image paths (pairs.csv format)")
-    out = torch.empty((len(pairs), 1, size, size), dtype=torch.uint8)
-    for i, p in enumerate(progress(list(pairs[column]), desc=desc)):
-        img = load_image(resolve_image_path(p, base), size=size, mode="L")
-        out[i] = (img * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
-    return out
-
-
-def _u8(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0
-
-
 def _psi_columns(pairs: pd.DataFrame) -> list[str] | None:
     """Ground-truth posture columns (phantoms): ``gt_sx..`` preferred, else ``sx..``."""
     for prefix in ("gt_", ""):
@@ -230,73 +228,6 @@ def _psi_columns(pairs: pd.DataFrame) -> list[str] | None:
         if all(c in pairs.columns for c in cols) and pairs[cols].notna().all(axis=None):
             return cols
     return None
-
-
-def _split(pairs: pd.DataFrame, name: str) -> pd.DataFrame:
-    if "split" not in pairs.columns:
-        raise DataError("pairs: missing column 'split'; expected values in {train, test}")
-    return pairs[pairs["split"] == name].reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def fingerprint(**kw: Any) -> str:
-    """Short hash of a run's configuration, stored in its checkpoint so a checkpoint left
-    by a different configuration is ignored instead of resumed."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def save_train_state(path: Path, state: dict[str, Any]) -> None:
-    """Atomically save a resumable training state (tensors, numbers, strings, lists, dicts
-    only, so ``load_train_state`` can read it with weights_only=True)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_train_state(path: Path, fp: str) -> dict[str, Any] | None:
-    """The state saved by ``save_train_state`` if it exists and belongs to the run with
-    fingerprint ``fp``; None otherwise (also for a torn file: restarting is always safe)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except TORCH_LOAD_ERRORS:
-        return None
-    return state if isinstance(state, dict) and state.get("fingerprint") == fp else None
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> None:
-    """Re-estimate BatchNorm running statistics with the final weights (cumulative mean over
-    ``batches``, already preprocessed for ``model``). After a short from-scratch run the
-    running statistics lag the weights and eval-mode outputs are off; one pass fixes it."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    was_training = model.training
-    model.eval()
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    for b in batches:
-        model(b.to(device))
-    for bn, mom in zip(bns, momenta):
-        bn.momentum = mom
-    model.train(was_training)
-
-
-def cosine_lr(base_lr: float, step: int, total: int, warmup: int = 0) -> float:
-    """Linear warmup then cosine decay to 0 (stateless, so resuming needs only the step)."""
-    if warmup and step < warmup:
-        return base_lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 # ----------------------------------------------------------------------------- training
@@ -313,10 +244,8 @@ def _multiscale_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _evaluate(model: PostureAligner, images: torch.Tensor, canonical: torch.Tensor, psi_true: torch.Tensor | None) -> dict[str, float]:
-    from medrl.rewards.align import align_reward
-
-    psi = predict_psi(model, _u8(images))
-    x = _u8(images)
+    psi = predict_psi(model, to_unit(images))
+    x = to_unit(images)
     can = canonical.expand(len(x), -1, -1, -1)
     with torch.no_grad():
         aligned = torch.cat([warp(x[i : i + 256], psi[i : i + 256]) for i in range(0, len(x), 256)])
@@ -372,7 +301,7 @@ def train_posture_aligner(
     if canonical.ndim != 3 or canonical.shape[0] != 1:
         raise DataError(f"canonical: expected a (1, H, W) tensor in [0, 1], got shape {tuple(canonical.shape)}")
     can = F.interpolate(canonical[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False).to(device)
-    train, test = _split(pairs, "train"), _split(pairs, "test")
+    train, test = split_rows(pairs, "train"), split_rows(pairs, "test")
     if len(train) == 0:
         raise DataError("pairs: no rows with split == 'train'; expected training images")
     x_train = images_from_pairs(train, size, base=base, desc="posture: load train")
@@ -402,7 +331,7 @@ def train_posture_aligner(
         total = 0.0
         for i in progress(range(steps), desc=f"posture epoch {epoch + 1}/{epochs}"):
             idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = _u8(x_train[idx]).to(device)
+            x = to_unit(x_train[idx]).to(device)
             psi = model(x)
             loss = _multiscale_l2(warp(x, psi), can.expand(len(x), -1, -1, -1))
             opt.zero_grad(set_to_none=True)
@@ -413,7 +342,7 @@ def train_posture_aligner(
         save_train_state(ckpt, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optim": opt.state_dict(), "history": history})
 
     # BN statistics from the final weights (train batches, fixed order)
-    recalibrate_bn(model, [_u8(x_train[i : i + 256]) for i in range(0, n, 256)], device)
+    recalibrate_bn(model, [to_unit(x_train[i : i + 256]) for i in range(0, n, 256)], device)
     model.eval()
     metrics = _evaluate(model.cpu(), x_test, can.cpu(), psi_true) if len(x_test) else {}
     metrics["train_loss_final"] = float(history[-1]["train_loss"]) if history else float("nan")

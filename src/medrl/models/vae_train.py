@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from medrl.errors import DataError
-from medrl.io import atomic_dir, load_image
+from medrl.io import load_image
 from medrl.progress import progress
 
 _CKPT = "latest"
@@ -39,27 +39,42 @@ def save_train_state(ckpt_dir: Path, model_state: dict[str, torch.Tensor], state
     tensors and plain Python values so ``torch.load(weights_only=True)`` can read it."""
     from safetensors.torch import save_file
 
-    with atomic_dir(Path(ckpt_dir) / _CKPT) as tmp:
+    from medrl.checkpoints import install, new_checkpoint_dir
+
+    # written completely, then rotated in: the old latest stays as ``previous`` (medrl.checkpoints)
+    tmp = new_checkpoint_dir(Path(ckpt_dir))
+    try:
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         (tmp / "config.json").write_text(json.dumps(config, sort_keys=True, default=str))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    install(tmp, Path(ckpt_dir))
 
 
 def load_train_state(ckpt_dir: Path, config: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """The checkpoint in ``ckpt_dir`` if it was written by a run with the same ``config``;
-    None (and a warning) when there is none or it belongs to different settings."""
+    None (and a warning) when there is none or it belongs to different settings. An
+    unreadable checkpoint is reported, renamed ``<name>.corrupt`` and the previous one (if
+    any) used instead (medrl.checkpoints)."""
     from safetensors.torch import load_file
 
-    d = Path(ckpt_dir) / _CKPT
-    if not (d / "config.json").is_file():
-        return None
-    saved = json.loads((d / "config.json").read_text())
+    from medrl.checkpoints import read_latest, reading
+
     want = json.loads(json.dumps(config, sort_keys=True, default=str))
-    if saved != want:
-        diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
-        warnings.warn(f"{d}: checkpoint was written with different settings ({diff}); starting from scratch")
-        return None
-    return load_file(str(d / "model.safetensors")), torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+
+    def read(d: Path) -> Any:
+        saved = reading(d / "config.json", lambda: json.loads((d / "config.json").read_text()))
+        if saved != want:
+            diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+            warnings.warn(f"{d}: checkpoint was written with different settings ({diff}); starting from scratch")
+            return False
+        return (reading(d / "model.safetensors", lambda: load_file(str(d / "model.safetensors"))),
+                reading(d / "state.pt", lambda: torch.load(d / "state.pt", map_location="cpu", weights_only=True)))
+
+    got = read_latest(Path(ckpt_dir), read)
+    return got or None
 
 
 def paths_digest(paths: list[Path]) -> str:
@@ -116,7 +131,7 @@ def chroma_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """L1 plus ``edge_loss`` on two opponent-colour channels (R - G, B - (R + G) / 2) of
     (B, 3, H, W) images: the hue of a thin stroke (purple ink on skin) is a small share of an
     image's RGB error, and a VAE can return the stroke's shape in grey at little cost; this
-    term prices the hue on its own (docs/RESULTS.md, experiment G)."""
+    term prices the hue on its own (docs/NOTEBOOK.md, ISIC-06)."""
     o_rec, o_x = _opponent(rec, "chroma_loss"), _opponent(x, "chroma_loss")
     return (o_rec - o_x).abs().mean() + edge_loss(o_rec, o_x)
 
@@ -197,22 +212,74 @@ def train_vae(
                          "grayscale tracks")
     x = load_images(images, size, mode)
     n = len(x)
+    held, train, n_hold = _holdout_split(x, seed, n_holdout)
+    weights = {"kl": kl_weight, "edge": edge_weight, "chroma": chroma_weight, "focus": focus_weight}
+    config = _vae_run_config(vae, images, n=n, size=size, mode=mode, batch_size=batch_size, lr=lr, seed=seed,
+                             hflip=hflip, steps=steps, weights=weights)
+    gen = torch.Generator().manual_seed(seed + 1)
+    vae.to(device).train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    start, losses = _resume_vae(vae, opt, gen, ckpt_dir, config)
+
+    t0 = time.perf_counter()
+    for step in progress(range(start, steps), desc="train vae", total=steps - start):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr)
+        loss = _vae_step_loss(vae, train, gen, batch_size=batch_size, hflip=hflip, device=device, size=size,
+                              weights=weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        done = step + 1
+        if done % checkpoint_every == 0 and done < steps:
+            save_train_state(ckpt_dir, vae.state_dict(), {"optimizer": opt.state_dict(), "step": done, "rng": gen.get_state(),
+                                                         "losses": torch.tensor(losses, dtype=torch.float64)}, config)
+        if callback is not None:
+            callback(done, losses[-1])
+    elapsed = time.perf_counter() - t0
+
+    metrics = _set_scaling_and_score(vae, train, held)
+    metrics.update({
+        "vae_steps": float(steps),
+        "vae_loss_last": float(sum(losses[-50:]) / max(1, len(losses[-50:]))) if losses else float("nan"),
+        "vae_steps_per_s": (steps - start) / elapsed if steps > start and elapsed > 0 else float("nan"),
+        "vae_n_holdout": float(n_hold),
+    })
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+def _vae_run_config(vae, images: list[Path], *, n: int, size: int, mode: str, batch_size: int, lr: float, seed: int,
+                    hflip: bool, steps: int, weights: dict[str, float]) -> dict:
+    """What a checkpoint must match to be resumed (inputs, settings, VAE architecture)."""
+    chroma_weight, focus_weight = weights["chroma"], weights["focus"]
+    return {"kind": "vae", "images": paths_digest(images), "n": n, "size": size, "mode": mode,
+            "batch_size": batch_size, "lr": lr, "kl_weight": weights["kl"], "seed": seed, "hflip": hflip,
+            "edge_weight": weights["edge"],
+            **({"chroma_weight": chroma_weight} if chroma_weight else {}),  # old checkpoints still resume
+            **({"focus_weight": focus_weight} if focus_weight else {}),
+            "steps": steps,
+            "vae_config": {k: v for k, v in vae.config.items() if not k.startswith("_")}}
+
+
+def _holdout_split(x: torch.Tensor, seed: int, n_holdout: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(held-out images, training images, number held out): a seeded random ``min(n_holdout, 10 %)``
+    slice is held out; with too few images to hold any out, the training set is scored (flagged)."""
+    n = len(x)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_hold = min(n_holdout, n // 10)
     held, train = x[order[:n_hold]], x[order[n_hold:]]
     if n_hold == 0:  # too few images to hold any out: score on the training set (flagged)
         held = train
+    return held, train, n_hold
 
-    config = {"kind": "vae", "images": paths_digest(images), "n": n, "size": size, "mode": mode,
-              "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight, "seed": seed, "hflip": hflip,
-              "edge_weight": edge_weight,
-              **({"chroma_weight": chroma_weight} if chroma_weight else {}),  # old checkpoints still resume
-              **({"focus_weight": focus_weight} if focus_weight else {}),
-              "steps": steps,
-              "vae_config": {k: v for k, v in vae.config.items() if not k.startswith("_")}}
-    gen = torch.Generator().manual_seed(seed + 1)
-    vae.to(device).train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+
+def _resume_vae(vae, opt: torch.optim.Optimizer, gen: torch.Generator, ckpt_dir: Path, config: dict
+                ) -> tuple[int, list[float]]:
+    """Restore model, optimiser and sampling RNG from the checkpoint of the same ``config``, if any;
+    returns (first step, losses so far)."""
     start, losses = 0, []
     resumed = load_train_state(ckpt_dir, config)
     if resumed is not None:
@@ -221,55 +288,42 @@ def train_vae(
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"])
         start, losses = int(state["step"]), state["losses"].tolist()
+    return start, losses
 
+
+def _vae_step_loss(vae, train: torch.Tensor, gen: torch.Generator, *, batch_size: int, hflip: bool, device: str,
+                   size: int, weights: dict[str, float]) -> torch.Tensor:
+    """Loss of one random (optionally flipped) batch: L1 + L2 reconstruction + weighted KL, plus the
+    optional edge / chroma / colour-focus terms (``weights``)."""
     n_pix = 3 * size * size
-    t0 = time.perf_counter()
-    for step in progress(range(start, steps), desc="train vae", total=steps - start):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr)
-        idx = torch.randint(len(train), (batch_size,), generator=gen)
-        xb = train[idx]
-        if hflip:
-            flip = torch.rand(batch_size, generator=gen) < 0.5
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-        xb = xb.to(device)
-        post = vae.encode(xb).latent_dist
-        z = post.sample(generator=gen)
-        rec = vae.decode(z).sample
-        err = rec.float() - xb
-        loss = err.abs().mean() + err.pow(2).mean() + kl_weight * post.kl().float().mean() / n_pix
-        if edge_weight:
-            loss = loss + edge_weight * edge_loss(rec.float(), xb)
-        if chroma_weight:
-            loss = loss + chroma_weight * chroma_loss(rec.float(), xb)
-        if focus_weight:
-            loss = loss + focus_weight * colour_focus_loss(rec.float(), xb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        done = step + 1
-        if done % checkpoint_every == 0 and done < steps:
-            save_train_state(ckpt_dir, vae.state_dict(),
-                             {"optimizer": opt.state_dict(), "step": done, "rng": gen.get_state(),
-                              "losses": torch.tensor(losses, dtype=torch.float64)}, config)
-        if callback is not None:
-            callback(done, losses[-1])
-    elapsed = time.perf_counter() - t0
+    idx = torch.randint(len(train), (batch_size,), generator=gen)
+    xb = train[idx]
+    if hflip:
+        flip = torch.rand(batch_size, generator=gen) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+    xb = xb.to(device)
+    post = vae.encode(xb).latent_dist
+    z = post.sample(generator=gen)
+    rec = vae.decode(z).sample
+    err = rec.float() - xb
+    loss = err.abs().mean() + err.pow(2).mean() + weights["kl"] * post.kl().float().mean() / n_pix
+    if weights["edge"]:
+        loss = loss + weights["edge"] * edge_loss(rec.float(), xb)
+    if weights["chroma"]:
+        loss = loss + weights["chroma"] * chroma_loss(rec.float(), xb)
+    if weights["focus"]:
+        loss = loss + weights["focus"] * colour_focus_loss(rec.float(), xb)
+    return loss
 
+
+def _set_scaling_and_score(vae, train: torch.Tensor, held: torch.Tensor) -> dict[str, float]:
+    """Freeze ``vae``, set scaling_factor = 1/std of the training latents; reconstruction metrics on ``held``
+    (plus ``vae_scaling_factor``)."""
     vae.eval().requires_grad_(False)
     std = latent_std(vae, train)
     if not math.isfinite(std) or std <= 0:
         raise RuntimeError(f"VAE latents have std {std}; training diverged")
     vae.register_to_config(scaling_factor=1.0 / std)
     metrics = recon_metrics(vae, held)
-    metrics.update({
-        "vae_scaling_factor": 1.0 / std,
-        "vae_steps": float(steps),
-        "vae_loss_last": float(sum(losses[-50:]) / max(1, len(losses[-50:]))) if losses else float("nan"),
-        "vae_steps_per_s": (steps - start) / elapsed if steps > start and elapsed > 0 else float("nan"),
-        "vae_n_holdout": float(n_hold),
-    })
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    metrics["vae_scaling_factor"] = 1.0 / std
     return metrics

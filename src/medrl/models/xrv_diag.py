@@ -48,24 +48,26 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from medrl.data.reports import PATHOLOGIES
 from medrl.errors import DataError
 from medrl.io import atomic_dir, read_json, write_json
-from medrl.models.posture import (
+from medrl.models.training import (
     TORCH_LOAD_ERRORS,
-    _split,
-    _u8,
     cosine_lr,
     fingerprint,
     images_from_pairs,
     load_train_state,
     recalibrate_bn,
     save_train_state,
+    split_rows,
+    to_unit,
 )
 from medrl.progress import progress
 
 __all__ = [
+    "TRAIN_UNMENTIONED",
     "UNMENTIONED",
     "XRV_INPUT_RESOLUTION",
     "build_diag",
@@ -235,10 +237,13 @@ def save_diag(model, out_dir: str | Path, metrics: dict[str, Any] | None = None)
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    meta = {"pathologies": json.dumps(list(model.pathologies)), "input_resolution": str(model.medrl_input_size or "")}
+    # One metadata key: safetensors writes its metadata map in a random order per process, so
+    # two keys would make identical models differ by file hash. The input size is in config.json,
+    # the thresholds travel as a tensor (build_diag reads both forms).
+    meta = {"pathologies": json.dumps(list(model.pathologies))}
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "op_threshs"}
     if getattr(model, "op_threshs", None) is not None:
-        meta["op_threshs"] = json.dumps([float(v) for v in model.op_threshs.tolist()])
+        sd["op_threshs"] = model.op_threshs.detach().float().contiguous()
     with atomic_dir(out_dir) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata=meta)
         write_json(tmp / "config.json", {"arch": model.medrl_arch, "pathologies": list(model.pathologies),
@@ -300,6 +305,9 @@ def predict_probs(model, images: torch.Tensor, batch_size: int = 128) -> torch.T
 
 
 UNMENTIONED = ("negative", "ignore")
+# How train_diag reads a class a report does not mention (NaN): a negative. The CXR AUROC
+# (medrl.metrics.cxr_eval) scores the model with the same reading.
+TRAIN_UNMENTIONED = "negative"
 
 
 def label_targets(labels: np.ndarray | torch.Tensor, unmentioned: str = "negative") -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,7 +336,7 @@ def label_accuracy(
     radiologist's silence has); uncertain (-1) classes are left out. An image with no
     comparable class scores 0. As a reward, "negative" pays for erasing findings: most
     classes of a report are unmentioned, so an image the model reads as normal scores high
-    (docs/RESULTS.md, experiment F); "ignore" compares the stated classes only."""
+    (docs/NOTEBOOK.md, CXR-07); "ignore" compares the stated classes only."""
     target, mask = label_targets(labels, unmentioned)
     pred = (probs.float().cpu() >= threshold).float()
     hits = ((pred == target).float() * mask).sum(-1)
@@ -339,7 +347,7 @@ def label_accuracy(
 def finding_recall(probs: np.ndarray | torch.Tensor, labels: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Per image, the share of the classes its report states as present (1) that the model
     predicts (p >= threshold); NaN for an image whose report states none. A reward the
-    policy satisfies by erasing findings shows here first (docs/RESULTS.md, experiment F)."""
+    policy satisfies by erasing findings shows here first (docs/NOTEBOOK.md, CXR-07)."""
     pred = np.asarray(probs, dtype=np.float64) >= threshold
     pos = np.asarray(labels, dtype=np.float32) == 1
     n = pos.sum(-1)
@@ -394,11 +402,11 @@ def train_diag(
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     classes = list(PATHOLOGIES)
     _check_labels(pairs, classes)
-    train, test = _split(pairs, "train"), _split(pairs, "test")
+    train, test = split_rows(pairs, "train"), split_rows(pairs, "test")
     if len(train) == 0:
         raise DataError("pairs: no rows with split == 'train'")
     x_train = images_from_pairs(train, size, base=base, desc="diag: load train")
-    y_train, m_train = label_targets(train[classes].to_numpy(np.float32))
+    y_train, m_train = label_targets(train[classes].to_numpy(np.float32), unmentioned=TRAIN_UNMENTIONED)
 
     torch.manual_seed(seed)
     model = build_diag(None, growth_rate=growth_rate, input_size=size).to(device)
@@ -424,17 +432,11 @@ def train_diag(
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(lr, epoch * steps + i, total_steps, warmup=min(steps, total_steps // 10))
             idx = perm[i * batch_size : (i + 1) * batch_size]
-            logits = model(xrv_normalize(_u8(x_train[idx]), None).to(device))
-            y, m = y_train[idx].to(device), m_train[idx].to(device)
-            loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * m).sum() / m.sum().clamp(min=1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += _diag_step(model, opt, x_train, y_train, m_train, idx, device)
         history.append({"epoch": epoch + 1, "train_loss": total / n, "seconds": time.perf_counter() - t0})
         save_train_state(ckpt, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optim": opt.state_dict(), "history": history})
 
-    recalibrate_bn(model, [xrv_normalize(_u8(x_train[i : i + 256]), None) for i in range(0, n, 256)], device)
+    recalibrate_bn(model, [xrv_normalize(to_unit(x_train[i : i + 256]), None) for i in range(0, n, 256)], device)
     model = model.cpu().eval()
     metrics: dict[str, float] = {
         "train_loss_final": float(history[-1]["train_loss"]) if history else float("nan"),
@@ -442,23 +444,44 @@ def train_diag(
         "epochs": float(epochs),
     }
     if len(test):
-        x_test = images_from_pairs(test, size, base=base, desc="diag: load test")
-        probs = predict_probs(model, _u8(x_test)).numpy()
-        labels = test[classes].to_numpy(np.float32)
-        metrics["test_n"] = float(len(test))
-        metrics["test_label_accuracy"] = float(label_accuracy(torch.from_numpy(probs), labels).mean())
-        ref = np.where(labels == -1, np.nan, (labels == 1).astype(np.float32))
-        sets = [("auroc", ref)]
-        gt_cols = [f"gt_{c}" for c in classes]
-        if all(c in test.columns for c in gt_cols):
-            gt = test[gt_cols].to_numpy(np.float32)
-            sets.append(("auroc_gt", np.where(np.isnan(gt), np.nan, (gt == 1).astype(np.float32))))
-        for name, y in sets:
-            per = [_auroc(probs[:, j], y[:, j]) for j in range(len(classes))]
-            for c, v in zip(classes, per):
-                metrics[f"{name}_{c}"] = v
-            ok = [v for v in per if not math.isnan(v)]
-            metrics[f"{name}_macro"] = float(np.mean(ok)) if ok else float("nan")
+        metrics.update(_diag_test_metrics(model, test, classes, size, base))
     save_diag(model, out_dir, {"metrics": metrics, "history": history, "label_policy": "NaN->0, -1 masked"})
     ckpt.unlink(missing_ok=True)
+    return metrics
+
+
+def _diag_step(model: nn.Module, opt: torch.optim.Optimizer, x_train: torch.Tensor, y_train: torch.Tensor,
+               m_train: torch.Tensor, idx: torch.Tensor, device: str) -> float:
+    """One masked-BCE step on the batch ``idx``; returns its loss times the batch size."""
+    logits = model(xrv_normalize(to_unit(x_train[idx]), None).to(device))
+    y, m = y_train[idx].to(device), m_train[idx].to(device)
+    loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * m).sum() / m.sum().clamp(min=1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()) * len(idx)
+
+
+def _diag_test_metrics(model: nn.Module, test: pd.DataFrame, classes: list[str], size: int,
+                       base: str | Path | None) -> dict[str, float]:
+    """Reward accuracy and per-class/macro AUROC on the test pairs, against the report labels and
+    (phantoms) the true labels."""
+    metrics: dict[str, float] = {}
+    x_test = images_from_pairs(test, size, base=base, desc="diag: load test")
+    probs = predict_probs(model, to_unit(x_test)).numpy()
+    labels = test[classes].to_numpy(np.float32)
+    metrics["test_n"] = float(len(test))
+    metrics["test_label_accuracy"] = float(label_accuracy(torch.from_numpy(probs), labels).mean())
+    ref = np.where(labels == -1, np.nan, (labels == 1).astype(np.float32))
+    sets = [("auroc", ref)]
+    gt_cols = [f"gt_{c}" for c in classes]
+    if all(c in test.columns for c in gt_cols):
+        gt = test[gt_cols].to_numpy(np.float32)
+        sets.append(("auroc_gt", np.where(np.isnan(gt), np.nan, (gt == 1).astype(np.float32))))
+    for name, y in sets:
+        per = [_auroc(probs[:, j], y[:, j]) for j in range(len(classes))]
+        for c, v in zip(classes, per):
+            metrics[f"{name}_{c}"] = v
+        ok = [v for v in per if not math.isnan(v)]
+        metrics[f"{name}_macro"] = float(np.mean(ok)) if ok else float("nan")
     return metrics

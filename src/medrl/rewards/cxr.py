@@ -19,7 +19,7 @@ differences to the anchor (frozen base) model's image(s) for the same report:
   ``rl.cxr.rlcf_paired_noise: shared``; ``r = score(x) - score(x_hat)``. Sharing the step
   noise too lowers the reward variance further, but score(x_hat) then depends on the
   sample's own noise and the policy gradient is biased (measured: the full policy degrades;
-  docs/RESULTS.md).
+  docs/NOTEBOOK.md, CXR-03).
 * ``rlcf_mode="bank"``: ``r = score(x) - mean_k score(x_hat_k)`` with the mean over K
   anchor samples per report precomputed by ``build_anchor_bank`` (no anchor sampling during
   RL; same expectation, lower variance in the baseline, none of the shared-noise
@@ -67,7 +67,12 @@ def report_hash(report: str) -> str:
 
 
 def _model_sha(path: str | Path) -> str:
-    return hash_path(path)[:16]
+    """Identity of a reward model: its weights and config only (its eval.json holds wall times)."""
+    path = Path(path)
+    if path.is_file():
+        return hash_path(path)[:16]
+    parts = sorted(f for f in path.rglob("*") if f.suffix == ".safetensors" or f.name == "config.json")
+    return hashlib.sha256("".join(f"{f.relative_to(path)}:{hash_path(f)}\n" for f in parts).encode()).hexdigest()[:16]
 
 
 def _default_labels() -> LabelFn:

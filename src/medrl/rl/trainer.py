@@ -1,8 +1,10 @@
 """DDPO (Black et al. 2023) with LoRA (+ optional ACE), shared by the ISIC and CXR tracks.
 
-Per epoch: sample trajectories with log-probs -> rewards (optionally against the frozen anchor
-model, CXRL's RLCF) -> per-prompt advantages -> PPO updates on random timesteps of the recorded
-trajectories. Runs in one process or several (``accelerate launch``), checkpoints every
+Per epoch (:func:`train_ddpo`): :func:`_collect_rollouts` (sample trajectories with log-probs ->
+rewards, optionally against the frozen anchor model, CXRL's RLCF -> per-prompt advantages) ->
+:func:`_ppo_update` (PPO on random timesteps of the recorded trajectories) -> :func:`_epoch_metrics`;
+with ``log_base_reward``, every ``base_reward_every`` epochs :func:`_compare_with_base` scores the
+policy against the frozen base on a fixed set of prompts and noises. Runs in one process or several (``accelerate launch``), checkpoints every
 ``checkpoint_every`` epochs and resumes to the same numbers as an uninterrupted run.
 
 Randomness: every random draw of an epoch comes from generators seeded by
@@ -30,8 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medrl.config import RLCommon, RLCxr, RLTrack, Run, rl_track_settings
 from medrl.errors import DataError
-from medrl.io import atomic_dir, image_grid, save_image, write_table
+from medrl.io import image_grid, save_image, write_table
 from medrl.progress import progress
 from medrl.rl.ace import ACE
 from medrl.rl.ddim import ddim_step_gaussian, gaussian_kl, gaussian_logprob
@@ -55,52 +58,45 @@ _RESUME_KEYS = (
 
 @dataclass
 class DDPOConfig:
-    """params.yaml rl.common + rl.<track> (+ the variant's ``use_ace``). Per-process sizes:
-    each process samples sample_batch_size x sample_batches_per_epoch trajectories per epoch."""
+    """The trainer's settings, already validated: ``rl.common`` merged with ``rl.<track>`` by
+    :func:`medrl.config.rl_track_settings` (where every default and check lives; see params.yaml
+    for what each key means), plus the run's ``mixed_precision`` and the variant's ACE / RLCF
+    settings. Build it with :meth:`from_params` (or :meth:`from_flat`). Per-process sizes: each
+    process samples sample_batch_size x sample_batches_per_epoch trajectories per epoch."""
 
-    epochs: int = 30
-    sample_batch_size: int = 32
-    sample_batches_per_epoch: int = 2
-    train_batch_size: int = 8
-    gradient_accumulation_steps: int = 4
-    num_steps: int = 20
-    eta: float = 1.0
-    guidance_scale: float = 5.0
-    lr: float = 3e-4
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    timestep_fraction: float = 1.0
-    # The last N denoising steps are sampled but not trained on. Their sigma_t is tiny (10 DDIM
-    # steps: 0.04 and 0.02 against 0.26-0.78 before), so grad log pi ~ 1/sigma_t is large there
-    # while the step barely changes the image: mostly gradient noise (docs/RESULTS.md, exp. K).
-    skip_last_steps: int = 0
-    num_inner_epochs: int = 1
-    per_prompt_buffer: int = 16
-    per_prompt_min_count: int = 16
-    lora_rank: int = 4
-    full_finetune: bool = False
-    checkpoint_every: int = 5
-    # Each drawn prompt is sampled this many times per sample batch, so the per-prompt
-    # advantage has within-prompt statistics from the first epoch (1 = i.i.d. prompts, DDPO).
-    prompt_repeats: int = 1
-    # Also score the frozen base model on the same prompts and noise each epoch, and log the
-    # paired gain (reward_gain_vs_base): costs one extra sampling pass, removes prompt/noise luck.
-    log_base_reward: bool = False
-    # Noise the anchor images handed to a reward (RLCF paired mode) share with the policy sample:
-    # "initial" = x_T only (its per-step noise is independent, so the subtracted anchor score
-    # does not depend on the actions and the policy gradient stays unbiased); "shared" = x_T and
-    # every step's noise (lower variance, biased: docs/RESULTS.md, experiment B').
-    anchor_noise: str = "initial"
-    # KL penalty towards the frozen base (DPOK, Fan et al. 2023): loss += kl_coef * KL(pi_theta
-    # || pi_base) per denoising step at the recorded x_t, i.e. ||mu_theta - mu_base||^2 /
-    # (2 sigma_t^2) averaged over latent dims. 0 = DDPO (no penalty, no extra forward pass).
-    # The base has no ACE tokens, so with ACE the penalty also holds the tokens' effect back.
-    kl_coef: float = 0.0
-    seed: int = 0
-    use_ace: bool = False
-    ace_tokens: int = 3
-    mixed_precision: str = "no"
-    # Not in params.yaml: DDPO's defaults.
+    # rl.<track>
+    epochs: int
+    sample_batch_size: int
+    sample_batches_per_epoch: int
+    seed: int
+    # rl.common, after the track's overrides
+    num_steps: int
+    eta: float
+    guidance_scale: float
+    lora_rank: int
+    full_finetune: bool
+    lr: float
+    clip_range: float
+    adv_clip_max: float
+    timestep_fraction: float
+    skip_last_steps: int  # the last N denoising steps are sampled but not trained on
+    num_inner_epochs: int
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    per_prompt_buffer: int
+    per_prompt_min_count: int
+    prompt_repeats: int
+    log_base_reward: bool
+    base_reward_every: int
+    base_reward_samples: int
+    kl_coef: float
+    checkpoint_every: int
+    # the run's and the variant's settings (run.mixed_precision, rl.cxr.ace_tokens, rl.cxr.rlcf_paired_noise)
+    mixed_precision: str
+    use_ace: bool
+    ace_tokens: int
+    anchor_noise: str
+    # Not in params.yaml: DDPO's constants.
     lora_alpha: int | None = None  # None: = lora_rank (scale 1)
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGETS  # attention projections, as in DDPO
     max_grad_norm: float = 1.0
@@ -110,34 +106,38 @@ class DDPOConfig:
     grid_every: int = 0  # sample grid every N epochs; 0 = every checkpoint_every epochs
 
     @classmethod
-    def from_params(cls, common: dict[str, Any], track: dict[str, Any], **overrides: Any) -> DDPOConfig:
-        """Build from params.rl.common and params.rl.<track>; keys that are not fields (e.g. the
-        CXR reward's rlcf_mode, bank_k, variants) are left to the caller."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        # a track's null (e.g. rl.cxr.lr: null) means "use rl.common's value"
-        kw = {k: v for src in (common, track) for k, v in src.items() if k in names and v is not None}
-        kw.update(overrides)
-        unknown = sorted(set(overrides) - names)
+    def from_params(cls, common: RLCommon | dict[str, Any], track: RLTrack | dict[str, Any], *, track_name: str = "",
+                    mixed_precision: str | None = None, use_ace: bool = False, ace_tokens: int | None = None,
+                    anchor_noise: str | None = None, **constants: Any) -> DDPOConfig:
+        """From params.rl.common and params.rl.<track> (schema models or raw dicts, validated by
+        the schema either way) and the run's / variant's settings; ``constants`` override the
+        trainer-only fields (lora_target_modules, grid_every, ...)."""
+        settings = rl_track_settings(common, track, name=track_name)
+        # unset (None): the schema's run.mixed_precision / rl.cxr.rlcf_paired_noise / ace_tokens defaults
+        extra = {"mixed_precision": Run.model_fields["mixed_precision"].default if mixed_precision is None
+                 else mixed_precision, "use_ace": bool(use_ace),
+                 "anchor_noise": RLCxr.model_fields["rlcf_paired_noise"].default if anchor_noise is None else anchor_noise,
+                 "ace_tokens": RLCxr.model_fields["ace_tokens"].default if ace_tokens is None else int(ace_tokens)}
+        # the run's / variant's values are checked by the schema fields they come from
+        Run(mixed_precision=extra["mixed_precision"])
+        RLCxr(rlcf_paired_noise=extra["anchor_noise"])
+        own = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        unknown = sorted(set(constants) - own)
         if unknown:
-            raise ValueError(f"DDPOConfig has no fields {unknown}")
-        return cls(**kw)
+            raise ValueError(f"DDPOConfig has no trainer-only fields {unknown}")
+        return cls(**settings, **extra, **constants)
 
-    def validate(self) -> None:
-        if self.num_steps < 1 or self.sample_batch_size < 1 or self.train_batch_size < 1:
-            raise ValueError(f"rl: num_steps, sample_batch_size, train_batch_size must be >= 1 ({self})")
-        if not 0 <= self.skip_last_steps < self.num_steps:
-            raise ValueError(f"rl.common.skip_last_steps={self.skip_last_steps}; expected 0 <= N < num_steps={self.num_steps}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"rl.common.timestep_fraction={self.timestep_fraction}; expected in (0, 1]")
-        if self.eta <= 0:
-            raise ValueError(f"rl.common.eta={self.eta}; DDPO needs a stochastic sampler (eta > 0)")
-        if self.prompt_repeats < 1 or self.sample_batch_size % self.prompt_repeats:
-            raise ValueError(f"rl.common.prompt_repeats={self.prompt_repeats}; expected >= 1 and a divisor of "
-                             f"sample_batch_size={self.sample_batch_size}")
-        if not (self.kl_coef >= 0 and math.isfinite(self.kl_coef)):
-            raise ValueError(f"rl.common.kl_coef={self.kl_coef}; expected a finite number >= 0")
-        if self.anchor_noise not in ("initial", "shared"):
-            raise ValueError(f"rl.cxr.rlcf_paired_noise={self.anchor_noise!r}; expected 'initial' or 'shared'")
+    @classmethod
+    def from_flat(cls, **settings: Any) -> DDPOConfig:
+        """From one flat mapping of rl.common / rl.<track> keys and from_params' keyword
+        arguments (tests, benchmarks, scripts); a key of both goes to rl.common."""
+        common = {k: settings.pop(k) for k in list(settings) if k in RLCommon.model_fields}
+        track = {k: settings.pop(k) for k in list(settings) if k in RLTrack.model_fields}
+        return cls.from_params(common, track, **settings)
+
+
+# What a checkpoint written before a key existed ran with (not a default of the current schema).
+_LEGACY = {"skip_last_steps": 0, "kl_coef": 0.0, "prompt_repeats": 1, "anchor_noise": "initial"}
 
 
 class Policy(nn.Module):
@@ -185,15 +185,26 @@ def _base_model(policy: Policy, anchor_unet: nn.Module | None):
 # ----------------------------------------------------------------------------- checkpoints
 
 CKPT = "latest"
+PREV = "previous"  # the checkpoint before ``latest``, kept as the fallback should ``latest`` be corrupt
 
 
 def _trainable_state(policy: Policy) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in policy.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(ckpt_dir: Path, policy: Policy, optimizer, tracker, epoch: int, history: list, cfg: DDPOConfig) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(ckpt_dir / CKPT) as tmp:
+def _save_checkpoint(ckpt_dir: Path, policy: Policy, optimizer, tracker, epoch: int, history: list, cfg: DDPOConfig,
+                     samples_dir: Path | None = None) -> None:
+    """Write ``ckpt_dir/latest`` completely in a temp directory, then rotate: the old ``latest``
+    becomes ``previous`` (replacing the one before) and the new one ``latest``. A crash at any
+    point leaves at least one complete checkpoint. The sample grids written so far
+    (``samples_dir``) are stored too, with their hashes, so a resumed stage rebuilds the
+    output folder of an uninterrupted run."""
+    import hashlib
+
+    from medrl.checkpoints import install, new_checkpoint_dir
+
+    tmp = new_checkpoint_dir(ckpt_dir)
+    try:
         save_file(_trainable_state(policy), str(tmp / "policy.safetensors"))
         # Optimizer state: tensors + plain Python numbers, loadable with weights_only=True.
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -202,50 +213,89 @@ def _save_checkpoint(ckpt_dir: Path, policy: Policy, optimizer, tracker, epoch: 
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"torch_cuda_{i}"] = s
         save_file(rng, str(tmp / "rng.safetensors"))
+        samples: dict[str, str] = {}
+        if samples_dir is not None and samples_dir.is_dir():
+            (tmp / "samples").mkdir()
+            for f in sorted(samples_dir.glob("*.png")):
+                shutil.copyfile(f, tmp / "samples" / f.name)
+                samples[f.name] = hashlib.sha256((tmp / "samples" / f.name).read_bytes()).hexdigest()
         state = {
             "next_epoch": epoch,
             "tracker": tracker.state_dict(),
             "history": history,
+            "samples": samples,
             "config": {k: getattr(cfg, k) for k in _RESUME_KEYS},
         }
         (tmp / "state.json").write_text(json.dumps(state))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    install(tmp, ckpt_dir)
 
 
-def _load_checkpoint(ckpt_dir: Path, policy: Policy, optimizer, tracker, cfg: DDPOConfig) -> tuple[int, list]:
-    d = ckpt_dir / CKPT
-    try:
-        state = json.loads((d / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{d}/state.json: unreadable checkpoint state ({e}); delete {ckpt_dir} to restart") from None
+def _read_checkpoint(d: Path, policy: Policy, cfg: DDPOConfig) -> dict[str, Any]:
+    """Everything in the checkpoint directory ``d``, read and checked but not yet applied.
+    Unreadable files raise CorruptCheckpoint naming the file; a checkpoint of other rl params
+    raises DataError."""
+    import hashlib
+
+    from medrl.checkpoints import CorruptCheckpoint, reading
+
+    if not (d / "state.json").is_file():
+        raise CorruptCheckpoint(f"{d}/state.json: missing")
+    state = reading(d / "state.json", lambda: json.loads((d / "state.json").read_text()))
+    if not isinstance(state, dict) or not {"next_epoch", "tracker", "history"} <= set(state):
+        raise CorruptCheckpoint(f"{d}/state.json: incomplete checkpoint state")
     want = {k: getattr(cfg, k) for k in _RESUME_KEYS}
     saved = state.get("config", {})
     # JSON turns tuples into lists; compare after the same round trip. A key an older checkpoint
     # lacks (a field added since) counts as that field's default, which is what that run used.
-    defaults = {f.name: f.default for f in dataclasses.fields(DDPOConfig)}
-    diff = sorted(k for k in _RESUME_KEYS
-                  if json.loads(json.dumps(want[k])) != saved.get(k, json.loads(json.dumps(defaults[k]))))
+    missing = object()
+    diff = sorted(k for k in _RESUME_KEYS if json.loads(json.dumps(want[k])) != saved.get(k, _LEGACY.get(k, missing)))
     if diff:
         raise DataError(
             f"{d}: checkpoint was written with different rl params {[(k, saved.get(k), want[k]) for k in diff]}; "
-            f"expected the same values to resume (delete {ckpt_dir} to start over)"
+            f"expected the same values to resume (delete {d.parent} to start over)"
         )
     params = dict(policy.named_parameters())
-    sd = load_file(str(d / "policy.safetensors"))
+    sd = reading(d / "policy.safetensors", lambda: load_file(str(d / "policy.safetensors")))
     missing = [n for n, p in params.items() if p.requires_grad and n not in sd]
     if missing or any(n not in params for n in sd):
         raise DataError(f"{d}/policy.safetensors: parameter names do not match the policy (missing {missing[:3]})")
-    with torch.no_grad():
-        for n, v in sd.items():
-            params[n].copy_(v.to(params[n].device, params[n].dtype))
-    optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True))
-    rng = load_file(str(d / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    tracker.load_state_dict(state["tracker"])
-    return int(state["next_epoch"]), list(state["history"])
+    optim = reading(d / "optimizer.pt", lambda: torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True))
+    rng = reading(d / "rng.safetensors", lambda: load_file(str(d / "rng.safetensors")))
+    samples: dict[str, bytes] = {}
+    for name, digest in (state.get("samples") or {}).items():
+        f = d / "samples" / name
+        data = reading(f, f.read_bytes)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CorruptCheckpoint(f"{f}: content does not match the hash recorded in state.json")
+        samples[name] = data
+    return {"state": state, "policy": sd, "optimizer": optim, "rng": rng, "samples": samples}
+
+
+def _restore_checkpoint(ckpt_dir: Path, policy: Policy, optimizer, tracker, cfg: DDPOConfig) -> dict[str, Any] | None:
+    """Load ``latest`` (or, when it is unreadable, ``previous``) into policy, optimizer and
+    tracker; an unreadable checkpoint is reported and renamed ``<name>.corrupt`` (see
+    medrl.checkpoints). None (start afresh) when no readable checkpoint is left."""
+    from medrl.checkpoints import read_latest
+
+    ck = read_latest(ckpt_dir, lambda d: _read_checkpoint(d, policy, cfg))
+    if ck is not None:
+        params = dict(policy.named_parameters())
+        with torch.no_grad():
+            for n, v in ck["policy"].items():
+                params[n].copy_(v.to(params[n].device, params[n].dtype))
+        optimizer.load_state_dict(ck["optimizer"])
+        rng = ck["rng"]
+        torch.set_rng_state(rng["torch_cpu"])
+        if torch.cuda.is_available():
+            cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+        tracker.load_state_dict(ck["state"]["tracker"])
+        return ck
+    return None
 
 
 # ----------------------------------------------------------------------------- training
@@ -271,260 +321,311 @@ def _check_rewards(out: Any, n: int) -> tuple[torch.Tensor, dict[str, torch.Tens
     return rewards, terms
 
 
-def train_ddpo(
-    base_dir: Path,
-    out_dir: Path,
-    *,
-    reward_fn: RewardFn,
-    prompt_fn: PromptFn,
-    cfg: DDPOConfig,
-    ckpt_dir: Path,
-    log_fn: LogFn | None = None,
-    anchor: bool = False,
-    max_epochs_this_call: int | None = None,
-) -> dict[str, float]:
-    """DDPO fine-tuning of the stack in ``base_dir``; adapter (+ACE) to ``out_dir/adapter``.
+@dataclass
+class _Setup:
+    """What a DDPO run builds once: models, optimizer, stat tracker and the loop's sizes."""
 
-    ``reward_fn(images (B,3,H,W) [0,1], prompts, anchor_images=None) -> (rewards (B,), terms)``.
-    Anchor images (the frozen base model, no ACE, the same initial and per-step noise) are
-    sampled and passed when ``reward_fn.needs_anchor`` is true or ``anchor=True``.
-    ``prompt_fn(rng, n) -> n prompts``. ``log_fn(metrics, epoch)`` is called on the main process.
-    ``max_epochs_this_call`` stops after that many epochs (checkpointing first) so long runs can
-    be split over jobs; the returned dict then has finished=0.
+    cfg: DDPOConfig
+    accelerator: Any
+    c: Any  # the stack's components (medrl.models.tiny_sd.load_components)
+    policy: Policy
+    model: nn.Module  # the policy as prepared by accelerate (DDP-wrapped with several processes)
+    optimizer: Any
+    params: list[torch.nn.Parameter]
+    tracker: PerPromptStatTracker
+    anchor_unet: nn.Module | None  # frozen copy of the base for full fine-tuning, else None
+    reward_uses_anchor: bool
+    neg1: torch.Tensor = None  # the unconditional ("") embedding, encoded once
+    base_eval: dict[str, Any] | None = None  # the frozen base's fixed comparison set, once sampled
 
-    Logged per epoch: reward_mean/std, <term>_mean, loss, approx_kl, clipfrac, kl (sample
-    estimate of KL(pi_old || pi_new) per denoising step, E_old[log pi_old - log pi_new] over the
-    trained (sample, timestep) pairs, i.e. how far the PPO updates moved the policy during the
-    epoch), grad_norm (pre-clip), epoch_time_s, and trajectories_per_s; with ``cfg.log_base_reward`` also
-    base_reward_mean and reward_gain_vs_base (+ its s.e.): policy minus frozen base model on the
-    same prompts and noise, the epoch's paired measure of what training has gained so far, and
-    <term>_gain_vs_base for every reward term. With ``cfg.kl_coef > 0``: kl_to_base, the mean
-    per-step KL(pi_theta || pi_base) over the epoch's updates; ``loss`` then includes the penalty.
-    """
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def t_train(self) -> int:  # trained steps: 0 .. t_train-1 (the first, noisiest ones)
+        return self.cfg.num_steps - self.cfg.skip_last_steps
+
+    @property
+    def n_train_t(self) -> int:
+        return max(1, math.floor(self.t_train * self.cfg.timestep_fraction))
+
+
+def _setup(base_dir: Path, cfg: DDPOConfig, reward_fn: RewardFn, anchor: bool) -> _Setup:
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
 
-    from medrl.models.tiny_sd import encode_prompts, load_components
+    from medrl.models.tiny_sd import load_components
 
-    cfg.validate()
-    base_dir, out_dir, ckpt_dir = Path(base_dir), Path(out_dir), Path(ckpt_dir)
-    # Accumulation is done explicitly below (reset every inner epoch, trailing partial group
-    # stepped), so accelerate's own counter stays at 1; it would otherwise rescale the loss.
+    # Accumulation is done explicitly in _ppo_update (reset every inner epoch, trailing partial
+    # group stepped), so accelerate's own counter stays at 1; it would otherwise rescale the loss.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
     device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-
     c = load_components(str(base_dir), device=str(device))
-    unet, vae, scheduler = c.unet, c.vae, c.scheduler
+    unet = c.unet
     anchor_unet = None
     reward_uses_anchor = bool(anchor or getattr(reward_fn, "needs_anchor", False))
-    need_anchor = reward_uses_anchor or cfg.log_base_reward
     if cfg.full_finetune:
-        if need_anchor or cfg.kl_coef > 0:
+        if reward_uses_anchor or cfg.log_base_reward or cfg.kl_coef > 0:
             anchor_unet = copy.deepcopy(unet).requires_grad_(False)
         unet.requires_grad_(True)
     else:
         add_lora(unet, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_target_modules), seed=cfg.seed)
-    ace = None
-    if cfg.use_ace:
-        ace = ACE(cfg.ace_tokens, c.text_encoder.config.hidden_size, seed=cfg.seed).to(device)
+    ace = ACE(cfg.ace_tokens, c.text_encoder.config.hidden_size, seed=cfg.seed).to(device) if cfg.use_ace else None
     policy = Policy(unet, ace)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_eps
     )
     tracker = PerPromptStatTracker(cfg.per_prompt_buffer, cfg.per_prompt_min_count)
+    return _Setup(cfg, accelerator, c, policy, policy, optimizer, params, tracker, anchor_unet, reward_uses_anchor)
 
+
+def _resume(s: _Setup, ckpt_dir: Path, out_dir: Path, log_fn: LogFn | None) -> tuple[int, list[dict[str, float]]]:
+    """Restore the checkpoint in ``ckpt_dir`` if any, then let accelerate wrap the model. A
+    resumed stage starts from an empty temp output and a new MLflow run: the epochs already done
+    are rebuilt from the checkpoint (sample grids, rewards.csv) and their metrics logged again,
+    so both hold the whole run as an uninterrupted one would. Returns (start epoch, history)."""
+    resumed = _restore_checkpoint(ckpt_dir, s.policy, s.optimizer, s.tracker, s.cfg) if ckpt_dir.is_dir() else None
     start_epoch, history = 0, []
-    if (ckpt_dir / CKPT / "state.json").is_file():
-        start_epoch, history = _load_checkpoint(ckpt_dir, policy, optimizer, tracker, cfg)
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    policy = accelerator.unwrap_model(model)
-
-    with torch.no_grad():
-        neg1 = encode_prompts(c, [""]).float()
-
-    T = cfg.num_steps
-    T_train = T - cfg.skip_last_steps  # trained steps: 0 .. T_train-1 (the first, noisiest ones)
-    n_train_t = max(1, math.floor(T_train * cfg.timestep_fraction))
-    n_local = cfg.sample_batch_size * cfg.sample_batches_per_epoch
-    samples_dir = out_dir / "samples"
-    grid_every = cfg.grid_every or cfg.checkpoint_every
-
-    epoch_iter = range(start_epoch, cfg.epochs)
-    for epoch in progress(epoch_iter, desc="ddpo", total=len(epoch_iter), disable=not is_main):
-        epochs_run = epoch - start_epoch  # completed in this call
-        if max_epochs_this_call is not None and epochs_run >= max_epochs_this_call:
-            break
-        t0 = time.time()
-        rng = np.random.default_rng(_seed(cfg.seed, epoch, rank, 0))
-
-        # ---------------------------------------------------------------- sampling
-        policy.eval()
-        lat, logps, tsteps, embeds, prompts_local, rewards_l, terms_l = [], [], [], [], [], [], {}
-        base_rewards_l, base_terms_l = [], {}
-        first_images = None
-        for b in range(cfg.sample_batches_per_epoch):
-            n_groups = cfg.sample_batch_size // cfg.prompt_repeats
-            prompts = _check_prompts(prompt_fn(rng, n_groups), n_groups)
-            prompts = [p for p in prompts for _ in range(cfg.prompt_repeats)]
-            noise_seed = _seed(cfg.seed, epoch, rank, 1, b)
-            with torch.no_grad():
-                text = encode_prompts(c, prompts).float()
-                neg = neg1.expand(len(prompts), -1, -1)
-                x_T = initial_latents(unet, len(prompts), _torch_gen(device, noise_seed), device)
-                with accelerator.autocast():
-                    traj = sample_with_logprob(
-                        policy.unet, vae, scheduler, policy.condition(text), neg,
-                        num_steps=T, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                        generator=_torch_gen(device, noise_seed + 1), latents=x_T,
-                    )
-                    anchor_images = None
-                    if need_anchor:
-                        # Always the same x_T. The per-step noise is the sample's own when the
-                        # anchor only serves as a measurement (log_base_reward: an exact paired
-                        # gain), and independent when a reward subtracts the anchor's score
-                        # (RLCF paired mode), unless anchor_noise="shared": a baseline that
-                        # depends on the sample's step noise biases the policy gradient.
-                        step_seed = noise_seed + 1
-                        if reward_uses_anchor and cfg.anchor_noise == "initial":
-                            step_seed = _seed(cfg.seed, epoch, rank, 2, b)
-                        with _base_model(policy, anchor_unet) as base_unet:
-                            anchor_images = sample_with_logprob(
-                                base_unet, vae, scheduler, text, neg,
-                                num_steps=T, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                                generator=_torch_gen(device, step_seed), latents=x_T,
-                            ).images
-            r, terms = _check_rewards(reward_fn(traj.images, prompts, anchor_images=anchor_images), len(prompts))
-            if cfg.log_base_reward:
-                # The base model scored as if it were the policy (paired RLCF terms are then zero).
-                rb, tb = _check_rewards(reward_fn(anchor_images, prompts, anchor_images=anchor_images), len(prompts))
-                base_rewards_l.append(rb)
-                for k, v in tb.items():
-                    base_terms_l.setdefault(k, []).append(v)
-            lat.append(traj.latents)
-            logps.append(traj.log_probs.float())
-            tsteps.append(traj.timesteps)
-            embeds.append(text)
-            prompts_local += prompts
-            rewards_l.append(r)
-            for k, v in terms.items():
-                terms_l.setdefault(k, []).append(v)
-            if first_images is None:
-                first_images = traj.images[:16].detach().cpu()
-
-        latents = torch.cat(lat)  # (N, T+1, C, h, w)
-        old_logp = torch.cat(logps)  # (N, T)
-        timesteps = torch.cat(tsteps)  # (N, T)
-        text_embeds = torch.cat(embeds)
-        neg_all = neg1.expand(n_local, -1, -1)
-        rewards_local = torch.cat(rewards_l).to(device)
-
-        # Every process sees every reward, so the per-prompt statistics (and the tracker state,
-        # which must be identical on all ranks) do not depend on how samples were split.
-        rewards_all = accelerator.gather(rewards_local).cpu().numpy()
-        prompts_all = gather_object(prompts_local) if world > 1 else prompts_local
-        adv_all = tracker.update(prompts_all, rewards_all)
-        adv = torch.as_tensor(adv_all.reshape(world, -1)[rank], dtype=torch.float32, device=device)
-        terms_all = {k: accelerator.gather(torch.cat(v).to(device)).cpu().numpy() for k, v in terms_l.items()}
-        base_all = accelerator.gather(torch.cat(base_rewards_l).to(device)).cpu().numpy() if base_rewards_l else None
-        base_terms = {k: accelerator.gather(torch.cat(v).to(device)).cpu().numpy() for k, v in base_terms_l.items()}
-
-        # ---------------------------------------------------------------- PPO updates
-        policy.train()
-        acc = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": [], "kl_base": []}
-        grad_norms: list[torch.Tensor] = []
-        micro_per_step = cfg.gradient_accumulation_steps * n_train_t
-        for inner in range(cfg.num_inner_epochs):
-            perm = rng.permutation(n_local)
-            # Each sample trains on its own random subset of timesteps, in random order.
-            t_order = np.stack([rng.permutation(T_train)[:n_train_t] for _ in range(n_local)])
-            batches = [perm[i : i + cfg.train_batch_size] for i in range(0, n_local, cfg.train_batch_size)]
-            n_micro = len(batches) * n_train_t
-            micro = 0
-            for idx in batches:
-                idx_t = torch.as_tensor(idx, device=device)
-                for j in range(n_train_t):
-                    step_idx = torch.as_tensor(t_order[idx, j], device=device)
-                    x_t = latents[idx_t, step_idx]
-                    x_prev = latents[idx_t, step_idx + 1]
-                    t = timesteps[idx_t, step_idx]
-                    group_start = (micro // micro_per_step) * micro_per_step
-                    group_size = min(micro_per_step, n_micro - group_start)
-                    sync = micro - group_start + 1 == group_size
-                    ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
-                    if cfg.kl_coef > 0:
-                        # The base's step at the same x_t (no grad; the LoRA is switched off for it).
-                        with torch.no_grad(), accelerator.autocast(), _base_model(policy, anchor_unet) as base_unet:
-                            eps_base = guided_eps(base_unet, x_t, t, text_embeds[idx_t], neg_all[idx_t], cfg.guidance_scale)
-                    with ctx:
-                        with accelerator.autocast():
-                            eps = model(x_t, t, text_embeds[idx_t], neg_all[idx_t], cfg.guidance_scale)
-                        # the same Gaussian step as sampling (ddim_step_with_logprob), evaluated once
-                        mean, std = ddim_step_gaussian(scheduler, eps.float(), t, x_t, eta=cfg.eta)
-                        logp = gaussian_logprob(x_prev, mean, std)
-                        loss, info = ppo_loss(logp, old_logp[idx_t, step_idx], adv[idx_t], cfg.clip_range, cfg.adv_clip_max)
-                        if cfg.kl_coef > 0:
-                            mean_base, _ = ddim_step_gaussian(scheduler, eps_base.float(), t, x_t, eta=cfg.eta)
-                            kl_base = gaussian_kl(mean, mean_base, std).mean()
-                            loss = loss + cfg.kl_coef * kl_base
-                            acc["kl_base"].append(kl_base.detach())
-                        # Mean over the accumulation group: each micro-step is one (batch, timestep).
-                        accelerator.backward(loss / group_size)
-                    if sync:
-                        grad_norms.append(torch.as_tensor(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)).detach().float())
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    acc["loss"].append(loss.detach())
-                    for k in ("approx_kl", "clipfrac", "kl"):
-                        acc[k].append(info[k])
-                    micro += 1
-
-        gn = torch.stack(grad_norms).to(device) if grad_norms else torch.zeros(1, device=device)
-        kl_base_mean = torch.stack(acc["kl_base"]).mean() if acc["kl_base"] else torch.zeros((), device=device)
-        stats = torch.stack([torch.stack(acc[k]).mean() for k in ("loss", "approx_kl", "clipfrac", "kl")] + [gn.mean(), kl_base_mean])
-        stats = accelerator.reduce(stats, reduction="mean").cpu().tolist()
-        dt = time.time() - t0
-        metrics: dict[str, float] = {
-            "epoch": float(epoch),
-            "samples": float(len(rewards_all)),
-            "reward_mean": float(rewards_all.mean()),
-            "reward_std": float(rewards_all.std()),
-            **{f"{k}_mean": float(v.mean()) for k, v in terms_all.items()},
-            "loss": stats[0],
-            "approx_kl": stats[1],
-            "clipfrac": stats[2],
-            "kl": stats[3],
-            "grad_norm": stats[4],  # before clipping to max_grad_norm; mean over the epoch's optimizer steps
-            "epoch_time_s": dt,
-            "trajectories_per_s": float(len(rewards_all)) / max(dt, 1e-9),
-        }
-        if cfg.kl_coef > 0:
-            metrics["kl_to_base"] = stats[5]  # KL(pi_theta || pi_base) per step, mean over the epoch's updates
-        if base_all is not None:
-            gain = rewards_all - base_all
-            metrics.update(base_reward_mean=float(base_all.mean()), reward_gain_vs_base=float(gain.mean()),
-                           reward_gain_vs_base_se=float(gain.std(ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else 0.0)
-            # Per reward term too: which term a combined reward's gain (or loss) comes from.
-            metrics.update({f"{k}_gain_vs_base": float((terms_all[k] - base_terms[k]).mean())
-                            for k in terms_all if k in base_terms})
-        history.append(metrics)
-        epochs_run += 1
-        if is_main:
-            if log_fn is not None:
-                log_fn(metrics, epoch)
+    if resumed is not None:
+        start_epoch, history = int(resumed["state"]["next_epoch"]), list(resumed["state"]["history"])
+    s.model, s.optimizer = s.accelerator.prepare(s.policy, s.optimizer)
+    s.policy = s.accelerator.unwrap_model(s.model)
+    if resumed is not None and s.accelerator.is_main_process:
+        for name, data in sorted(resumed["samples"].items()):
+            (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+            (out_dir / "samples" / name).write_bytes(data)
+        if history:
             write_table(pd.DataFrame(history), out_dir / "rewards.csv")
-            if (epoch + 1) % grid_every == 0 or epoch + 1 == cfg.epochs:
-                save_image(image_grid(list(first_images), nrow=4), samples_dir / f"epoch_{epoch:04d}.png")
+        if log_fn is not None:
+            for h in history:
+                log_fn(h, int(h["epoch"]))
+    return start_epoch, history
 
-        last = epoch + 1 == cfg.epochs
-        stopping = max_epochs_this_call is not None and epochs_run >= max_epochs_this_call
-        if not last and ((epoch + 1) % cfg.checkpoint_every == 0 or stopping):
-            if is_main:
-                _save_checkpoint(ckpt_dir, policy, optimizer, tracker, epoch + 1, history, cfg)
-            accelerator.wait_for_everyone()
 
+def _sample(s: _Setup, unet, condition: Callable, text: torch.Tensor, x_T: torch.Tensor, step_seed: int):
+    """One batch of trajectories of ``unet`` on ``condition(text)`` (the policy's ACE, or none
+    for the base) from x_T, with per-step noise from ``step_seed``."""
+    neg = s.neg1.expand(len(text), -1, -1)
+    with torch.no_grad(), s.accelerator.autocast():
+        return sample_with_logprob(unet, s.c.vae, s.c.scheduler, condition(text), neg, num_steps=s.cfg.num_steps,
+                                   guidance_scale=s.cfg.guidance_scale, eta=s.cfg.eta,
+                                   generator=_torch_gen(s.device, step_seed), latents=x_T)
+
+
+def _as_is(text: torch.Tensor) -> torch.Tensor:  # the base model's condition: no ACE tokens
+    return text
+
+
+@dataclass
+class _Rollouts:
+    """One epoch's trajectories on this process and the rewards of all processes."""
+
+    latents: torch.Tensor  # (N, T+1, C, h, w)
+    old_logp: torch.Tensor  # (N, T)
+    timesteps: torch.Tensor  # (N, T)
+    text_embeds: torch.Tensor  # (N, L, D), without ACE tokens
+    rewards_all: np.ndarray  # (N x processes,)
+    terms_all: dict[str, np.ndarray]
+    adv: torch.Tensor | None = None  # (N,) this process's advantages
+    first_images: torch.Tensor | None = None  # up to 16 images of the first batch, for the grid
+    seconds: float = 0.0  # wall time of the collection
+
+
+def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn: RewardFn,
+                      prompt_fn: PromptFn) -> _Rollouts:
+    """Sample the epoch's trajectories (prompts from ``rng``, noise seeded by (seed, epoch,
+    rank, batch)), score them, and turn the gathered rewards into per-prompt advantages."""
+    from accelerate.utils import gather_object
+
+    from medrl.models.tiny_sd import encode_prompts
+
+    cfg, acc = s.cfg, s.accelerator
+    s.policy.eval()
+    trajs, texts, prompts_local, rewards_l, terms_l = [], [], [], [], {}
+    for b in range(cfg.sample_batches_per_epoch):
+        n_groups = cfg.sample_batch_size // cfg.prompt_repeats
+        prompts = _check_prompts(prompt_fn(rng, n_groups), n_groups)
+        prompts = [p for p in prompts for _ in range(cfg.prompt_repeats)]
+        noise_seed = _seed(cfg.seed, epoch, s.rank, 1, b)
+        with torch.no_grad():
+            text = encode_prompts(s.c, prompts).float()
+            x_T = initial_latents(s.policy.unet, len(prompts), _torch_gen(s.device, noise_seed), s.device)
+            traj = _sample(s, s.policy.unet, s.policy.condition, text, x_T, noise_seed + 1)
+            anchor_images = None
+            if s.reward_uses_anchor:
+                # The same x_T; per-step noise independent of the sample's unless anchor_noise is
+                # "shared": a baseline that depends on the sample's step noise biases the gradient.
+                step_seed = noise_seed + 1 if cfg.anchor_noise == "shared" else _seed(cfg.seed, epoch, s.rank, 2, b)
+                with _base_model(s.policy, s.anchor_unet) as base_unet:
+                    anchor_images = _sample(s, base_unet, _as_is, text, x_T, step_seed).images
+        r, terms = _check_rewards(reward_fn(traj.images, prompts, anchor_images=anchor_images), len(prompts))
+        trajs.append(traj)
+        texts.append(text)
+        prompts_local += prompts
+        rewards_l.append(r)
+        for k, v in terms.items():
+            terms_l.setdefault(k, []).append(v)
+
+    # Every process sees every reward, so the per-prompt statistics (and the tracker state,
+    # which must be identical on all ranks) do not depend on how samples were split.
+    rewards_all = acc.gather(torch.cat(rewards_l).to(s.device)).cpu().numpy()
+    prompts_all = gather_object(prompts_local) if acc.num_processes > 1 else prompts_local
+    adv_all = s.tracker.update(prompts_all, rewards_all)
+    adv = torch.as_tensor(adv_all.reshape(acc.num_processes, -1)[s.rank], dtype=torch.float32, device=s.device)
+    return _Rollouts(
+        latents=torch.cat([t.latents for t in trajs]), old_logp=torch.cat([t.log_probs.float() for t in trajs]),
+        timesteps=torch.cat([t.timesteps for t in trajs]), text_embeds=torch.cat(texts), rewards_all=rewards_all,
+        terms_all={k: acc.gather(torch.cat(v).to(s.device)).cpu().numpy() for k, v in terms_l.items()},
+        adv=adv, first_images=trajs[0].images[:16].detach().cpu(),
+    )
+
+
+def _ppo_micro_step(s: _Setup, ro: _Rollouts, idx: np.ndarray, steps: np.ndarray) -> tuple[torch.Tensor, dict]:
+    """Loss (and PPO statistics) of the recorded steps ``steps`` of samples ``idx`` under the
+    current policy: the same Gaussian step as sampling, evaluated once, (+ the KL penalty)."""
+    cfg, acc, device = s.cfg, s.accelerator, s.device
+    idx_t = torch.as_tensor(idx, device=device)
+    step_idx = torch.as_tensor(steps, device=device)
+    x_t, x_prev = ro.latents[idx_t, step_idx], ro.latents[idx_t, step_idx + 1]
+    t = ro.timesteps[idx_t, step_idx]
+    text, neg = ro.text_embeds[idx_t], s.neg1.expand(len(idx), -1, -1)
+    if cfg.kl_coef > 0:
+        # The base's step at the same x_t (no grad; the LoRA is switched off for it).
+        with torch.no_grad(), acc.autocast(), _base_model(s.policy, s.anchor_unet) as base_unet:
+            eps_base = guided_eps(base_unet, x_t, t, text, neg, cfg.guidance_scale)
+    with acc.autocast():
+        eps = s.model(x_t, t, text, neg, cfg.guidance_scale)
+    mean, std = ddim_step_gaussian(s.c.scheduler, eps.float(), t, x_t, eta=cfg.eta)
+    logp = gaussian_logprob(x_prev, mean, std)
+    loss, info = ppo_loss(logp, ro.old_logp[idx_t, step_idx], ro.adv[idx_t], cfg.clip_range, cfg.adv_clip_max)
+    if cfg.kl_coef > 0:
+        mean_base, _ = ddim_step_gaussian(s.c.scheduler, eps_base.float(), t, x_t, eta=cfg.eta)
+        info["kl_base"] = gaussian_kl(mean, mean_base, std).mean()
+        loss = loss + cfg.kl_coef * info["kl_base"]
+    return loss, info
+
+
+def _ppo_update(s: _Setup, ro: _Rollouts, rng: np.random.Generator) -> list[float]:
+    """PPO updates on random timesteps of the recorded trajectories; returns the epoch's mean
+    loss, approx_kl, clipfrac, kl, grad_norm and kl_base over all processes."""
+    cfg, acc, device = s.cfg, s.accelerator, s.device
+    s.policy.train()
+    n_local, n_train_t = len(ro.latents), s.n_train_t
+    stats: dict[str, list[torch.Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": [], "kl_base": []}
+    grad_norms: list[torch.Tensor] = []
+    micro_per_step = cfg.gradient_accumulation_steps * n_train_t
+    for _inner in range(cfg.num_inner_epochs):
+        perm = rng.permutation(n_local)
+        # Each sample trains on its own random subset of timesteps, in random order.
+        t_order = np.stack([rng.permutation(s.t_train)[:n_train_t] for _ in range(n_local)])
+        batches = [perm[i : i + cfg.train_batch_size] for i in range(0, n_local, cfg.train_batch_size)]
+        n_micro = len(batches) * n_train_t
+        for micro, (idx, j) in enumerate((idx, j) for idx in batches for j in range(n_train_t)):
+            group_start = (micro // micro_per_step) * micro_per_step
+            group_size = min(micro_per_step, n_micro - group_start)
+            sync = micro - group_start + 1 == group_size
+            with contextlib.nullcontext() if sync else acc.no_sync(s.model):
+                loss, info = _ppo_micro_step(s, ro, idx, t_order[idx, j])
+                # Mean over the accumulation group: each micro-step is one (batch, timestep).
+                acc.backward(loss / group_size)
+            if sync:
+                grad_norms.append(torch.as_tensor(acc.clip_grad_norm_(s.params, cfg.max_grad_norm)).detach().float())
+                s.optimizer.step()
+                s.optimizer.zero_grad(set_to_none=True)
+            stats["loss"].append(loss.detach())
+            for k in ("approx_kl", "clipfrac", "kl", "kl_base"):
+                if k in info:
+                    stats[k].append(info[k].detach())
+    gn = torch.stack(grad_norms).to(device) if grad_norms else torch.zeros(1, device=device)
+    kl_base = torch.stack(stats["kl_base"]).mean() if stats["kl_base"] else torch.zeros((), device=device)
+    out = torch.stack([torch.stack(stats[k]).mean() for k in ("loss", "approx_kl", "clipfrac", "kl")] + [gn.mean(), kl_base])
+    return acc.reduce(out, reduction="mean").cpu().tolist()
+
+
+def _base_comparison_due(cfg: DDPOConfig, epoch: int) -> bool:
+    return cfg.log_base_reward and (epoch == 0 or (epoch + 1) % cfg.base_reward_every == 0 or epoch + 1 == cfg.epochs)
+
+
+def _compare_with_base(s: _Setup, reward_fn: RewardFn, prompt_fn: PromptFn) -> dict[str, float]:
+    """Policy vs frozen base on a fixed set of base_reward_samples prompts and noises (split over
+    processes; exactly paired: the same x_T and per-step noise). The base's images and rewards
+    are computed once per run; each call samples the policy on the set again."""
+    from medrl.models.tiny_sd import encode_prompts
+
+    cfg, acc = s.cfg, s.accelerator
+    n = -(-cfg.base_reward_samples // acc.num_processes)
+    if s.base_eval is None:
+        prompts = _check_prompts(prompt_fn(np.random.default_rng(_seed(cfg.seed, s.rank, 4)), n), n)
+        noise_seed = _seed(cfg.seed, s.rank, 5)
+        with torch.no_grad():
+            text = encode_prompts(s.c, prompts).float()
+            x_T = initial_latents(s.policy.unet, n, _torch_gen(s.device, noise_seed), s.device)
+            with _base_model(s.policy, s.anchor_unet) as base_unet:
+                images = _sample(s, base_unet, _as_is, text, x_T, noise_seed + 1).images
+        # The base scored as if it were the policy (paired RLCF terms are then zero).
+        r, terms = _check_rewards(reward_fn(images, prompts, anchor_images=images), n)
+        s.base_eval = {"prompts": prompts, "text": text, "x_T": x_T, "seed": noise_seed + 1, "images": images,
+                       "rewards": acc.gather(r.to(s.device)).cpu().numpy(),
+                       "terms": {k: acc.gather(v.to(s.device)).cpu().numpy() for k, v in terms.items()}}
+    b = s.base_eval
+    s.policy.eval()
+    with torch.no_grad():
+        images = _sample(s, s.policy.unet, s.policy.condition, b["text"], b["x_T"], b["seed"]).images
+    r, terms = _check_rewards(reward_fn(images, b["prompts"], anchor_images=b["images"]), n)
+    gain = acc.gather(r.to(s.device)).cpu().numpy() - b["rewards"]
+    out = {"base_reward_mean": float(b["rewards"].mean()), "reward_gain_vs_base": float(gain.mean()),
+           "reward_gain_vs_base_se": float(gain.std(ddof=1) / math.sqrt(len(gain)))}
+    # Per reward term too: which term a combined reward's gain (or loss) comes from.
+    for k, v in terms.items():
+        if k in b["terms"]:
+            out[f"{k}_gain_vs_base"] = float((acc.gather(v.to(s.device)).cpu().numpy() - b["terms"][k]).mean())
+    return out
+
+
+def _epoch_metrics(epoch: int, ro: _Rollouts, stats: list[float], base: dict[str, float], dt: float,
+                   cfg: DDPOConfig) -> dict[str, float]:
+    metrics: dict[str, float] = {
+        "epoch": float(epoch),
+        "samples": float(len(ro.rewards_all)),
+        "reward_mean": float(ro.rewards_all.mean()),
+        "reward_std": float(ro.rewards_all.std()),
+        **{f"{k}_mean": float(v.mean()) for k, v in ro.terms_all.items()},
+        "loss": stats[0],
+        "approx_kl": stats[1],
+        "clipfrac": stats[2],
+        "kl": stats[3],
+        "grad_norm": stats[4],  # before clipping to max_grad_norm; mean over the epoch's optimizer steps
+        "epoch_time_s": dt,
+        "trajectories_per_s": float(len(ro.rewards_all)) / max(dt, 1e-9),
+    }
+    if cfg.kl_coef > 0:
+        metrics["kl_to_base"] = stats[5]  # KL(pi_theta || pi_base) per step, mean over the epoch's updates
+    metrics.update(base)
+    return metrics
+
+
+def _finish_epoch(s: _Setup, epoch: int, ro: _Rollouts, history: list, out_dir: Path, ckpt_dir: Path,
+                  log_fn: LogFn | None, stopping: bool) -> None:
+    """Log and write the epoch (rewards.csv, sample grid), then checkpoint when due."""
+    cfg = s.cfg
+    if s.accelerator.is_main_process:
+        if log_fn is not None:
+            log_fn(history[-1], epoch)
+        write_table(pd.DataFrame(history), out_dir / "rewards.csv")
+        if (epoch + 1) % (cfg.grid_every or cfg.checkpoint_every) == 0 or epoch + 1 == cfg.epochs:
+            save_image(image_grid(list(ro.first_images), nrow=4), out_dir / "samples" / f"epoch_{epoch:04d}.png")
+    if epoch + 1 != cfg.epochs and ((epoch + 1) % cfg.checkpoint_every == 0 or stopping):
+        if s.accelerator.is_main_process:
+            _save_checkpoint(ckpt_dir, s.policy, s.optimizer, s.tracker, epoch + 1, history, cfg, out_dir / "samples")
+        s.accelerator.wait_for_everyone()
+
+
+def _summary(history: list[dict[str, float]], cfg: DDPOConfig) -> dict[str, float]:
     finished = bool(history) and int(history[-1]["epoch"]) + 1 >= cfg.epochs
     summary: dict[str, float] = {"finished": float(finished), "epochs_done": float(len(history))}
     if history:
@@ -540,13 +641,70 @@ def train_ddpo(
             clipfrac_last=history[-1]["clipfrac"],
             train_time_s=float(sum(h["epoch_time_s"] for h in history)),
         )
-        if "reward_gain_vs_base" in history[-1]:
-            g = [h["reward_gain_vs_base"] for h in history]
-            summary.update(gain_vs_base_first=float(np.mean(g[:k])), gain_vs_base_last=float(np.mean(g[-k:])))
-    accelerator.wait_for_everyone()
-    if finished and is_main:
-        save_adapter(policy.unet, policy.ace, out_dir / "adapter")
+        g = [h["reward_gain_vs_base"] for h in history if not math.isnan(h.get("reward_gain_vs_base", math.nan))]
+        if g:  # the comparisons with the base: first and last (not epochs: they run every few)
+            summary.update(gain_vs_base_first=g[0], gain_vs_base_last=g[-1])
+    return summary
+
+
+def train_ddpo(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    reward_fn: RewardFn,
+    prompt_fn: PromptFn,
+    cfg: DDPOConfig,
+    ckpt_dir: Path,
+    log_fn: LogFn | None = None,
+    anchor: bool = False,
+    max_epochs_this_call: int | None = None,
+) -> dict[str, float]:
+    """DDPO fine-tuning of the stack in ``base_dir``; adapter (+ACE) to ``out_dir/adapter``.
+
+    ``reward_fn(images (B,3,H,W) [0,1], prompts, anchor_images=None) -> (rewards (B,), terms)``.
+    Anchor images (the frozen base model, no ACE, the same initial noise) are sampled and passed
+    when ``reward_fn.needs_anchor`` is true or ``anchor=True``. ``prompt_fn(rng, n) -> n prompts``.
+    ``log_fn(metrics, epoch)`` is called on the main process. ``max_epochs_this_call`` stops after
+    that many epochs (checkpointing first) so long runs can be split over jobs; the returned
+    dict then has finished=0. Each epoch: _collect_rollouts -> _ppo_update -> _epoch_metrics.
+
+    Logged per epoch: reward_mean/std, <term>_mean, loss, approx_kl, clipfrac, kl (sample
+    estimate of KL(pi_old || pi_new) per denoising step over the trained (sample, timestep)
+    pairs: how far the PPO updates moved the policy during the epoch), grad_norm (pre-clip),
+    epoch_time_s and trajectories_per_s. With ``cfg.log_base_reward``, on the epochs of
+    :func:`_base_comparison_due`: base_reward_mean, reward_gain_vs_base (+ its s.e.) and
+    <term>_gain_vs_base, the policy before the epoch's update minus the frozen base on a fixed
+    set of prompts and noises. With ``cfg.kl_coef > 0``: kl_to_base, the mean per-step
+    KL(pi_theta || pi_base) over the epoch's updates; ``loss`` then includes the penalty.
+    """
+    from medrl.models.tiny_sd import encode_prompts
+
+    base_dir, out_dir, ckpt_dir = Path(base_dir), Path(out_dir), Path(ckpt_dir)
+    s = _setup(base_dir, cfg, reward_fn, anchor)
+    start_epoch, history = _resume(s, ckpt_dir, out_dir, log_fn)
+    with torch.no_grad():
+        s.neg1 = encode_prompts(s.c, [""]).float()
+    epoch_iter = range(start_epoch, cfg.epochs)
+    for epoch in progress(epoch_iter, desc="ddpo", total=len(epoch_iter), disable=not s.accelerator.is_main_process):
+        if max_epochs_this_call is not None and epoch - start_epoch >= max_epochs_this_call:
+            break
+        t0 = time.time()
+        rng = np.random.default_rng(_seed(cfg.seed, epoch, s.rank, 0))
+        ro = _collect_rollouts(s, epoch, rng, reward_fn, prompt_fn)
+        ro.seconds = time.time() - t0
+        base = _compare_with_base(s, reward_fn, prompt_fn) if _base_comparison_due(cfg, epoch) else {}
+        if base:
+            base["base_comparison_s"] = time.time() - t0 - ro.seconds  # its share of epoch_time_s
+        stats = _ppo_update(s, ro, rng)
+        history.append(_epoch_metrics(epoch, ro, stats, base, time.time() - t0, cfg))
+        stopping = max_epochs_this_call is not None and epoch + 1 - start_epoch >= max_epochs_this_call
+        _finish_epoch(s, epoch, ro, history, out_dir, ckpt_dir, log_fn, stopping)
+
+    summary = _summary(history, cfg)
+    s.accelerator.wait_for_everyone()
+    if summary["finished"] and s.accelerator.is_main_process:
+        save_adapter(s.policy.unet, s.policy.ace, out_dir / "adapter")
         write_table(pd.DataFrame(history), out_dir / "rewards.csv")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    s.accelerator.wait_for_everyone()
     return summary

@@ -1,6 +1,7 @@
 """CXRL Tables 1, 2a, 2b, 3 (ours with CIs beside the published numbers) + a claims table."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -8,7 +9,7 @@ import pandas as pd
 
 from medrl.errors import DataError
 from medrl.metrics.bootstrap import diff_from_boot
-from medrl.rewards.rlcf_modes import MODES, PAIRED_MODES
+from medrl.metrics.rlcf_modes import MODES, PAIRED_MODES
 from medrl.tables import paper as P
 from medrl.tables.render import NA, Recorder, need, need_metric, resolve_run_ids, verdict, write_with_values
 
@@ -81,6 +82,32 @@ def _paper_diff(table: Mapping[str, Mapping[str, float]], a: str, b: str, key: s
     return None
 
 
+_ORDER = ("anchor", "llm_cxr", "full", "no_ace", "no_rlcf")  # rows of Tables 1, 2a and 3
+
+
+@dataclass
+class _Build:
+    """What every CXRL table reads: the metrics, run ids, notes shared by all tables, and the
+    differences shown as n/a since the last table (``problems``, emptied by ``_unpaired``)."""
+
+    metrics: Mapping[str, Mapping[str, Any]]
+    run_ids: Mapping[str, str]
+    out_dir: Path
+    common: list[str]
+    fe: list[str]
+    problems: list[str] = field(default_factory=list)
+
+    def rid(self, m: str) -> str:
+        return str(self.run_ids[m])
+
+    @property
+    def diff_pairs(self) -> list[tuple[str, str]]:
+        return [("full", b) for b in ("anchor", "no_ace", "no_rlcf") if b in self.metrics]
+
+    def diff(self, a: str, b: str, path: Sequence[str]) -> dict | None:
+        return _diff(self.metrics, a, b, path, self.problems)
+
+
 def build_cxrl_tables(
     metrics: Mapping[str, Mapping[str, Any]],
     run_ids: Mapping[str, str],
@@ -101,14 +128,26 @@ def build_cxrl_tables(
     out_dir = Path(out_dir)
     ignored = _validate(metrics, run_ids, sources)
     run_ids, run_notes = resolve_run_ids(run_ids, [m for m in MAIN_MODELS + REWARD_MODELS if m in metrics])
-    problems: list[str] = []
-    absent = [m for m in MAIN_MODELS + REWARD_MODELS if m not in metrics]
     fe = sorted({str(metrics[m]["feature_extractor"]) for m in metrics if m in MAIN_MODELS + REWARD_MODELS})
+    common = _common_notes(metrics, ignored, notes, run_notes)
+    b = _Build(metrics, run_ids, out_dir, common, fe)
+    written: dict[str, dict[str, str]] = {}
+    written["cxrl_table1"] = _table1(b)
+    written["cxrl_table2a"] = _table2a(b)
+    written["cxrl_table2b"] = _table2b(b)
+    written["cxrl_table3"] = _table3(b)
+    written["cxrl_claims"] = _claims(metrics, run_ids, out_dir, b.problems, common)
+    return written
+
+
+def _common_notes(metrics: Mapping[str, Any], ignored: list[str], notes: Sequence[str], run_notes: list[str]) -> list[str]:
+    """Notes under every CXRL table: how the CIs are computed, sources, models not run or ignored."""
+    absent = [m for m in MAIN_MODELS + REWARD_MODELS if m not in metrics]
     ci_level = float(metrics["full"]["fid"].get("ci", 0.95))
     common = [
-        f"Ours: value [{ci_level:.0%} bootstrap CI] over generated images (FID: basic and KID: percentile bootstrap "
-        "over real and generated images; MS-SSIM: over reports). Differences are paired bootstraps on the same "
-        "reports and seeds.",
+        f"Ours: value [{ci_level:.0%} bootstrap CI] over generated images, resampling whole reports (the samples of "
+        "one report are not independent; FID: basic and KID: percentile bootstrap over real images and generated "
+        "reports; MS-SSIM: over reports). Differences are paired bootstraps on the same reports and seeds.",
         P.CXRL_SOURCE_NOTE,
         *notes,
         *run_notes,
@@ -117,17 +156,17 @@ def build_cxrl_tables(
         common.append(f"Not run, rows omitted: {', '.join(absent)}.")
     if ignored:
         common.append(f"Metrics for models outside the paper tables were ignored: {', '.join(ignored)}.")
-    written: dict[str, dict[str, str]] = {}
-    rid = lambda m: str(run_ids[m])  # noqa: E731
-    order = ["anchor", "llm_cxr", "full", "no_ace", "no_rlcf"]
-    diff_pairs = [("full", b) for b in ("anchor", "no_ace", "no_rlcf") if b in metrics]
+    return common
 
-    # ---------------------------------------------------------------- Table 1
+
+def _table1(b: _Build) -> dict[str, str]:
+    """Table 1: r_align, AUROC and CXR-CLIP similarity per model, then the CXRL - other differences."""
+    metrics, rid = b.metrics, b.rid
     rec = Recorder("cxrl_table1")
     cols = [("r_align", ["r_align"], "r_align (psi) \u2191"), ("auroc", ["auroc", "avg"], "AUROC \u2191"),
             ("similarity", ["similarity"], "CXR-CLIP similarity \u2191")]
     rows = []
-    for m in order:
+    for m in _ORDER:
         if m != "llm_cxr" and m not in metrics:
             continue
         label = P.CXRL_LABELS[m]
@@ -140,33 +179,36 @@ def build_cxrl_tables(
         row["n images"] = "" if m == "llm_cxr" else str(metrics[m]["n_images"])
         row["MLflow run"] = "" if m == "llm_cxr" else rid(m)
         rows.append(row)
-    for a, b in diff_pairs:
-        label = f"CXRL - {P.CXRL_LABELS[b]}"
-        row = {"Method": label, "Model": f"{a} - {b}"}
+    for a, b_ in b.diff_pairs:
+        label = f"CXRL - {P.CXRL_LABELS[b_]}"
+        row = {"Method": label, "Model": f"{a} - {b_}"}
         for key, path, head in cols:
-            row[f"{head} (ours)"] = rec.ours(label, head, _diff(metrics, a, b, path, problems), model=f"{a}-{b}",
-                                             run_id=f"{rid(a)} - {rid(b)}", digits=3, source="diff")
-            row[f"{head} (paper)"] = rec.paper(label, head, _paper_diff(P.CXRL_TABLE1, a, b, key), model=f"{a}-{b}",
+            row[f"{head} (ours)"] = rec.ours(label, head, b.diff(a, b_, path), model=f"{a}-{b_}",
+                                             run_id=f"{rid(a)} - {rid(b_)}", digits=3, source="diff")
+            row[f"{head} (paper)"] = rec.paper(label, head, _paper_diff(P.CXRL_TABLE1, a, b_, key), model=f"{a}-{b_}",
                                                digits=P.CXRL_TABLE1_DIGITS[key])
         row["n images"] = ""
-        row["MLflow run"] = f"{rid(a)} - {rid(b)}"
+        row["MLflow run"] = f"{rid(a)} - {rid(b_)}"
         rows.append(row)
-    t1_notes = common + [
+    t1_notes = b.common + [
         "r_align = -(max(|sx-1|,|sy-1|) + |theta|/(2 pi) + sqrt(tx^2+ty^2)) from the posture aligner; closer to 0 is "
         "better. AUROC = macro average over the 11 pathologies (see Table 3). CXR-CLIP similarity = image-report "
         "cosine similarity of the dual encoder (the paper's column header says 'CXR-CLIP Distance' with higher = "
         "better).",
         "Paper differences in the difference rows are computed from the published numbers.",
     ]
-    written["cxrl_table1"] = write_with_values(pd.DataFrame(rows), out_dir / "cxrl_table1", rec,
-                                    caption="CXRL Table 1: CXR-specific quality of generated CXRs", label="tab:cxrl1",
-                                    notes=t1_notes + _unpaired(problems))
+    return write_with_values(pd.DataFrame(rows), b.out_dir / "cxrl_table1", rec,
+                             caption="CXRL Table 1: CXR-specific quality of generated CXRs", label="tab:cxrl1",
+                             notes=t1_notes + _unpaired(b.problems))
 
-    # ---------------------------------------------------------------- Table 2a
+
+def _table2a(b: _Build) -> dict[str, str]:
+    """Table 2(a): FID and MS-SSIM (and KID, not in the paper) per model, then the differences."""
+    metrics, rid = b.metrics, b.rid
     rec = Recorder("cxrl_table2a")
     cols2 = [("fid", "FID \u2193", 2), ("msssim", "MS-SSIM \u2193", 3)]
     rows = []
-    for m in order:
+    for m in _ORDER:
         if m != "llm_cxr" and m not in metrics:
             continue
         label = P.CXRL_LABELS[m]
@@ -180,31 +222,34 @@ def build_cxrl_tables(
         row["n images"] = "" if m == "llm_cxr" else str(metrics[m]["n_images"])
         row["MLflow run"] = "" if m == "llm_cxr" else rid(m)
         rows.append(row)
-    for a, b in diff_pairs:
-        label = f"CXRL - {P.CXRL_LABELS[b]}"
-        row = {"Model": label, "Key": f"{a} - {b}"}
+    for a, b_ in b.diff_pairs:
+        label = f"CXRL - {P.CXRL_LABELS[b_]}"
+        row = {"Model": label, "Key": f"{a} - {b_}"}
         for key, head, d in cols2:
-            row[f"{head} (ours)"] = rec.ours(label, head, _diff(metrics, a, b, [key], problems), model=f"{a}-{b}",
-                                             run_id=f"{rid(a)} - {rid(b)}", digits=max(d, 3), source="diff")
-            row[f"{head} (paper)"] = rec.paper(label, head, _paper_diff(P.CXRL_TABLE2A, a, b, key), model=f"{a}-{b}",
+            row[f"{head} (ours)"] = rec.ours(label, head, b.diff(a, b_, [key]), model=f"{a}-{b_}",
+                                             run_id=f"{rid(a)} - {rid(b_)}", digits=max(d, 3), source="diff")
+            row[f"{head} (paper)"] = rec.paper(label, head, _paper_diff(P.CXRL_TABLE2A, a, b_, key), model=f"{a}-{b_}",
                                                digits=d)
-        row["KID (ours, not in paper)"] = rec.ours(label, "KID", _diff(metrics, a, b, ["kid"], problems),
-                                                   model=f"{a}-{b}", run_id=f"{rid(a)} - {rid(b)}", digits=4,
+        row["KID (ours, not in paper)"] = rec.ours(label, "KID", b.diff(a, b_, ["kid"]),
+                                                   model=f"{a}-{b_}", run_id=f"{rid(a)} - {rid(b_)}", digits=4,
                                                    source="diff")
         row["n images"] = ""
-        row["MLflow run"] = f"{rid(a)} - {rid(b)}"
+        row["MLflow run"] = f"{rid(a)} - {rid(b_)}"
         rows.append(row)
-    t2_notes = common + [
-        f"FID/KID feature extractor: {'; '.join(fe)}. The paper uses a CXR DenseNet-121 (torchxrayvision); absolute "
+    t2_notes = b.common + [
+        f"FID/KID feature extractor: {'; '.join(b.fe)}. The paper uses a CXR DenseNet-121 (torchxrayvision); absolute "
         "FID values depend on the feature network and sample sizes and are comparable only within a column.",
         "MS-SSIM: mean over pairs of images generated for the same report (lower = more diverse); window/scales "
         "adapted to the image size (medrl.metrics.msssim).",
     ]
-    written["cxrl_table2a"] = write_with_values(pd.DataFrame(rows), out_dir / "cxrl_table2a", rec,
-                                     caption="CXRL Table 2(a): image quality (FID, MS-SSIM)", label="tab:cxrl2a",
-                                     notes=t2_notes + _unpaired(problems))
+    return write_with_values(pd.DataFrame(rows), b.out_dir / "cxrl_table2a", rec,
+                             caption="CXRL Table 2(a): image quality (FID, MS-SSIM)", label="tab:cxrl2a",
+                             notes=t2_notes + _unpaired(b.problems))
 
-    # ---------------------------------------------------------------- Table 2b
+
+def _table2b(b: _Build) -> dict[str, str]:
+    """Table 2(b): FID per reward feedback model and its difference to the anchor."""
+    metrics, rid = b.metrics, b.rid
     rec = Recorder("cxrl_table2b")
     rows = []
     for m, (exp, reward, pfid) in P.CXRL_TABLE2B.items():
@@ -214,7 +259,7 @@ def build_cxrl_tables(
                "FID \u2193 (ours)": rec.ours(reward, "FID", metrics[m]["fid"], model=m, run_id=rid(m), digits=3),
                "FID \u2193 (paper)": rec.paper(reward, "FID", pfid, model=m, digits=P.CXRL_TABLE2B_DIGITS)}
         if m != "anchor":
-            d = _diff(metrics, m, "anchor", ["fid"], problems)
+            d = b.diff(m, "anchor", ["fid"])
             row["FID - anchor (ours)"] = rec.ours(reward, "FID - anchor", d, model=f"{m}-anchor",
                                                   run_id=f"{rid(m)} - {rid('anchor')}", digits=3, source="diff")
             row["FID - anchor (paper)"] = rec.paper(reward, "FID - anchor", pfid - P.CXRL_TABLE2B["anchor"][2],
@@ -224,13 +269,16 @@ def build_cxrl_tables(
             row["FID - anchor (paper)"] = ""
         row["MLflow run"] = rid(m)
         rows.append(row)
-    written["cxrl_table2b"] = write_with_values(pd.DataFrame(rows), out_dir / "cxrl_table2b", rec,
-                                     caption="CXRL Table 2(b): FID per reward feedback model", label="tab:cxrl2b",
-                                     notes=common + [f"FID feature extractor: {'; '.join(fe)}."] + _unpaired(problems))
+    return write_with_values(pd.DataFrame(rows), b.out_dir / "cxrl_table2b", rec,
+                             caption="CXRL Table 2(b): FID per reward feedback model", label="tab:cxrl2b",
+                             notes=b.common + [f"FID feature extractor: {'; '.join(b.fe)}."] + _unpaired(b.problems))
 
-    # ---------------------------------------------------------------- Table 3 (classes as rows)
+
+def _table3(b: _Build) -> dict[str, str]:
+    """Table 3: per-pathology AUROC (classes as rows), the CXRL - anchor difference and the run ids."""
+    metrics, rid = b.metrics, b.rid
     rec = Recorder("cxrl_table3")
-    t3_models = [m for m in ("anchor", "llm_cxr", "full", "no_ace", "no_rlcf") if m == "llm_cxr" or m in metrics]
+    t3_models = [m for m in _ORDER if m == "llm_cxr" or m in metrics]
     rows = []
     for c in (*P.CXR_CLASSES, "avg"):
         abbrev = P.CXR_ABBREV[c]
@@ -243,38 +291,40 @@ def build_cxrl_tables(
             pv = P.CXRL_TABLE3.get(m, {}).get(c)
             if m in P.CXRL_TABLE3:
                 row[f"{label} (paper)"] = rec.paper(abbrev, label, pv, model=m, digits=P.CXRL_TABLE3_DIGITS)
-        d = _diff(metrics, "full", "anchor", ["auroc", c], problems)
+        d = b.diff("full", "anchor", ["auroc", c])
         row["CXRL - anchor (ours)"] = rec.ours(abbrev, "CXRL - anchor", d, model="full-anchor",
                                                run_id=f"{rid('full')} - {rid('anchor')}", digits=3, source="diff")
         row["CXRL - anchor (paper)"] = rec.paper(abbrev, "CXRL - anchor",
                                                  P.CXRL_TABLE3["full"][c] - P.CXRL_TABLE3["anchor"][c],
                                                  model="full-anchor", digits=P.CXRL_TABLE3_DIGITS)
         rows.append(row)
-    run_row = {"Class": "MLflow run", "Pathology": ""}
-    for m in t3_models:
-        label = P.CXRL_LABELS[m]
-        if m != "llm_cxr":
-            run_row[f"{label} (ours)"] = rid(m)
-        if m in P.CXRL_TABLE3:
-            run_row[f"{label} (paper)"] = ""
-    run_row["CXRL - anchor (ours)"] = f"{rid('full')} - {rid('anchor')}"
-    run_row["CXRL - anchor (paper)"] = ""
-    rows.append(run_row)
+    rows.append(_table3_run_row(b, t3_models))
     n_valid = {c: metrics["full"]["auroc"][c].get("n") for c in P.CXR_CLASSES}
-    t3_notes = common + [
+    t3_notes = b.common + [
         "AUROC of the diagnostic CXR classifier on generated images against the labels of the report they were "
-        "generated from; uncertain (-1) and unmentioned labels are ignored per class; n/a = only one label value "
+        "generated from; uncertain (-1) labels are ignored per class and unmentioned labels count as negatives (as "
+        "the diagnostic model is trained: CheXpert U-Ignore, blank = 0); n/a = only one label value "
         "among valid reports. Avg. = macro mean over classes with a defined AUROC.",
         "Valid reports per class (CXRL): " + ", ".join(f"{P.CXR_ABBREV[c]} {n}" for c, n in n_valid.items()) + ".",
         "The paper has no Table-3 numbers for w/o ACE / w/o RLCF.",
     ]
-    written["cxrl_table3"] = write_with_values(pd.DataFrame(rows), out_dir / "cxrl_table3", rec,
-                                    caption="CXRL Table 3: per-pathology AUROC on generated CXRs", label="tab:cxrl3",
-                                    notes=t3_notes + _unpaired(problems))
+    return write_with_values(pd.DataFrame(rows), b.out_dir / "cxrl_table3", rec,
+                             caption="CXRL Table 3: per-pathology AUROC on generated CXRs", label="tab:cxrl3",
+                             notes=t3_notes + _unpaired(b.problems))
 
-    # ---------------------------------------------------------------- claims
-    written["cxrl_claims"] = _claims(metrics, run_ids, out_dir, problems, common)
-    return written
+
+def _table3_run_row(b: _Build, t3_models: list[str]) -> dict[str, str]:
+    """Table 3's last row: the MLflow run of each column."""
+    run_row = {"Class": "MLflow run", "Pathology": ""}
+    for m in t3_models:
+        label = P.CXRL_LABELS[m]
+        if m != "llm_cxr":
+            run_row[f"{label} (ours)"] = b.rid(m)
+        if m in P.CXRL_TABLE3:
+            run_row[f"{label} (paper)"] = ""
+    run_row["CXRL - anchor (ours)"] = f"{b.rid('full')} - {b.rid('anchor')}"
+    run_row["CXRL - anchor (paper)"] = ""
+    return run_row
 
 
 _NAMES = {"r_align": "r_align", "auroc": "AUROC (avg)", "similarity": "CXR-CLIP similarity", "fid": "FID",
@@ -335,7 +385,7 @@ build_cxrl_tables.__doc__ = (build_cxrl_tables.__doc__ or "") + CXR_SCHEMA_DOC
 
 def build_rlcf_modes_table(m: Mapping[str, Any], run_id: str, out_dir: str | Path) -> dict[str, str]:
     """``cxrl_rlcf_modes``: RLCF paired (own step noise), paired with shared step noise, and bank
-    on the same policy samples (the output of ``medrl.rewards.rlcf_modes.compare_rlcf_modes``):
+    on the same policy samples (the output of ``medrl.metrics.rlcf_modes.compare_rlcf_modes``):
     comparative reward mean and std with CIs, reward-side cost per sample and per RL epoch."""
     where = "rlcf_modes metrics.json"
     rec = Recorder("cxrl_rlcf_modes")

@@ -1,6 +1,7 @@
-"""Published numbers, transcribed from the seed texts (checked against them in the tests).
+"""Published numbers, transcribed from the papers.
 
-CXRL (``seeds/004_0d4a1c28a312c6e4.txt``): Tables 1, 2a, 2b and 3, keyed by our model names
+CXRL (Han et al., "Advancing Text-Driven Chest X-Ray Generation with Policy-Based Reinforcement
+Learning", MICCAI 2024, arXiv:2403.06516): Tables 1, 2a, 2b and 3, keyed by our model names
 (``anchor`` = RoentGen, the frozen anchor; ``full`` = CXRL; ``no_ace``/``no_rlcf`` the
 ablations; ``align_only``/``diag_only``/``consist_only`` the reward ablations of Table 2b).
 ``llm_cxr`` is an external baseline (LLM-CXR) that this pipeline does not train; its numbers
@@ -8,9 +9,11 @@ are shown as paper-only rows. Table 1's third column is printed as "CXR-CLIP Dis
 in the paper although higher is better and the text calls it a consistency score: it is the
 image-report embedding (cosine) similarity, which is what we report.
 
-RL4Med-DDPO (``seeds/000_5303ffafb48cc513.txt``): the seed text is the authors' repository
-README; it contains no numeric results, so no published numbers exist here and the RL4Med
-tables carry an empty paper column (never numbers from memory).
+RL4Med-DDPO (Saremi et al., "RL4Med-DDPO: Reinforcement Learning for Controlled Guidance
+Towards Diverse Medical Image Generation using Vision-Language Foundation Models", MICCAI 2025,
+arXiv:2503.15784): the source this project was given is the authors' repository README, which
+contains no numeric results, so the RL4Med tables carry an empty paper column (never numbers
+from memory).
 """
 from __future__ import annotations
 

@@ -188,14 +188,26 @@ def build_rl4med_tables(
         *run_notes,
     ]
     written: dict[str, dict[str, str]] = {}
-    pair_run = f"{rid['rl']} - {rid['sd']}"
-
-    # ---------------------------------------------------------------- main
-    rec = Recorder("rl4med_main")
-    rows = []
     diffs: dict[str, dict | None] = {}
     for key, *_ in MAIN_COLUMNS:
         diffs[key] = diff_from_boot(rl[key], sd[key], where=f"rl - sd ({key})")
+    written["rl4med_main"] = _main_table(metrics, diffs, rid, out_dir, common, perceptual_names)
+    written["rl4med_apr_per_prompt"] = _apr_per_prompt_table(sd, rl, rid, out_dir, common)
+    aug_claims: list[tuple[str, dict | None]] = []
+    if augment is not None:
+        written["rl4med_augment"], aug_claims = _augment_table(augment, rid["augment"], out_dir, common)
+    written["rl4med_claims"] = _claims_table(diffs, aug_claims, rid, out_dir, common)
+    return written
+
+
+def _main_table(metrics: Mapping[str, Mapping[str, Any]], diffs: Mapping[str, dict | None], rid: Mapping[str, str],
+                out_dir: Path, common: list[str], perceptual_names: list[str]) -> dict[str, str]:
+    """rl4med_main: every main column for SD, SD+RL, their paired difference and (if measured)
+    the VAE-ceiling reference rows."""
+    sd, rl = metrics["sd"], metrics["rl"]
+    pair_run = f"{rid['rl']} - {rid['sd']}"
+    rec = Recorder("rl4med_main")
+    rows = []
     for m in MODELS:
         row: dict[str, Any] = {"Model": LABELS[m]}
         for key, head, digits, _ in MAIN_COLUMNS:
@@ -212,21 +224,8 @@ def build_rl4med_tables(
     rows.append(row)
     ceiling_notes = []
     vc = sd.get("vae_ceiling")
-    if vc is not None:  # reference rows: what APR real images reach, before and after the VAE
-        for block, label in (("real", "Real test images (H=4 reference)"),
-                             ("vae_roundtrip", "Real test images through the VAE (APR ceiling)")):
-            row = {"Model": label, **{head: "" for _, head, _, _ in MAIN_COLUMNS}}
-            row["APR \u2191"] = rec.ours(label, "APR \u2191", need_metric(vc, [block, "apr"], where="sd vae_ceiling"),
-                                         model=f"sd-{block}", run_id=rid["sd"], digits=3)
-            row.update({"paper": "", "n images": str(vc.get("n_images", "")), "MLflow run": rid["sd"]})
-            rows.append(row)
-        recall = {b: vc[b].get("fires_when_present", {}) for b in ("real", "vae_roundtrip")}
-        ceiling_notes.append(
-            "APR ceiling: the H=4 metric model on real held-out images as they are and after a round trip through "
-            "the stack's VAE (encode, decode); a generator sampling in that latent space cannot exceed the second. "
-            "H=4 recall per artifact (real -> through the VAE): " + ", ".join(
-                f"{h} {_pct(recall['real'].get(h))} -> {_pct(recall['vae_roundtrip'].get(h))}"
-                for h in recall["real"]) + ".")
+    if vc is not None:
+        ceiling_notes.append(_vae_ceiling_rows(rec, rows, vc, rid["sd"]))
     fe = sorted({str(sd["feature_extractor"]), str(rl["feature_extractor"])})
     main_notes = common + [
         f"FID/KID feature extractor: {'; '.join(fe)}.",
@@ -236,11 +235,34 @@ def build_rl4med_tables(
         "agreement with the prompt (the RL objective).",
         *ceiling_notes,
     ]
-    written["rl4med_main"] = write_with_values(pd.DataFrame(rows), out_dir / "rl4med_main", rec,
-                                    caption="RL4Med-DDPO: SD vs SD+RL on ISIC", label="tab:rl4med-main",
-                                    notes=main_notes)
+    return write_with_values(pd.DataFrame(rows), out_dir / "rl4med_main", rec,
+                             caption="RL4Med-DDPO: SD vs SD+RL on ISIC", label="tab:rl4med-main",
+                             notes=main_notes)
 
-    # ---------------------------------------------------------------- APR per prompt
+
+def _vae_ceiling_rows(rec: Recorder, rows: list[dict], vc: Mapping[str, Any], sd_run: str) -> str:
+    """Append the reference rows (what APR real images reach, before and after the VAE) to ``rows``;
+    returns their note."""
+    for block, label in (("real", "Real test images (H=4 reference)"),
+                         ("vae_roundtrip", "Real test images through the VAE (APR ceiling)")):
+        row = {"Model": label, **{head: "" for _, head, _, _ in MAIN_COLUMNS}}
+        row["APR \u2191"] = rec.ours(label, "APR \u2191", need_metric(vc, [block, "apr"], where="sd vae_ceiling"),
+                                     model=f"sd-{block}", run_id=sd_run, digits=3)
+        row.update({"paper": "", "n images": str(vc.get("n_images", "")), "MLflow run": sd_run})
+        rows.append(row)
+    recall = {b: vc[b].get("fires_when_present", {}) for b in ("real", "vae_roundtrip")}
+    return (
+        "APR ceiling: the H=4 metric model on real held-out images as they are and after a round trip through "
+        "the stack's VAE (encode, decode); a generator sampling in that latent space cannot exceed the second. "
+        "H=4 recall per artifact (real -> through the VAE): " + ", ".join(
+            f"{h} {_pct(recall['real'].get(h))} -> {_pct(recall['vae_roundtrip'].get(h))}"
+            for h in recall["real"]) + ".")
+
+
+def _apr_per_prompt_table(sd: Mapping[str, Any], rl: Mapping[str, Any], rid: Mapping[str, str], out_dir: Path,
+                          common: list[str]) -> dict[str, str]:
+    """rl4med_apr_per_prompt: APR of SD and SD+RL per prompt and their paired difference."""
+    pair_run = f"{rid['rl']} - {rid['sd']}"
     rec = Recorder("rl4med_apr_per_prompt")
     rows = []
     unpaired = 0
@@ -262,16 +284,15 @@ def build_rl4med_tables(
     pp_notes = common + ["Per prompt: bootstrap over that prompt's generated images."]
     if unpaired:
         pp_notes.append(f"RL - SD n/a for {unpaired} prompts: no paired per-prompt replicates in the metrics JSONs.")
-    written["rl4med_apr_per_prompt"] = write_with_values(pd.DataFrame(rows), out_dir / "rl4med_apr_per_prompt", rec,
-                                              caption="RL4Med-DDPO: APR per prompt", label="tab:rl4med-apr",
-                                              notes=pp_notes)
+    return write_with_values(pd.DataFrame(rows), out_dir / "rl4med_apr_per_prompt", rec,
+                             caption="RL4Med-DDPO: APR per prompt", label="tab:rl4med-apr",
+                             notes=pp_notes)
 
-    # ---------------------------------------------------------------- augmentation
-    aug_claims: list[tuple[str, dict | None]] = []
-    if augment is not None:
-        written["rl4med_augment"], aug_claims = _augment_table(augment, rid["augment"], out_dir, common)
 
-    # ---------------------------------------------------------------- claims
+def _claims_table(diffs: Mapping[str, dict | None], aug_claims: list[tuple[str, dict | None]],
+                  rid: Mapping[str, str], out_dir: Path, common: list[str]) -> dict[str, str]:
+    """rl4med_claims: the direction of each claim (SD+RL vs SD, synthetic augmentation vs real), measured."""
+    pair_run = f"{rid['rl']} - {rid['sd']}"
     rec = Recorder("rl4med_claims")
     rows = []
     for key, head, digits, hib in MAIN_COLUMNS:
@@ -292,10 +313,9 @@ def build_rl4med_tables(
         "Verdict: the paired-bootstrap CI of the difference lies on the claimed side of 0 (supported), on the other "
         "side (contradicted), or includes 0 (inconclusive). The perceptual distance has no stated direction.",
     ]
-    written["rl4med_claims"] = write_with_values(pd.DataFrame(rows), out_dir / "rl4med_claims", rec,
-                                      caption="RL4Med-DDPO: direction of each claim, measured here",
-                                      label="tab:rl4med-claims", notes=claim_notes)
-    return written
+    return write_with_values(pd.DataFrame(rows), out_dir / "rl4med_claims", rec,
+                             caption="RL4Med-DDPO: direction of each claim, measured here",
+                             label="tab:rl4med-claims", notes=claim_notes)
 
 
 def _as_metric(v: Any, where: str) -> dict[str, Any] | None:

@@ -296,166 +296,225 @@ def _heart_polygon(scale: float, dome: dict, shift: float, n: int = 20):
 # ----------------------------------------------------------------------------- rendering
 
 
-def render_cxr(case: dict, psi, size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Render (observed uint8 (size, size), canonical float32 (size, size) in [0, 1]).
+class _Scene:
+    """One phantom being drawn: the canvas, the case's findings and the anatomy shared by every
+    drawing step (lung outlines, heart, mediastinum, the air the lungs hold)."""
 
-    ``canonical`` is the noise-free image before the posture warp (for tests/diagnostics)."""
-    ss = max(2, math.ceil(_MIN_RENDER / size))
-    S = size * ss
-    cv = _Canvas(S)
-    ra = _rng(seed, index, "anatomy")
-    rp = _rng(seed, index, "pathology")
-    find = case["findings"]
-    ap = case["view"] == "AP"
-    sev = {k: v["sev"] for k, v in find.items()}
-    side = {k: v.get("side") for k, v in find.items()}
+    def __init__(self, case: dict, size: int) -> None:
+        self.ss = max(2, math.ceil(_MIN_RENDER / size))
+        self.S = size * self.ss
+        self.cv = _Canvas(self.S)
+        self.find = case["findings"]
+        self.ap = case["view"] == "AP"
+        self.sev = {k: v["sev"] for k, v in self.find.items()}
+        self.side = {k: v.get("side") for k, v in self.find.items()}
 
-    def on(cls: str, s: int) -> bool:
-        sd = side.get(cls)
-        return cls in find and (sd == "bilateral" or (sd == "right" and s < 0) or (sd == "left" and s > 0))
+    def on(self, cls: str, s: int) -> bool:
+        sd = self.side.get(cls)
+        return cls in self.find and (sd == "bilateral" or (sd == "right" and s < 0) or (sd == "left" and s > 0))
 
-    # --- anatomy parameters (patient variation, view, volume loss)
-    apex_y = -0.80 + ra.uniform(-0.04, 0.04)
-    width = 0.80 + ra.uniform(-0.04, 0.03)
+
+def _anatomy_parameters(sc: _Scene, ra: np.random.Generator) -> None:
+    """Patient variation, view and volume loss: lung apex/width, diaphragm domes, mediastinal shift,
+    costophrenic angles, heart and mediastinum size."""
+    find, sev = sc.find, sc.sev
+    sc.apex_y = -0.80 + ra.uniform(-0.04, 0.04)
+    sc.width = 0.80 + ra.uniform(-0.04, 0.03)
     dome = {-1: 0.30 + ra.uniform(-0.04, 0.04), 1: 0.37 + ra.uniform(-0.04, 0.04)}
-    if ap:  # supine/portable: lower lung volumes
+    if sc.ap:  # supine/portable: lower lung volumes
         dome = {k: v - 0.06 for k, v in dome.items()}
     shift = 0.0
     if "Atelectasis" in find:
         for s in (-1, 1):
-            if on("Atelectasis", s):
+            if sc.on("Atelectasis", s):
                 dome[s] -= 0.10 * sev["Atelectasis"]
                 shift += 0.035 * s * sev["Atelectasis"]
-    cp = {s: dome[s] + 0.24 + ra.uniform(-0.02, 0.02) for s in (-1, 1)}
+    sc.dome, sc.shift = dome, shift
+    sc.cp = {s: dome[s] + 0.24 + ra.uniform(-0.02, 0.02) for s in (-1, 1)}
     heart_scale = 1.0 + ra.uniform(-0.05, 0.05)
     if "Cardiomegaly" in find:
         heart_scale *= 1.22 + 0.22 * sev["Cardiomegaly"]
-    if ap:
+    if sc.ap:
         heart_scale *= 1.12
+    sc.heart_scale = heart_scale
     med_w = 0.105 + ra.uniform(-0.01, 0.01)
     if "Enlarged Cardiomediastinum" in find:
         med_w *= 1.45 + 0.55 * sev["Enlarged Cardiomediastinum"]
+    sc.med_w = med_w
 
-    # --- masks
+
+def _masks(sc: _Scene) -> np.ndarray:
+    """Body, lungs, heart, mediastinum and the aerated lung (``sc.air``); returns the soft-tissue density."""
+    cv, S, shift, dome = sc.cv, sc.S, sc.shift, sc.dome
     # neck, trapezius slope to the shoulders, slight taper towards the abdomen
     shoulder = np.clip((cv.y + 0.97) / 0.2, 0, 1)
     body_w = 0.24 + 0.74 * shoulder * (2 - shoulder) - 0.06 * np.clip((cv.y - 0.4) / 0.6, 0, 1)
-    body = np.clip((body_w - np.abs(cv.x)) * S / 4 + 0.5, 0, 1).astype(np.float32)
-    lung_pts = {s: _lung_polygon(s, apex_y, cp[s], dome[s], width, 0.10 + 0.02 * s + shift * s) for s in (-1, 1)}
-    lungs = {s: cv.polygon([(x + shift, y) for x, y in lung_pts[s]], blur=0.012) for s in (-1, 1)}
-    heart = cv.polygon(_heart_polygon(heart_scale, dome, shift), blur=0.014)
+    sc.body = body = np.clip((body_w - np.abs(cv.x)) * S / 4 + 0.5, 0, 1).astype(np.float32)
+    sc.lung_pts = {s: _lung_polygon(s, sc.apex_y, sc.cp[s], dome[s], sc.width, 0.10 + 0.02 * s + shift * s) for s in (-1, 1)}
+    sc.lungs = {s: cv.polygon([(x + shift, y) for x, y in sc.lung_pts[s]], blur=0.012) for s in (-1, 1)}
+    sc.heart = heart = cv.polygon(_heart_polygon(sc.heart_scale, dome, shift), blur=0.014)
     hy = dome[1] - 0.19
-    med_x = 0.0 + shift
+    med_w = sc.med_w
+    sc.med_x = med_x = 0.0 + shift
     mediast = np.clip((med_w - np.abs(cv.x - med_x - 0.02)) * S / 4 + 0.5, 0, 1) * (cv.y < hy + 0.1)
-    mediast = np.maximum(mediast, cv.ellipse(med_x + 0.115 * (med_w / 0.105) ** 0.7, -0.30, 0.075 * (med_w / 0.105) ** 0.5, 0.065, soft=0.012))
-    air = (lungs[-1] + lungs[1]) * (1 - 0.88 * heart) * (1 - mediast)  # retrocardiac lung faintly visible
-    air = np.clip(air, 0, 1).astype(np.float32)
+    sc.mediast = mediast = np.maximum(mediast, cv.ellipse(med_x + 0.115 * (med_w / 0.105) ** 0.7, -0.30, 0.075 * (med_w / 0.105) ** 0.5, 0.065, soft=0.012))
+    air = (sc.lungs[-1] + sc.lungs[1]) * (1 - 0.88 * heart) * (1 - mediast)  # retrocardiac lung faintly visible
+    sc.air = air = np.clip(air, 0, 1).astype(np.float32)
 
     D = body * (0.47 + 0.24 * np.clip(1 - cv.x**2, 0, 1))  # soft tissue, thicker centrally
     D += 0.08 * np.clip((cv.y - dome[1]) / 0.15, 0, 1) * body  # liver / abdomen under the domes
     D += 0.02 * heart * (1 - air)
+    return D
 
-    # --- pathology that changes how much air the lungs hold
-    markings_keep = np.ones_like(air)
-    extra = np.zeros_like(air)
+
+# --- pathology that changes how much air the lungs hold: each step updates sc.air, sc.extra
+# (density added on top) and sc.markings_keep (where lung markings stay visible) in place.
+
+
+def _draw_pneumothorax(sc: _Scene) -> None:
+    cv, S, shift, air, extra = sc.cv, sc.S, sc.shift, sc.air, sc.extra
+    for s in (-1, 1):
+        if not sc.on("Pneumothorax", s):
+            continue
+        f = 1 - (0.15 + 0.22 * sc.sev["Pneumothorax"])
+        hil = np.array([s * 0.18 + shift, -0.05])
+        shrunk = [tuple(hil + f * (np.array([x + shift, y]) - hil) + np.array([0, 0.06 * (1 - f)])) for x, y in sc.lung_pts[s]]
+        collapsed = cv.polygon(shrunk, blur=0.006)
+        rim = np.clip(sc.lungs[s] - collapsed, 0, 1) * (1 - sc.heart) * (1 - sc.mediast)
+        sc.markings_keep *= 1 - rim
+        extra -= 0.07 * rim  # hyperlucent: no lung tissue at all
+        air -= 0.12 * collapsed * air  # collapsed lung is denser
+        line_im = Image.new("L", (S, S), 0)
+        ImageDraw.Draw(line_im).line([cv.px(p) for p in shrunk + shrunk[:1]], fill=255, width=max(1, sc.ss))
+        pleura = np.asarray(line_im, dtype=np.float32) / 255 * sc.lungs[s] * (1 - sc.heart) * (1 - sc.mediast)
+        extra += 0.10 * cv.blur(pleura, 0.004)
+
+
+def _draw_effusion(sc: _Scene) -> None:
+    cv, shift, air, extra = sc.cv, sc.shift, sc.air, sc.extra
+    for s in (-1, 1):
+        if not sc.on("Effusion", s):
+            continue
+        e = sc.sev["Effusion"]
+        level = sc.cp[s] - (0.12 + 0.40 * e)
+        lateral = np.clip((np.abs(cv.x - shift) - 0.15) / 0.65, 0, 1)
+        top = level - 0.14 * e * lateral**2  # meniscus: climbs the lateral chest wall
+        fluid = np.clip((cv.y - top) / 0.05, 0, 1) * (np.sign(cv.x - shift) == s)
+        fluid *= np.clip(sc.lungs[s] * 3, 0, 1)
+        air *= 1 - 0.92 * fluid
+        extra += 0.04 * fluid * sc.lungs[s]
+
+
+def _draw_consolidation(sc: _Scene, rp: np.random.Generator) -> None:
+    cv, S, shift, dome = sc.cv, sc.S, sc.shift, sc.dome
+    a = sc.find["Consolidation"]
+    s = -1 if a["side"] == "right" else 1
+    cy = {"lower": dome[s] - 0.14, "upper": -0.42, "middle": 0.02}[a["lobe"]]
+    cx = s * (0.45 if a["lobe"] != "middle" else 0.30) + shift
+    blob = cv.ellipse(cx, cy, 0.30, 0.20, rot=rp.uniform(-0.3, 0.3), soft=0.12)
+    blob = np.clip(blob * 1.6 + 0.5 * _smooth(rp, S, 7) - 0.35, 0, 1)
+    blob = cv.blur(blob, 0.01) * sc.lungs[s]
+    if a["lobe"] in ("upper", "middle"):  # sharp lower margin along a fissure
+        blob *= np.clip((cy + 0.13 - cv.y) / 0.01, 0, 1)
+    bronch = cv.lines([(_curve(lambda t, k=k: cx - s * 0.18 + s * 0.3 * t, lambda t, k=k: cy - 0.05 + (k - 1) * 0.05 * t), 0.012, 1.0)
+                       for k in range(3)], blur=0.003)
+    density = 0.9 * sc.sev["Consolidation"] * blob
+    sc.air *= 1 - density
+    sc.extra -= 0.07 * bronch * blob * sc.sev["Consolidation"]  # air bronchograms
+
+
+def _draw_pneumonia(sc: _Scene, rp: np.random.Generator) -> None:
+    cv, S = sc.cv, sc.S
+    a = sc.find["Pneumonia"]
+    sides = (-1, 1) if a["side"] == "bilateral" else ((-1,) if a["side"] == "right" else (1,))
+    for s in sides:
+        for _ in range(int(rp.integers(2, 4))):
+            cx = s * rp.uniform(0.35, 0.65) + sc.shift
+            cy = rp.uniform(-0.2, sc.dome[s] - 0.08)
+            patch = cv.ellipse(cx, cy, rp.uniform(0.10, 0.18), rp.uniform(0.08, 0.14), soft=0.08)
+            patch = np.clip(patch + 0.45 * _smooth(rp, S, 10) - 0.25, 0, 1)
+            sc.air *= 1 - 0.75 * sc.sev["Pneumonia"] * cv.blur(patch, 0.02) * sc.lungs[s]
+
+
+def _draw_atelectasis(sc: _Scene, rp: np.random.Generator) -> None:
+    shift = sc.shift
+    for s in (-1, 1):
+        if not sc.on("Atelectasis", s):
+            continue
+        paths = []
+        for _ in range(int(rp.integers(1, 3))):
+            y0 = sc.dome[s] - rp.uniform(0.08, 0.22)
+            x0 = s * rp.uniform(0.25, 0.4) + shift
+            ln = rp.uniform(0.22, 0.38)
+            tilt = rp.uniform(-0.05, 0.08)
+            paths.append((_curve(lambda t, x0=x0, ln=ln: x0 + s * ln * t, lambda t, y0=y0, tilt=tilt: y0 + tilt * t + 0.02 * np.sin(np.pi * t)),
+                          rp.uniform(0.022, 0.032), 1.0))
+        plate = sc.cv.lines(paths, blur=0.014) * sc.lungs[s]
+        sc.air *= 1 - 0.9 * sc.sev["Atelectasis"] * np.clip(1.3 * plate, 0, 1)
+
+
+def _draw_edema(sc: _Scene, rp: np.random.Generator) -> None:
+    cv, shift, dome, air = sc.cv, sc.shift, sc.dome, sc.air
+    e = sc.sev["Edema"]
+    haze = np.zeros_like(air)
+    for s in (-1, 1):
+        haze += np.exp(-(((cv.x - s * 0.22 - shift) / 0.38) ** 2 + ((cv.y + 0.02) / 0.42) ** 2))
+    haze = np.clip(0.75 * haze + 0.25, 0, 1)
+    air *= 1 - 0.55 * e * haze * (1 + 0.15 * _smooth(rp, sc.S, 8))
+    kerley = []
+    for s in (-1, 1):
+        for _ in range(int(rp.integers(4, 8))):
+            y = rp.uniform(dome[s] - 0.35, dome[s] - 0.02)
+            x0 = s * (sc.width - 0.02) + shift
+            kerley.append(([(x0, y), (x0 - s * rp.uniform(0.07, 0.12), y + rp.uniform(-0.01, 0.01))], 0.012, 1.0))
+    sc.extra += 0.08 * e * cv.lines(kerley, blur=0.003) * (sc.lungs[-1] + sc.lungs[1])
+
+
+def _draw_lung_opacity(sc: _Scene, rp: np.random.Generator) -> None:
+    cv = sc.cv
+    a = sc.find["Lung Opacity"]
+    s = -1 if a["side"] == "right" else 1
+    cy = {"upper": -0.45, "mid": -0.1, "lower": sc.dome[s] - 0.15}[a["zone"]]
+    patch = cv.ellipse(s * rp.uniform(0.4, 0.6) + sc.shift, cy, rp.uniform(0.14, 0.22), rp.uniform(0.1, 0.16), soft=0.1)
+    patch = cv.blur(np.clip(patch + 0.3 * _smooth(rp, sc.S, 8) - 0.1, 0, 1), 0.03)
+    sc.air *= 1 - 0.6 * sc.sev["Lung Opacity"] * patch * sc.lungs[s]
+
+
+def _draw_lung_lesion(sc: _Scene, rp: np.random.Generator) -> None:
+    a = sc.find["Lung Lesion"]
+    s = -1 if a["side"] == "right" else 1
+    r = 0.025 + 0.018 * a["cm"]
+    cy = {"upper": -0.45, "mid": -0.12, "lower": sc.dome[s] - 0.2}[a["zone"]]
+    cx = s * rp.uniform(0.42, 0.62) + sc.shift
+    sc.extra += 0.26 * (0.6 + 0.4 * sc.sev["Lung Lesion"]) * sc.cv.ellipse(cx, cy, r, r * rp.uniform(0.85, 1.0), rot=rp.uniform(0, 3), soft=0.006)
+
+
+def _draw_air_pathology(sc: _Scene, rp: np.random.Generator) -> None:
+    """Every finding that changes the lungs' air, in a fixed order (it fixes the random stream)."""
+    sc.markings_keep = np.ones_like(sc.air)
+    sc.extra = np.zeros_like(sc.air)
+    find = sc.find
     if "Pneumothorax" in find:
-        for s in (-1, 1):
-            if not on("Pneumothorax", s):
-                continue
-            f = 1 - (0.15 + 0.22 * sev["Pneumothorax"])
-            hil = np.array([s * 0.18 + shift, -0.05])
-            shrunk = [tuple(hil + f * (np.array([x + shift, y]) - hil) + np.array([0, 0.06 * (1 - f)])) for x, y in lung_pts[s]]
-            collapsed = cv.polygon(shrunk, blur=0.006)
-            rim = np.clip(lungs[s] - collapsed, 0, 1) * (1 - heart) * (1 - mediast)
-            markings_keep *= 1 - rim
-            extra -= 0.07 * rim  # hyperlucent: no lung tissue at all
-            air -= 0.12 * collapsed * air  # collapsed lung is denser
-            line_im = Image.new("L", (S, S), 0)
-            ImageDraw.Draw(line_im).line([cv.px(p) for p in shrunk + shrunk[:1]], fill=255, width=max(1, ss))
-            pleura = np.asarray(line_im, dtype=np.float32) / 255 * lungs[s] * (1 - heart) * (1 - mediast)
-            extra += 0.10 * cv.blur(pleura, 0.004)
+        _draw_pneumothorax(sc)
     if "Effusion" in find:
-        for s in (-1, 1):
-            if not on("Effusion", s):
-                continue
-            e = sev["Effusion"]
-            level = cp[s] - (0.12 + 0.40 * e)
-            lateral = np.clip((np.abs(cv.x - shift) - 0.15) / 0.65, 0, 1)
-            top = level - 0.14 * e * lateral**2  # meniscus: climbs the lateral chest wall
-            fluid = np.clip((cv.y - top) / 0.05, 0, 1) * (np.sign(cv.x - shift) == s)
-            fluid *= np.clip(lungs[s] * 3, 0, 1)
-            air *= 1 - 0.92 * fluid
-            extra += 0.04 * fluid * lungs[s]
+        _draw_effusion(sc)
     if "Consolidation" in find:
-        a = find["Consolidation"]
-        s = -1 if a["side"] == "right" else 1
-        cy = {"lower": dome[s] - 0.14, "upper": -0.42, "middle": 0.02}[a["lobe"]]
-        cx = s * (0.45 if a["lobe"] != "middle" else 0.30) + shift
-        blob = cv.ellipse(cx, cy, 0.30, 0.20, rot=rp.uniform(-0.3, 0.3), soft=0.12)
-        blob = np.clip(blob * 1.6 + 0.5 * _smooth(rp, S, 7) - 0.35, 0, 1)
-        blob = cv.blur(blob, 0.01) * lungs[s]
-        if a["lobe"] in ("upper", "middle"):  # sharp lower margin along a fissure
-            blob *= np.clip((cy + 0.13 - cv.y) / 0.01, 0, 1)
-        bronch = cv.lines([(_curve(lambda t, k=k: cx - s * 0.18 + s * 0.3 * t, lambda t, k=k: cy - 0.05 + (k - 1) * 0.05 * t), 0.012, 1.0)
-                           for k in range(3)], blur=0.003)
-        density = 0.9 * sev["Consolidation"] * blob
-        air *= 1 - density
-        extra -= 0.07 * bronch * blob * sev["Consolidation"]  # air bronchograms
+        _draw_consolidation(sc, rp)
     if "Pneumonia" in find:
-        a = find["Pneumonia"]
-        sides = (-1, 1) if a["side"] == "bilateral" else ((-1,) if a["side"] == "right" else (1,))
-        for s in sides:
-            for _ in range(int(rp.integers(2, 4))):
-                cx = s * rp.uniform(0.35, 0.65) + shift
-                cy = rp.uniform(-0.2, dome[s] - 0.08)
-                patch = cv.ellipse(cx, cy, rp.uniform(0.10, 0.18), rp.uniform(0.08, 0.14), soft=0.08)
-                patch = np.clip(patch + 0.45 * _smooth(rp, S, 10) - 0.25, 0, 1)
-                air *= 1 - 0.75 * sev["Pneumonia"] * cv.blur(patch, 0.02) * lungs[s]
+        _draw_pneumonia(sc, rp)
     if "Atelectasis" in find:
-        for s in (-1, 1):
-            if not on("Atelectasis", s):
-                continue
-            paths = []
-            for _ in range(int(rp.integers(1, 3))):
-                y0 = dome[s] - rp.uniform(0.08, 0.22)
-                x0 = s * rp.uniform(0.25, 0.4) + shift
-                ln = rp.uniform(0.22, 0.38)
-                tilt = rp.uniform(-0.05, 0.08)
-                paths.append((_curve(lambda t, x0=x0, ln=ln: x0 + s * ln * t, lambda t, y0=y0, tilt=tilt: y0 + tilt * t + 0.02 * np.sin(np.pi * t)),
-                              rp.uniform(0.022, 0.032), 1.0))
-            plate = cv.lines(paths, blur=0.014) * lungs[s]
-            air *= 1 - 0.9 * sev["Atelectasis"] * np.clip(1.3 * plate, 0, 1)
+        _draw_atelectasis(sc, rp)
     if "Edema" in find:
-        e = sev["Edema"]
-        haze = np.zeros_like(air)
-        for s in (-1, 1):
-            haze += np.exp(-(((cv.x - s * 0.22 - shift) / 0.38) ** 2 + ((cv.y + 0.02) / 0.42) ** 2))
-        haze = np.clip(0.75 * haze + 0.25, 0, 1)
-        air *= 1 - 0.55 * e * haze * (1 + 0.15 * _smooth(rp, S, 8))
-        kerley = []
-        for s in (-1, 1):
-            for _ in range(int(rp.integers(4, 8))):
-                y = rp.uniform(dome[s] - 0.35, dome[s] - 0.02)
-                x0 = s * (width - 0.02) + shift
-                kerley.append(([(x0, y), (x0 - s * rp.uniform(0.07, 0.12), y + rp.uniform(-0.01, 0.01))], 0.012, 1.0))
-        extra += 0.08 * e * cv.lines(kerley, blur=0.003) * (lungs[-1] + lungs[1])
+        _draw_edema(sc, rp)
     if "Lung Opacity" in find:
-        a = find["Lung Opacity"]
-        s = -1 if a["side"] == "right" else 1
-        cy = {"upper": -0.45, "mid": -0.1, "lower": dome[s] - 0.15}[a["zone"]]
-        patch = cv.ellipse(s * rp.uniform(0.4, 0.6) + shift, cy, rp.uniform(0.14, 0.22), rp.uniform(0.1, 0.16), soft=0.1)
-        patch = cv.blur(np.clip(patch + 0.3 * _smooth(rp, S, 8) - 0.1, 0, 1), 0.03)
-        air *= 1 - 0.6 * sev["Lung Opacity"] * patch * lungs[s]
+        _draw_lung_opacity(sc, rp)
     if "Lung Lesion" in find:
-        a = find["Lung Lesion"]
-        s = -1 if a["side"] == "right" else 1
-        r = 0.025 + 0.018 * a["cm"]
-        cy = {"upper": -0.45, "mid": -0.12, "lower": dome[s] - 0.2}[a["zone"]]
-        cx = s * rp.uniform(0.42, 0.62) + shift
-        extra += 0.26 * (0.6 + 0.4 * sev["Lung Lesion"]) * cv.ellipse(cx, cy, r, r * rp.uniform(0.85, 1.0), rot=rp.uniform(0, 3), soft=0.006)
+        _draw_lung_lesion(sc, rp)
 
-    # --- lung markings (vessels) from the hila
-    rv = _rng(seed, index, "vessels")
+
+def _lung_markings(sc: _Scene, rv: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vessels branching from the hila, the hila, and the lung field not hidden by the heart."""
+    cv, shift = sc.cv, sc.shift
     paths = []
     for s in (-1, 1):
         hil = (s * 0.19 + shift, -0.06)
@@ -473,19 +532,21 @@ def render_cxr(case: dict, psi, size: int, seed: int, index: int) -> tuple[np.nd
 
         for ang in np.linspace(-1.25, 1.35, 6) + rv.normal(0, 0.1, 6):
             branch(hil[0], hil[1], ang, rv.uniform(0.18, 0.26), 0.022, 1)
-    vessel_blur = 0.004 + (0.012 * sev["Edema"] if "Edema" in find else 0.0)
+    vessel_blur = 0.004 + (0.012 * sc.sev["Edema"] if "Edema" in sc.find else 0.0)
     vessels = cv.lines(paths, blur=vessel_blur)
     hila = sum(np.exp(-(((cv.x - s * 0.19 - shift) / 0.07) ** 2 + ((cv.y + 0.06) / 0.1) ** 2)) for s in (-1, 1))
-    lungfield = np.clip(lungs[-1] + lungs[1], 0, 1) * (1 - heart) * (1 - mediast)  # lung not hidden by the heart
+    lungfield = np.clip(sc.lungs[-1] + sc.lungs[1], 0, 1) * (1 - sc.heart) * (1 - sc.mediast)  # lung not hidden by the heart
+    return vessels, hila, lungfield
 
-    # --- bones
+
+def _ribs(sc: _Scene, fracture: dict | None, frac_side: int, callus: np.ndarray) -> np.ndarray:
+    """Posterior and anterior ribs (a fractured rib drawn as two offset segments; its callus added
+    to ``callus`` in place)."""
+    cv, shift, width = sc.cv, sc.shift, sc.width
     bone_paths, bone_inner = [], []
-    fracture = find.get("Fracture")
-    frac_side = (-1 if fracture["side"] == "right" else 1) if fracture else 0
-    callus = np.zeros_like(air)
     for s in (-1, 1):
         for k in range(10):  # posterior ribs: arch up and out from the spine, then down the lateral wall
-            y0 = apex_y - 0.02 + 0.12 * k + (0.02 if ap else 0.0)
+            y0 = sc.apex_y - 0.02 + 0.12 * k + (0.02 if sc.ap else 0.0)
             w = min(0.84, 0.55 + 0.15 * k) * width / 0.8
             P = [(s * 0.06 + shift, y0), (s * 0.45 * w / 0.84, y0 - 0.16), (s * (w + 0.01), y0 - 0.02), (s * w, y0 + 0.30)]
             if fracture and fracture.get("bone") == "rib" and s == frac_side and k == fracture["rib"]:
@@ -504,10 +565,15 @@ def render_cxr(case: dict, psi, size: int, seed: int, index: int) -> tuple[np.nd
             if k < 8:  # anterior rib: fainter, from the lateral end down towards the sternum
                 Q = [(s * w, y0 + 0.30), (s * (w - 0.05), y0 + 0.40), (s * (w - 0.3), y0 + 0.45), (s * (w - 0.55), y0 + 0.58)]
                 bone_paths.append((_bezier(Q, np.linspace(0, 1, 14)), 0.04, 0.45))
-    ribs = cv.lines(bone_paths, blur=0.004) - 0.55 * cv.lines(bone_inner, blur=0.004)
+    return cv.lines(bone_paths, blur=0.004) - 0.55 * cv.lines(bone_inner, blur=0.004)
+
+
+def _clavicles(sc: _Scene, fracture: dict | None, frac_side: int, callus: np.ndarray) -> np.ndarray:
+    """Both clavicles (a fractured one with a step-off; its callus added to ``callus`` in place)."""
+    cv = sc.cv
     clav_paths = []
     for s in (-1, 1):
-        m_y, l_y = (-0.70, -0.77) if ap else (-0.60, -0.84)
+        m_y, l_y = (-0.70, -0.77) if sc.ap else (-0.60, -0.84)
         fx = lambda t, s=s: s * (0.07 + 0.58 * t)  # noqa: E731
         fy = lambda t, m_y=m_y, l_y=l_y: m_y + (l_y - m_y) * t + 0.03 * np.sin(2 * np.pi * t)  # noqa: E731
         if fracture and fracture.get("bone") == "clavicle" and s == frac_side:
@@ -517,38 +583,41 @@ def render_cxr(case: dict, psi, size: int, seed: int, index: int) -> tuple[np.nd
             callus += 0.12 * fracture["sev"] * cv.ellipse(float(fx(t0)), float(fy(t0)) + step / 2, 0.05, 0.04, soft=0.02)
         else:
             clav_paths.append((_curve(fx, fy, 24), 0.055, 1.0))
-    clavicles = cv.lines(clav_paths, blur=0.004) - 0.4 * cv.lines([(p, 0.025, 1.0) for p, _, _ in clav_paths], blur=0.004)
-    spine_col = np.clip((0.065 - np.abs(cv.x - shift * 0.3)) * S / 4 + 0.5, 0, 1) * body * (0.5 + 0.5 * (cv.y < dome[-1]))
+    return cv.lines(clav_paths, blur=0.004) - 0.4 * cv.lines([(p, 0.025, 1.0) for p, _, _ in clav_paths], blur=0.004)
+
+
+def _spine_and_shoulders(sc: _Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Spine, humeral heads, axillary folds and (AP view) the scapulae."""
+    cv, S = sc.cv, sc.S
+    spine_col = np.clip((0.065 - np.abs(cv.x - sc.shift * 0.3)) * S / 4 + 0.5, 0, 1) * sc.body * (0.5 + 0.5 * (cv.y < sc.dome[-1]))
     spine = spine_col * (0.8 + 0.2 * np.cos(2 * np.pi * (cv.y + 1) / 0.115))
     humeri = sum(cv.ellipse(s * 1.0, -0.74, 0.15, 0.14, soft=0.03) for s in (-1, 1))
     axilla = sum(np.exp(-(((cv.x - s * 0.915) / 0.025) ** 2)) * np.clip((cv.y + 0.55) / 0.2, 0, 1) * np.clip((0.5 - cv.y) / 0.3, 0, 1)
                  for s in (-1, 1))
-    scap = np.zeros_like(air)
-    if ap:
+    scap = np.zeros_like(sc.air)
+    if sc.ap:
         scap_paths = [(_curve(lambda t, s=s: s * (0.58 + 0.12 * t), lambda t: -0.62 + 0.6 * t, 16), 0.02, 1.0) for s in (-1, 1)]
         scap = cv.lines(scap_paths, blur=0.006)
         scap += 0.5 * sum(np.clip((s * cv.x - 0.6 - 0.12 * (cv.y + 0.62) / 0.6) * 20, 0, 1) * (cv.y > -0.62) * (cv.y < -0.02) for s in (-1, 1))
+    return spine, humeri, axilla, scap
 
-    # --- trachea, bronchi, stomach gas
-    tr_x = med_x + 0.01
-    trachea = np.clip((0.032 - np.abs(cv.x - tr_x)) * S / 4 + 0.5, 0, 1) * (cv.y < -0.30) * body
+
+def _airways(sc: _Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trachea, main bronchi and stomach gas (all lucent)."""
+    cv, shift = sc.cv, sc.shift
+    sc.tr_x = tr_x = sc.med_x + 0.01
+    trachea = np.clip((0.032 - np.abs(cv.x - tr_x)) * sc.S / 4 + 0.5, 0, 1) * (cv.y < -0.30) * sc.body
     bronchi = cv.lines([([(tr_x, -0.31), (s * 0.17 + shift, -0.12)], 0.045, 1.0) for s in (-1, 1)], blur=0.006)
-    gastric = cv.ellipse(0.40 + shift, dome[1] + 0.13, 0.13, 0.065, soft=0.02) * (1 - heart)
+    gastric = cv.ellipse(0.40 + shift, sc.dome[1] + 0.13, 0.13, 0.065, soft=0.02) * (1 - sc.heart)
+    return trachea, bronchi, gastric
 
-    # --- combine
-    aerated = np.clip(1.3 * air, 0, 1)  # fluid / consolidation hide ribs and vessels (silhouetting)
-    D -= 0.44 * air * (0.92 + 0.08 * np.clip(-cv.y, -1, 1)) * (1 + 0.05 * _smooth(ra, S, 10))  # bases denser
-    D += 0.11 * vessels * lungfield * markings_keep * (0.3 + 0.7 * aerated) * (0.4 + 0.6 * np.clip(1 - np.abs(cv.x) / width, 0, 1))
-    D += 0.10 * hila * lungfield
-    D += 0.11 * ribs * body * (0.35 + 0.65 * lungfield * aerated) + 0.15 * clavicles + 0.07 * spine + 0.12 * humeri + 0.05 * scap + callus - 0.08 * axilla
-    D -= 0.13 * trachea + 0.09 * bronchi * (1 - air) + 0.16 * gastric
-    D += extra
-    D += 0.015 * _smooth(ra, S, 12) * body  # patient texture
 
-    devices = np.zeros_like(air)
-    rd = _rng(seed, index, "devices")
+def _support_devices(sc: _Scene, names: list[str], rd: np.random.Generator) -> np.ndarray:
+    """Density of the support devices ``names`` (tubes, lines, pacemaker, sternal wires)."""
+    cv, shift, tr_x, dome = sc.cv, sc.shift, sc.tr_x, sc.dome
+    devices = np.zeros_like(sc.air)
     dev_paths = []
-    for dev in case["devices"]:
+    for dev in names:
         if dev == "ett":  # tube walls in the trachea, tip above the carina
             tip = -0.45 + rd.uniform(-0.04, 0.04)
             for off in (-0.02, 0.02):
@@ -572,7 +641,40 @@ def render_cxr(case: dict, psi, size: int, seed: int, index: int) -> tuple[np.nd
                                    - cv.ellipse(shift, -0.45 + 0.13 * k, 0.022, 0.008, soft=0.006)).clip(0, 1)
     if dev_paths:
         devices += 0.5 * cv.lines(dev_paths, blur=0.002)
-    D += devices
+    return devices
+
+
+def render_cxr(case: dict, psi, size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Render (observed uint8 (size, size), canonical float32 (size, size) in [0, 1]).
+
+    ``canonical`` is the noise-free image before the posture warp (for tests/diagnostics)."""
+    sc = _Scene(case, size)
+    cv, S, ss = sc.cv, sc.S, sc.ss
+    ra = _rng(seed, index, "anatomy")
+    rp = _rng(seed, index, "pathology")
+    _anatomy_parameters(sc, ra)
+    D = _masks(sc)
+    _draw_air_pathology(sc, rp)
+    air, extra, markings_keep = sc.air, sc.extra, sc.markings_keep
+    vessels, hila, lungfield = _lung_markings(sc, _rng(seed, index, "vessels"))
+    fracture = sc.find.get("Fracture")
+    frac_side = (-1 if fracture["side"] == "right" else 1) if fracture else 0
+    callus = np.zeros_like(air)
+    ribs = _ribs(sc, fracture, frac_side, callus)
+    clavicles = _clavicles(sc, fracture, frac_side, callus)
+    spine, humeri, axilla, scap = _spine_and_shoulders(sc)
+    trachea, bronchi, gastric = _airways(sc)
+
+    # --- combine
+    aerated = np.clip(1.3 * air, 0, 1)  # fluid / consolidation hide ribs and vessels (silhouetting)
+    D -= 0.44 * air * (0.92 + 0.08 * np.clip(-cv.y, -1, 1)) * (1 + 0.05 * _smooth(ra, S, 10))  # bases denser
+    D += 0.11 * vessels * lungfield * markings_keep * (0.3 + 0.7 * aerated) * (0.4 + 0.6 * np.clip(1 - np.abs(cv.x) / sc.width, 0, 1))
+    D += 0.10 * hila * lungfield
+    D += 0.11 * ribs * sc.body * (0.35 + 0.65 * lungfield * aerated) + 0.15 * clavicles + 0.07 * spine + 0.12 * humeri + 0.05 * scap + callus - 0.08 * axilla
+    D -= 0.13 * trachea + 0.09 * bronchi * (1 - air) + 0.16 * gastric
+    D += extra
+    D += 0.015 * _smooth(ra, S, 12) * sc.body  # patient texture
+    D += _support_devices(sc, case["devices"], _rng(seed, index, "devices"))
 
     canonical_hi = np.clip(D, 0, 1).astype(np.float32) ** 1.15
     # posture, then detector noise

@@ -1,0 +1,131 @@
+"""Training helpers shared by the reward/evaluator networks (posture aligner, XRV diagnostic
+classifier, dual encoder, artifact classifiers): image loading from pairs tables, train/test
+splits, resumable training state with a configuration fingerprint, BatchNorm recalibration and
+the cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from medrl.errors import DataError
+from medrl.io import atomic_path, load_image
+from medrl.progress import progress
+
+__all__ = [
+    "TORCH_LOAD_ERRORS",
+    "cosine_lr",
+    "fingerprint",
+    "images_from_pairs",
+    "load_train_state",
+    "recalibrate_bn",
+    "resolve_image_path",
+    "save_train_state",
+    "split_rows",
+    "to_unit",
+]
+
+
+# what torch.load(weights_only=True) raises on refused pickles (UnpicklingError) or torn files
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError)
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+
+def resolve_image_path(path: str | Path, base: str | Path | None = None) -> Path:
+    """Absolute paths as given; relative ones against ``base`` (default: the cwd, which is
+    the workspace root that pairs.csv paths are relative to)."""
+    p = Path(path)
+    return p if p.is_absolute() or base is None else Path(base) / p
+
+
+def images_from_pairs(pairs: pd.DataFrame, size: int, *, column: str = "path", base: str | Path | None = None, desc: str = "load images") -> torch.Tensor:
+    """Load the grayscale images named by ``pairs[column]`` as uint8 (N, 1, size, size).
+
+    uint8 keeps a 5000-image 224 px real set at 250 MB; callers convert per batch."""
+    if column not in pairs.columns:
+        raise DataError(f"pairs: missing column '{column}'; expected image paths (pairs.csv format)")
+    out = torch.empty((len(pairs), 1, size, size), dtype=torch.uint8)
+    for i, p in enumerate(progress(list(pairs[column]), desc=desc)):
+        img = load_image(resolve_image_path(p, base), size=size, mode="L")
+        out[i] = (img * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (as stored by ``images_from_pairs``) to float in [0, 1]."""
+    return x.float() / 255.0
+
+
+def split_rows(pairs: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The rows of ``pairs`` whose ``split`` column is ``name``, re-indexed from 0."""
+    if "split" not in pairs.columns:
+        raise DataError("pairs: missing column 'split'; expected values in {train, test}")
+    return pairs[pairs["split"] == name].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def fingerprint(**kw: Any) -> str:
+    """Short hash of a run's configuration, stored in its checkpoint so a checkpoint left
+    by a different configuration is ignored instead of resumed."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_train_state(path: Path, state: dict[str, Any]) -> None:
+    """Atomically save a resumable training state (tensors, numbers, strings, lists, dicts
+    only, so ``load_train_state`` can read it with weights_only=True)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_train_state(path: Path, fp: str) -> dict[str, Any] | None:
+    """The state saved by ``save_train_state`` if it exists and belongs to the run with
+    fingerprint ``fp``; None otherwise. A torn file is reported and renamed ``<name>.corrupt``
+    (medrl.checkpoints), and training restarts: always safe."""
+    from medrl.checkpoints import read_or_set_aside
+
+    if not path.is_file():
+        return None
+    state = read_or_set_aside(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    return state if isinstance(state, dict) and state.get("fingerprint") == fp else None
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> None:
+    """Re-estimate BatchNorm running statistics with the final weights (cumulative mean over
+    ``batches``, already preprocessed for ``model``). After a short from-scratch run the
+    running statistics lag the weights and eval-mode outputs are off; one pass fixes it."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    was_training = model.training
+    model.eval()
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    for b in batches:
+        model(b.to(device))
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    model.train(was_training)
+
+
+def cosine_lr(base_lr: float, step: int, total: int, warmup: int = 0) -> float:
+    """Linear warmup then cosine decay to 0 (stateless, so resuming needs only the step)."""
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))

@@ -1,0 +1,43 @@
+"""medrl bench: the GPU check's CPU form, the baseline ratio, the cost table's epoch timer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medrl.bench import BASELINE, compare_baseline, epoch_time, main
+
+torch.set_num_threads(1)
+
+
+def test_gpu_check_tiny_form_on_cpu(tmp_path):
+    """--gpu-check at SD-v1.5's architecture, 1/10 width: bf16 rows with counted UNet FLOPs,
+    the log-prob drift against fp32, MFU against a given peak, and one DDPO epoch."""
+    out = tmp_path / "gpu.json"
+    assert main(["--device", "cpu", "--gpu-check", "--sd15-tiny", "--steps", "2", "--batch", "2", "--train-batch", "2",
+                 "--sd15-batch", "2", "--sd15-train-batch", "2", "--train-micro-steps", "1", "--tiny-size", "16",
+                 "--epoch-trajectories", "4", "--epoch-steps", "2", "--epoch-sample-batch", "2", "--epoch-train-batch", "2",
+                 "--peak-tflops", "1.0", "--params", str(tmp_path / "absent.yaml"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    sd = next(r for r in res["results"] if r["model"].startswith("sd15-tiny"))
+    assert sd["mixed_precision"] == "bf16" and sd["latent"] == [4, 8, 8] and sd["image"] == [3, 64, 64]
+    # a CFG forward of B=2 is >= 2 x 2 x (multiply-adds of the convs): clearly non-zero, and the
+    # micro-step (forward + backward of 2 samples) costs more than the forward of 2
+    assert 0 < sd["unet_gflop_per_sample_step"] < sd["unet_gflop_per_train_micro_step"]
+    assert sd["sample_mfu"] > 0 and sd["train_mfu"] > 0 and sd["logprob_drift"] >= 0
+    ep = res["ddpo_epoch"]
+    assert ep["trajectories"] == 4 and ep["num_steps"] == 2 and ep["epoch_s"] >= ep["sample_s"] > 0
+
+
+def test_baseline_ratio_only_for_the_same_workload():
+    base = json.loads(BASELINE.read_text())
+    row = {**base["config"], "trajectories_per_s": 2 * base["median"]["trajectories_per_s"],
+           "sample_timesteps_per_s": base["median"]["sample_timesteps_per_s"]}
+    assert compare_baseline(row, base) == pytest.approx({"vs_baseline_sampling": 2.0, "vs_baseline_training": 1.0})
+    assert compare_baseline({**row, "batch": row["batch"] + 1}, base) == {}
+
+
+def test_epoch_time_runs_the_trainer(tmp_path):
+    times = epoch_time(4, 2, 16, epochs=2, params_path=tmp_path / "absent.yaml")
+    assert len(times) == 2 and all(t > 0 for t in times)

@@ -1,0 +1,173 @@
+"""Issue 17 item 1: a stage may read only the params keys it declares.
+
+A key a stage reads without declaring it is invisible to DVC (``params:``) and Snakemake
+(``params`` rerun trigger): changing it would not rerun the stage. entry.py hands every stage a
+ParamsView that raises on such a read; here (a) the view's rules, (b) every stage function of
+workflow/graph.py run under that view with the library calls stubbed out (so each ``c.params``
+access of the stage code itself is exercised in milliseconds), in two configurations that take
+the params-dependent branches (phantom/tiny vs real/pretrained), and (c) the reverse: every
+declared key is read by its stage in one of the configurations.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import sys
+from pathlib import Path
+from unittest.mock import MagicMock
+
+import pytest
+
+from medrl.config import validate_params
+from medrl_testutil import REPO, small_params
+
+sys.path.insert(0, str(REPO / "workflow"))
+from entry import stage_paths  # noqa: E402
+from graph import STAGES, Ctx, ParamsView, UndeclaredParamError, stage_params  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def params():
+    return validate_params(small_params(), check_paths=False)
+
+
+# ============================================================================= (a) the view
+
+
+def test_view_raises_naming_stage_and_undeclared_key(params):
+    v = ParamsView(params, "stack_isic", ("isic.prepare.size", "models.tiny"))
+    with pytest.raises(UndeclaredParamError, match=r"stage stack_isic .*'run\.seed'"):
+        v.run.seed
+    with pytest.raises(UndeclaredParamError, match=r"stage stack_isic .*'run'"):
+        v.run.model_dump()  # an undeclared section
+    with pytest.raises(UndeclaredParamError, match=r"'isic\.prepare\.seed'"):
+        v.isic.prepare.seed  # a sibling of a declared leaf
+    with pytest.raises(UndeclaredParamError, match=r"'isic\.prepare'"):
+        v.isic.prepare.model_dump()  # dumping a section only partly declared
+    with pytest.raises(UndeclaredParamError, match=r"'<all params>'"):
+        v.model_dump()
+
+
+def test_view_grants_declared_keys_and_their_subtrees(params):
+    v = ParamsView(params, "s", ("isic.prepare.size", "models.tiny", "metrics"))
+    assert v.isic.prepare.size == params.isic.prepare.size  # intermediate access on the way
+    assert getattr(v.models, "tiny").model_dump() == params.models.tiny.model_dump()  # a section: its subtree
+    assert v.metrics.model_dump() == params.metrics.model_dump()
+    assert v.metrics.augment.epochs == params.metrics.augment.epochs
+    with pytest.raises(AttributeError):
+        v.isic.prepare.no_such_key
+    with pytest.raises(TypeError, match="read-only"):
+        v.isic = None
+
+
+def test_view_variant_wildcard_is_declared_per_value(params):
+    variants = list(params.rl.cxr.variants)
+    assert len(variants) >= 2
+    mine, other = variants[0], variants[1]
+    v = stage_params(STAGES["rl_cxr"], params, {"variant": mine})
+    assert v.rl.cxr.variants[mine].model_dump() == params.rl.cxr.variants[mine].model_dump()
+    with pytest.raises(UndeclaredParamError, match=rf"stage rl_cxr\[{mine}\] .*'rl\.cxr\.variants\.{other}\.ace'"):
+        v.rl.cxr.variants[other].ace
+    with pytest.raises(UndeclaredParamError, match=r"'rl\.cxr\.variants'"):
+        list(v.rl.cxr.variants)  # which variants exist is not rl_cxr's business
+    with pytest.raises(UndeclaredParamError, match=r"'run\.device'"):
+        v.run.device  # entry.py resolves the device; stages get Ctx.device
+
+
+def test_entry_hands_stages_the_enforcing_view():
+    src = (REPO / "workflow" / "entry.py").read_text()
+    assert "Ctx(params=stage_params(stage, params, wildcards)" in src
+
+
+# ============================================================================= (b) every stage
+
+
+class RecordingView(ParamsView):
+    reads: set[str] = set()
+
+    def _child(self, name, value):
+        out = super()._child(name, value)
+        RecordingView.reads.add(f"{self._path}.{name}" if self._path else str(name))
+        return out
+
+
+def _library_imports() -> dict[str, list[str]]:
+    """``from medrl.X import a, b`` inside graph.py's stage functions (the library calls)."""
+    mods: dict[str, list[str]] = {}
+    for node in ast.walk(ast.parse((REPO / "workflow" / "graph.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("medrl"):
+            mods.setdefault(node.module, []).extend(a.name for a in node.names)
+    return mods
+
+
+@pytest.fixture
+def stubbed_library(monkeypatch):
+    """Replace every library function/class a stage calls by a MagicMock (constants and
+    medrl.config stay real), so a stage function runs in microseconds without data."""
+    imports = {m: n for m, n in _library_imports().items() if m != "medrl.config"}
+    # import every module before patching any: a module imported while medrl.io is patched would
+    # bind the mocks for good (``from medrl.io import read_table`` at its top)
+    modules = {m: importlib.import_module(m) for m in imports}
+    for mod_name, names in imports.items():
+        mod = modules[mod_name]
+        for name in names:
+            if callable(getattr(mod, name)):
+                monkeypatch.setattr(mod, name, MagicMock(name=f"{mod_name}.{name}"))
+    import medrl.metrics.rlcf_modes as rm
+
+    rm.compare_rlcf_modes.return_value = (MagicMock(), MagicMock())
+    import transformers
+
+    monkeypatch.setattr(transformers, "CLIPTokenizer", MagicMock())
+
+
+_BRANCHES = {  # the other side of every params-dependent branch in graph.py
+    "isic": {"source": "real"}, "cxr": {"source": "real"},
+    "models": {"isic": {"pretrained": "x"}, "cxr": {"pretrained": "x"}},
+    "classifiers": {"diag": {"weights": "x"}, "dualenc": {"checkpoint": "x"}},
+}
+
+
+def _jobs(params):
+    for s in STAGES.values():
+        for variant in (list(params.rl.cxr.variants) if s.foreach else [None]):
+            yield s, variant
+
+
+@pytest.mark.parametrize("config", ["default", "branches"])
+def test_every_stage_reads_only_declared_params(config, stubbed_library, tmp_path):
+    params = validate_params(small_params(_BRANCHES if config == "branches" else None), check_paths=False)
+    RecordingView.reads = set()
+    for s, variant in _jobs(params):
+        wildcards = {"variant": variant} if variant else {}
+        deps, outs, _ = stage_paths(s, params, variant)
+        view = stage_params(s, params, wildcards)
+        view = RecordingView(params, view._stage, view._keys)
+        ctx = Ctx(params=view, deps={k: tmp_path / p for k, p in deps.items()},
+                  outs={k: tmp_path / p for k, p in outs.items()}, wildcards=wildcards, ckpt=tmp_path / "ckpt",
+                  device="cpu", log=lambda m, step=None: None, log_artifact=lambda p: None, workspace=tmp_path)
+        s.run(ctx)  # raises UndeclaredParamError on a read outside s.params
+
+
+def test_every_declared_param_is_read(stubbed_library, tmp_path):
+    """The reverse: a declared key no configuration reads makes needless reruns (or is a typo)."""
+    unread = {}
+    per_stage: dict[str, set[str]] = {}
+    for config in (None, _BRANCHES):
+        params = validate_params(small_params(config), check_paths=False)
+        for s, variant in _jobs(params):
+            wildcards = {"variant": variant} if variant else {}
+            deps, outs, _ = stage_paths(s, params, variant)
+            keys = stage_params(s, params, wildcards)._keys
+            RecordingView.reads = set()
+            ctx = Ctx(params=RecordingView(params, s.name, keys), deps={k: tmp_path / p for k, p in deps.items()},
+                      outs={k: tmp_path / p for k, p in outs.items()}, wildcards=wildcards, ckpt=tmp_path,
+                      device="cpu", log=lambda m, step=None: None, log_artifact=lambda p: None, workspace=tmp_path)
+            s.run(ctx)
+            per_stage.setdefault(s.name, set()).update(
+                t.replace(f".{variant}", ".{variant}") if variant else t for t in RecordingView.reads)
+    for s in STAGES.values():
+        missing = [k for k in s.params if not any(r == k or r.startswith(k + ".") for r in per_stage[s.name])]
+        if missing:
+            unread[s.name] = missing
+    assert not unread, f"declared but never read: {unread}"
