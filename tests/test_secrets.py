@@ -177,3 +177,16 @@ def test_missing_sha256sums_fails_closed(workspace_factory, tmp_path):
         assert "not checksum-verified" in proc.stderr
         _assert_nowhere(ws, proc, PN_SECRET)
         _assert_not_in_mlflow(ws, PN_SECRET)
+
+
+@pytest.mark.timeout(600)
+def test_medrl_command_does_not_print_the_tracking_password(workspace_factory):
+    """`medrl lineage` against a tracking server that is down: the failure is reported, redacted."""
+    ws = workspace_factory("secret-cli", dvc=False)
+    env = engine_env(ws, MLFLOW_TRACKING_URI=f"http://medrl:{URI_SECRET}@127.0.0.1:{free_port()}",
+                     MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    proc = run([str(VENV_BIN / "medrl"), "lineage", "data/tables/cxr", "--workspace", str(ws)], ws, env,
+               timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "http://***@127.0.0.1" in proc.stderr, proc.stderr[-3000:]
+    assert URI_SECRET not in proc.stdout + proc.stderr

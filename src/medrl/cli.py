@@ -133,11 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medrl.redact import format_exception, install_log_redaction
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        return _cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    install_log_redaction()
+    # an exception's text may carry the tracking URI's password: print it redacted, never raw
+    try:
+        if argv and argv[0] == "bench":
+            return _cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except KeyboardInterrupt as e:
+        print(format_exception(e), file=sys.stderr, end="")
+        return 130
+    except Exception as e:
+        print(format_exception(e), file=sys.stderr, end="")
+        return 1
 
 
 if __name__ == "__main__":
