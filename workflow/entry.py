@@ -216,20 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     # Snakemake, DVC and SLURM (scancel, time limit) stop a job with SIGTERM; turn it into an
     # exception so the MLflow run is closed as KILLED and temp outputs are not promoted.
     signal.signal(signal.SIGTERM, _terminate)
-    from medrl.redact import format_exception, install_log_redaction
+    from medrl.redact import run_redacted
 
-    install_log_redaction()
     # Never let Python print the traceback: exception texts (MLflow's carry the tracking URI)
     # may hold a URL's user:password or a secret from the environment; print it redacted.
-    try:
+    def stage() -> None:
         run_stage(args.stage, args.variant)
-    except KeyboardInterrupt as e:
-        print(format_exception(e), file=sys.stderr, end="")
-        return 130
-    except Exception as e:
-        print(format_exception(e), file=sys.stderr, end="")
-        return 1
-    return 0
+
+    return run_redacted(stage)
 
 
 if __name__ == "__main__":

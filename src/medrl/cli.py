@@ -133,23 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medrl.redact import format_exception, install_log_redaction
+    from medrl.redact import run_redacted
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    install_log_redaction()
-    # an exception's text may carry the tracking URI's password: print it redacted, never raw
-    try:
-        if argv and argv[0] == "bench":
-            return _cmd_bench(argv[1:])
-        args = build_parser().parse_args(argv)
-        return int(args.func(args))
-    except KeyboardInterrupt as e:
-        print(format_exception(e), file=sys.stderr, end="")
-        return 130
-    except Exception as e:
-        print(format_exception(e), file=sys.stderr, end="")
-        return 1
-
+    if argv and argv[0] == "bench":
+        return run_redacted(lambda: _cmd_bench(argv[1:]))
+    args = build_parser().parse_args(argv)
+    return run_redacted(lambda: args.func(args))
 
 if __name__ == "__main__":
     raise SystemExit(main())

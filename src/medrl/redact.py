@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import traceback
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
 SECRET_ENV = ("PHYSIONET_PASSWORD", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -100,3 +101,17 @@ def install_log_redaction(names: Iterable[str] = LOGGERS) -> None:
     for h in handlers:
         if _FILTER not in h.filters:
             h.addFilter(_FILTER)
+
+
+def run_redacted(fn: Callable[[], int | None]) -> int:
+    """Run a command's body with redacting log filters; an exception is printed redacted (its
+    text may carry the tracking URI's password) and becomes exit status 1 (130 on Ctrl-C)."""
+    install_log_redaction()
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt as e:
+        print(format_exception(e), file=sys.stderr, end="")
+        return 130
+    except Exception as e:
+        print(format_exception(e), file=sys.stderr, end="")
+        return 1
