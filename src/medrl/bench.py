@@ -209,12 +209,13 @@ class _Bench:
     w: Workload
 
     def sample(self, steps: int, b: int):
-        from medrl.rl.sampling import sample_with_logprob
+        """``b`` trajectories of ``steps`` steps, all noise from one generator seeded w.seed."""
+        from medrl.rl.sampler import Noise, Sampler
 
+        sampler = Sampler(self.run_unet, self.vae, self.scheduler, self.uncond, num_steps=steps,
+                          guidance_scale=self.w.guidance_scale, eta=1.0)
         with _amp(self.device, self.w.mixed_precision):
-            return sample_with_logprob(self.run_unet, self.vae, self.scheduler, self.cond[:b], self.uncond[:b],
-                                       num_steps=steps, guidance_scale=self.w.guidance_scale, eta=1.0,
-                                       generator=torch.Generator(self.device).manual_seed(self.w.seed))
+            return sampler.sample(self.cond[:b], Noise(self.w.seed))
 
     def step_logp(self, unet, traj, i: torch.Tensor, s: torch.Tensor, amp: bool = True) -> torch.Tensor:
         """Log-probs of the recorded steps s of samples i under ``unet`` (CFG forward, DDIM step)."""

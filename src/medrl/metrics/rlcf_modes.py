@@ -76,7 +76,6 @@ def compare_rlcf_modes(
         raise DataError(f"compare_rlcf_modes: n_samples={n_samples}, batch_size={batch_size}; expected >= 2 and >= 1")
     if l_diag == 0 and l_consist == 0:
         raise DataError("compare_rlcf_modes: l_diag and l_consist are both 0; nothing is comparative")
-    dev = torch.device(device)
     c, anchor_unet, ace = _policy_and_anchor(base_dir, adapter_dir, device)
     kw: dict[str, Any] = {"l_align": 0.0, "l_diag": l_diag, "l_consist": l_consist, "rlcf": True,
                           "labels_for": labels_for, "device": device, "diag_unmentioned": diag_unmentioned}
@@ -85,15 +84,14 @@ def compare_rlcf_modes(
     rng = np.random.default_rng(seed)
     prompts_all = [reports[i] for i in rng.integers(0, len(reports), n_samples)]
     seeds_all = [int(s) for s in rng.integers(0, 2**62, n_samples)]
-    s = _TimedSampler(c, dev, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta)
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
-        neg1 = encode_prompts(c, [""]).float()
+        s = _TimedSampler(c, encode_prompts(c, [""]).float(), num_steps=num_steps, guidance_scale=guidance_scale, eta=eta)
         # warm-up outside the clock (first-call allocations, lazy inits)
-        s.sample(c.unet, encode_prompts(c, prompts_all[:1]).float(), neg1, seeds_all[:1])
+        s.sample(c.unet, encode_prompts(c, prompts_all[:1]).float(), seeds_all[:1])
         for start in progress(range(0, n_samples, batch_size), desc="rlcf modes", total=-(-n_samples // batch_size)):
             prompts, seeds = prompts_all[start:start + batch_size], seeds_all[start:start + batch_size]
-            rows += _score_batch(s, ace, anchor_unet, paired, banked, prompts, seeds, neg1)
+            rows += _score_batch(s, ace, anchor_unet, paired, banked, prompts, seeds)
     df = pd.DataFrame(rows)
     metrics = _summarise(df, s.seconds, l_diag=l_diag, l_consist=l_consist, with_adapter=adapter_dir is not None,
                          samples_per_epoch=samples_per_epoch, boot={"n_boot": n_boot, "ci": ci, "seed": seed})
@@ -124,16 +122,17 @@ def _paired_and_bank_rewards(aligner_dir: str | Path, diag_dir: str | Path, dual
 
 
 class _TimedSampler:
-    """DDIM sampling from per-sample seeds, with wall-clock totals per phase in ``seconds``."""
+    """DDIM sampling from per-sample seeds (a sample's noise does not depend on its batch), with
+    wall-clock totals per phase in ``seconds``."""
 
-    def __init__(self, c: Any, dev: torch.device, *, num_steps: int, guidance_scale: float, eta: float) -> None:
-        self.c, self.dev = c, dev
-        self.num_steps, self.guidance_scale, self.eta = num_steps, guidance_scale, eta
+    def __init__(self, c: Any, neg1: torch.Tensor, *, num_steps: int, guidance_scale: float, eta: float) -> None:
+        from medrl.rl.sampler import Sampler
+
+        self.c = c
+        self.sampler = Sampler(c.unet, c.vae, c.scheduler, neg1, num_steps=num_steps, guidance_scale=guidance_scale,
+                               eta=eta)
         self.seconds = {"policy": 0.0, "anchor": 0.0, "anchor_shared": 0.0, "score_paired": 0.0,
                         "score_paired_shared": 0.0, "score_bank": 0.0}
-
-    def gens(self, seeds: Sequence[int]) -> list[torch.Generator]:
-        return [torch.Generator(device=self.dev).manual_seed(s) for s in seeds]
 
     @contextlib.contextmanager
     def clock(self, key: str):
@@ -141,33 +140,31 @@ class _TimedSampler:
         yield
         self.seconds[key] += time.perf_counter() - t0
 
-    def sample(self, unet: Any, cond: torch.Tensor, neg: torch.Tensor, seeds: Sequence[int], own_steps: bool = False
+    def sample(self, unet: Any, cond: torch.Tensor, seeds: Sequence[int], anchor_of_mode: str | None = None
                ) -> torch.Tensor:
-        from medrl.rl.sampling import initial_latents, sample_with_logprob
+        """Images of ``unet``, each sample's x_T and step noise from its own seed; with
+        ``anchor_of_mode`` ("initial" or "shared"), the paired anchor's noise for those samples."""
+        from medrl.rl.sampler import Noise, offset_seed, paired_anchor_noise
 
-        g = self.gens(seeds)  # x_T, then the per-step noise, from each sample's seed
-        x_T = initial_latents(unet, len(seeds), g, self.dev)
-        if own_steps:  # same x_T, independent per-step noise
-            g = self.gens([(s + 0x9E3779B97F4A7C15) % 2**63 for s in seeds])
-        c = self.c
-        return sample_with_logprob(unet, c.vae, c.scheduler, cond, neg, num_steps=self.num_steps,
-                                   guidance_scale=self.guidance_scale, eta=self.eta, generator=g, latents=x_T).images
+        noise = Noise(seeds)
+        if anchor_of_mode is not None:
+            noise = paired_anchor_noise(noise, anchor_of_mode, own_steps=[offset_seed(s) for s in seeds])
+        return self.sampler.sample(cond, noise, unet=unet).images
 
 
 def _score_batch(s: _TimedSampler, ace: Any, anchor_unet: Any, paired: Any, banked: Any, prompts: list[str],
-                 seeds: list[int], neg1: torch.Tensor) -> list[dict[str, Any]]:
+                 seeds: list[int]) -> list[dict[str, Any]]:
     """Sample one batch from the policy and both kinds of paired anchor, score it in every mode;
     one row per sample."""
     from medrl.models.tiny_sd import encode_prompts
 
-    neg = neg1.expand(len(prompts), -1, -1)
     with s.clock("policy"):
         text = encode_prompts(s.c, prompts).float()
-        x = s.sample(s.c.unet, ace(text) if ace is not None else text, neg, seeds)
-    with s.clock("anchor"):
-        x_hat = s.sample(anchor_unet, text, neg, seeds, own_steps=True)
+        x = s.sample(s.c.unet, ace(text) if ace is not None else text, seeds)
+    with s.clock("anchor"):  # the trainer's paired mode: same x_T, own step noise
+        x_hat = s.sample(anchor_unet, text, seeds, anchor_of_mode="initial")
     with s.clock("anchor_shared"):
-        x_hat_s = s.sample(anchor_unet, text, neg, seeds)
+        x_hat_s = s.sample(anchor_unet, text, seeds, anchor_of_mode="shared")
     with s.clock("score_paired"):
         r_p, tp = paired(x, prompts, anchor_images=x_hat)
     with s.clock("score_paired_shared"):

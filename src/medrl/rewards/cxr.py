@@ -16,10 +16,10 @@ differences to the anchor (frozen base) model's image(s) for the same report:
 
 * ``rlcf_mode="paired"``: the trainer passes ``anchor_images`` sampled for the same report
   from the same x_T (paper Eq. 2's x-hat), with their own per-step noise unless
-  ``rl.cxr.rlcf_paired_noise: shared``; ``r = score(x) - score(x_hat)``. Sharing the step
-  noise too lowers the reward variance further, but score(x_hat) then depends on the
-  sample's own noise and the policy gradient is biased (measured: the full policy degrades;
-  docs/NOTEBOOK.md, CXR-03).
+  ``rl.cxr.rlcf_paired_noise: shared`` (``medrl.rl.sampler.paired_anchor_noise`` is that rule);
+  ``r = score(x) - score(x_hat)``. Sharing the step noise too lowers the reward variance
+  further, but score(x_hat) then depends on the sample's own noise and the policy gradient is
+  biased (measured: the full policy degrades; docs/NOTEBOOK.md, CXR-03).
 * ``rlcf_mode="bank"``: ``r = score(x) - mean_k score(x_hat_k)`` with the mean over K
   anchor samples per report precomputed by ``build_anchor_bank`` (no anchor sampling during
   RL; same expectation, lower variance in the baseline, none of the shared-noise
@@ -197,8 +197,9 @@ def load_anchor_bank(path: str | Path) -> pd.DataFrame:
 def anchor_sample_seed(seed: int, report: str, j: int) -> int:
     """Seed of the j-th anchor sample of a report: depends on (seed, report, j) only, so a
     report's anchors do not change with the report list, its order or the batch size."""
-    h = hashlib.sha256(f"{int(seed)}\x00{report}\x00{int(j)}".encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
+    from medrl.rl.sampler import text_seed
+
+    return text_seed(seed, report, j)
 
 
 @torch.no_grad()
@@ -213,18 +214,16 @@ def sample_images(
     unet: Any = None,
 ) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] from a diffusers SD stack with DDIM + CFG, one
-    ``torch.Generator(seed)`` per sample for both x_T and the per-step noise."""
+    generator per sample (its seed) for both x_T and the per-step noise, so an image does not
+    depend on the batch it is drawn in. ``unet`` replaces the stack's (a policy)."""
     from medrl.models.tiny_sd import encode_prompts
-    from medrl.rl.sampling import sample_with_logprob
+    from medrl.rl.sampler import Noise, Sampler
 
     c = components
-    device = c.unet.device
     text = encode_prompts(c, list(prompts)).float()
-    neg = encode_prompts(c, [""]).float().expand(len(prompts), -1, -1)
-    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    traj = sample_with_logprob(unet or c.unet, c.vae, c.scheduler, text, neg, num_steps=num_steps,
-                               guidance_scale=guidance_scale, eta=eta, generator=gens)
-    return traj.images.float().cpu()
+    sampler = Sampler(c.unet, c.vae, c.scheduler, encode_prompts(c, [""]).float(), num_steps=num_steps,
+                      guidance_scale=guidance_scale, eta=eta)
+    return sampler.sample(text, Noise(seeds), unet=unet).images.float().cpu()
 
 
 def build_anchor_bank(

@@ -14,6 +14,8 @@ _EXPORTS = {
     "Trajectory": "medrl.rl.sampling",
     "sample_with_logprob": "medrl.rl.sampling",
     "decode_latents": "medrl.rl.sampling",
+    "Noise": "medrl.rl.sampler",
+    "Sampler": "medrl.rl.sampler",
     "PerPromptStatTracker": "medrl.rl.ppo",
     "ppo_loss": "medrl.rl.ppo",
     "add_lora": "medrl.rl.lora",
@@ -25,7 +27,7 @@ _EXPORTS = {
 }
 
 __all__ = [  # noqa: RUF022 - grouped by submodule, as _EXPORTS
-    "ddim_step_with_logprob", "Trajectory", "sample_with_logprob", "decode_latents",
+    "ddim_step_with_logprob", "Trajectory", "sample_with_logprob", "decode_latents", "Noise", "Sampler",
     "PerPromptStatTracker", "ppo_loss", "add_lora", "save_adapter", "load_adapter", "ACE",
     "DDPOConfig", "train_ddpo",
 ]

@@ -8,9 +8,10 @@ policy against the frozen base on a fixed set of prompts and noises. Runs in one
 ``checkpoint_every`` epochs and resumes to the same numbers as an uninterrupted run.
 
 Randomness: every random draw of an epoch comes from generators seeded by
-(seed, epoch, process index[, batch]) -- prompts, shuffles, initial and per-step noise. A
-resumed run therefore needs only weights, optimizer and stat-tracker state to continue
-exactly; the global torch RNG is saved too, for library code that draws from it.
+(seed, epoch, process index, purpose[, batch]) -- prompts, shuffles, initial and per-step noise
+(medrl.rl.sampler's seed policy; the purposes are the ``_P_*`` constants). A resumed run
+therefore needs only weights, optimizer and stat-tracker state to continue exactly; the global
+torch RNG is saved too, for library code that draws from it.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ from medrl.rl.ace import ACE
 from medrl.rl.ddim import ddim_step_gaussian, gaussian_kl, gaussian_logprob
 from medrl.rl.lora import DEFAULT_TARGETS, add_lora, save_adapter
 from medrl.rl.ppo import PerPromptStatTracker, ppo_loss
-from medrl.rl.sampling import guided_eps, initial_latents, sample_with_logprob
+from medrl.rl.sampler import Noise, Sampler, derive_seed, paired_anchor_noise
+from medrl.rl.sampling import guided_eps
 
 RewardFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 PromptFn = Callable[[np.random.Generator, int], list[str]]
@@ -155,13 +157,9 @@ class Policy(nn.Module):
         return guided_eps(self.unet, latents, t, self.condition(text_embeds), negative_embeds, guidance_scale)
 
 
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (numpy SeedSequence: well spread, platform independent)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _torch_gen(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+# Purposes of the trainer's derived seeds, (seed, epoch, rank, purpose[, batch]) during an epoch and
+# (seed, rank, purpose) for the fixed base comparison. Fixed: checkpoints resume on these numbers.
+_P_EPOCH, _P_ROLLOUT, _P_ANCHOR_STEPS, _P_BASE_PROMPTS, _P_BASE_NOISE = 0, 1, 2, 4, 5
 
 
 @contextlib.contextmanager
@@ -336,6 +334,7 @@ class _Setup:
     anchor_unet: nn.Module | None  # frozen copy of the base for full fine-tuning, else None
     reward_uses_anchor: bool
     neg1: torch.Tensor = None  # the unconditional ("") embedding, encoded once
+    sampler: Sampler | None = None  # DDIM + CFG with the run's settings, built with neg1
     base_eval: dict[str, Any] | None = None  # the frozen base's fixed comparison set, once sampled
 
     @property
@@ -407,14 +406,11 @@ def _resume(s: _Setup, ckpt_dir: Path, out_dir: Path, log_fn: LogFn | None) -> t
     return start_epoch, history
 
 
-def _sample(s: _Setup, unet, condition: Callable, text: torch.Tensor, x_T: torch.Tensor, step_seed: int):
+def _sample(s: _Setup, unet, condition: Callable, text: torch.Tensor, noise: Noise):
     """One batch of trajectories of ``unet`` on ``condition(text)`` (the policy's ACE, or none
-    for the base) from x_T, with per-step noise from ``step_seed``."""
-    neg = s.neg1.expand(len(text), -1, -1)
+    for the base) with x_T and per-step noise from ``noise``."""
     with torch.no_grad(), s.accelerator.autocast():
-        return sample_with_logprob(unet, s.c.vae, s.c.scheduler, condition(text), neg, num_steps=s.cfg.num_steps,
-                                   guidance_scale=s.cfg.guidance_scale, eta=s.cfg.eta,
-                                   generator=_torch_gen(s.device, step_seed), latents=x_T)
+        return s.sampler.sample(condition(text), noise, unet=unet)
 
 
 def _as_is(text: torch.Tensor) -> torch.Tensor:  # the base model's condition: no ACE tokens
@@ -451,18 +447,16 @@ def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn
         n_groups = cfg.sample_batch_size // cfg.prompt_repeats
         prompts = _check_prompts(prompt_fn(rng, n_groups), n_groups)
         prompts = [p for p in prompts for _ in range(cfg.prompt_repeats)]
-        noise_seed = _seed(cfg.seed, epoch, s.rank, 1, b)
+        noise = Noise.batch(derive_seed(cfg.seed, epoch, s.rank, _P_ROLLOUT, b))
         with torch.no_grad():
             text = encode_prompts(s.c, prompts).float()
-            x_T = initial_latents(s.policy.unet, len(prompts), _torch_gen(s.device, noise_seed), s.device)
-            traj = _sample(s, s.policy.unet, s.policy.condition, text, x_T, noise_seed + 1)
+            traj = _sample(s, s.policy.unet, s.policy.condition, text, noise)
             anchor_images = None
             if s.reward_uses_anchor:
-                # The same x_T; per-step noise independent of the sample's unless anchor_noise is
-                # "shared": a baseline that depends on the sample's step noise biases the gradient.
-                step_seed = noise_seed + 1 if cfg.anchor_noise == "shared" else _seed(cfg.seed, epoch, s.rank, 2, b)
+                anchor = paired_anchor_noise(noise, cfg.anchor_noise,
+                                             own_steps=derive_seed(cfg.seed, epoch, s.rank, _P_ANCHOR_STEPS, b))
                 with _base_model(s.policy, s.anchor_unet) as base_unet:
-                    anchor_images = _sample(s, base_unet, _as_is, text, x_T, step_seed).images
+                    anchor_images = _sample(s, base_unet, _as_is, text, anchor).images
         r, terms = _check_rewards(reward_fn(traj.images, prompts, anchor_images=anchor_images), len(prompts))
         trajs.append(traj)
         texts.append(text)
@@ -560,22 +554,22 @@ def _compare_with_base(s: _Setup, reward_fn: RewardFn, prompt_fn: PromptFn) -> d
     cfg, acc = s.cfg, s.accelerator
     n = -(-cfg.base_reward_samples // acc.num_processes)
     if s.base_eval is None:
-        prompts = _check_prompts(prompt_fn(np.random.default_rng(_seed(cfg.seed, s.rank, 4)), n), n)
-        noise_seed = _seed(cfg.seed, s.rank, 5)
+        prompt_rng = np.random.default_rng(derive_seed(cfg.seed, s.rank, _P_BASE_PROMPTS))
+        prompts = _check_prompts(prompt_fn(prompt_rng, n), n)
+        noise = Noise.batch(derive_seed(cfg.seed, s.rank, _P_BASE_NOISE))
         with torch.no_grad():
             text = encode_prompts(s.c, prompts).float()
-            x_T = initial_latents(s.policy.unet, n, _torch_gen(s.device, noise_seed), s.device)
             with _base_model(s.policy, s.anchor_unet) as base_unet:
-                images = _sample(s, base_unet, _as_is, text, x_T, noise_seed + 1).images
+                images = _sample(s, base_unet, _as_is, text, noise).images
         # The base scored as if it were the policy (paired RLCF terms are then zero).
         r, terms = _check_rewards(reward_fn(images, prompts, anchor_images=images), n)
-        s.base_eval = {"prompts": prompts, "text": text, "x_T": x_T, "seed": noise_seed + 1, "images": images,
+        s.base_eval = {"prompts": prompts, "text": text, "noise": noise, "images": images,
                        "rewards": acc.gather(r.to(s.device)).cpu().numpy(),
                        "terms": {k: acc.gather(v.to(s.device)).cpu().numpy() for k, v in terms.items()}}
     b = s.base_eval
     s.policy.eval()
     with torch.no_grad():
-        images = _sample(s, s.policy.unet, s.policy.condition, b["text"], b["x_T"], b["seed"]).images
+        images = _sample(s, s.policy.unet, s.policy.condition, b["text"], b["noise"]).images
     r, terms = _check_rewards(reward_fn(images, b["prompts"], anchor_images=b["images"]), n)
     gain = acc.gather(r.to(s.device)).cpu().numpy() - b["rewards"]
     out = {"base_reward_mean": float(b["rewards"].mean()), "reward_gain_vs_base": float(gain.mean()),
@@ -684,12 +678,14 @@ def train_ddpo(
     start_epoch, history = _resume(s, ckpt_dir, out_dir, log_fn)
     with torch.no_grad():
         s.neg1 = encode_prompts(s.c, [""]).float()
+    s.sampler = Sampler(s.policy.unet, s.c.vae, s.c.scheduler, s.neg1, num_steps=cfg.num_steps,
+                        guidance_scale=cfg.guidance_scale, eta=cfg.eta)
     epoch_iter = range(start_epoch, cfg.epochs)
     for epoch in progress(epoch_iter, desc="ddpo", total=len(epoch_iter), disable=not s.accelerator.is_main_process):
         if max_epochs_this_call is not None and epoch - start_epoch >= max_epochs_this_call:
             break
         t0 = time.time()
-        rng = np.random.default_rng(_seed(cfg.seed, epoch, s.rank, 0))
+        rng = np.random.default_rng(derive_seed(cfg.seed, epoch, s.rank, _P_EPOCH))
         ro = _collect_rollouts(s, epoch, rng, reward_fn, prompt_fn)
         ro.seconds = time.time() - t0
         base = _compare_with_base(s, reward_fn, prompt_fn) if _base_comparison_due(cfg, epoch) else {}

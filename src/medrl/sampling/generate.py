@@ -12,7 +12,6 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -34,7 +33,9 @@ def slugify(prompt: str, max_len: int = 80) -> str:
 
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
     """Seed of image j of prompt i: a hash of (seed, i, j), independent of batching."""
-    return int(np.random.SeedSequence([int(seed), int(prompt_index), int(image_index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    from medrl.rl.sampler import derive_seed
+
+    return derive_seed(seed, prompt_index, image_index)
 
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -63,7 +64,7 @@ def generate(
     """
     from medrl.models.tiny_sd import encode_prompts, load_components
     from medrl.rl.lora import load_adapter
-    from medrl.rl.sampling import initial_latents, sample_with_logprob
+    from medrl.rl.sampler import Noise, Sampler
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if not prompts:
@@ -80,31 +81,25 @@ def generate(
     if len(set(prompt_ids)) != len(prompt_ids):
         raise DataError("generate: prompt_ids are not unique; expected one folder per prompt")
 
-    dev = torch.device(device)
     c = load_components(str(base_dir), device=device)
     ace = load_adapter(c.unet, adapter_dir) if adapter_dir is not None else None
     model_name = str(base_dir) if adapter_dir is None else f"{base_dir}+{adapter_dir}"
 
     # Flat job list (prompt index, image index), cut into batches regardless of prompt borders.
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n_per_prompt)]
-    neg1 = None
     rows = []
     t0 = time.time()
     with torch.no_grad():
-        neg1 = encode_prompts(c, [""]).float()
+        sampler = Sampler(c.unet, c.vae, c.scheduler, encode_prompts(c, [""]).float(), num_steps=num_steps,
+                          guidance_scale=guidance_scale, eta=eta)
         for start in progress(range(0, len(jobs), batch_size), desc="generate", total=-(-len(jobs) // batch_size)):
             batch = jobs[start : start + batch_size]
             seeds = [image_seed(seed, i, j) for i, j in batch]
             text = encode_prompts(c, [prompts[i] for i, _ in batch]).float()
             cond = ace(text) if ace is not None else text
-            gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
-            # The same per-image generator gives x_T first, then every step's noise.
-            x_T = initial_latents(c.unet, len(batch), gens, dev)
-            traj = sample_with_logprob(
-                c.unet, c.vae, c.scheduler, cond, neg1.expand(len(batch), -1, -1),
-                num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, generator=gens, latents=x_T,
-            )
-            for (i, j), s, img in zip(batch, seeds, traj.images.cpu()):
+            # One generator per image: x_T first, then every step's noise.
+            images = sampler.sample(cond, Noise(seeds)).images
+            for (i, j), s, img in zip(batch, seeds, images.cpu()):
                 rel = f"{prompt_ids[i]}/{j}.png"
                 save_image(img, out_dir / rel)
                 rows.append({"prompt_id": prompt_ids[i], "prompt": prompts[i], "seed": s, "model": model_name, "path": rel})
