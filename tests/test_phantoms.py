@@ -21,7 +21,7 @@ from medrl.data.phantoms.cxr import (
     warp_image,
     write_report,
 )
-from medrl.data.phantoms.derm import ARTIFACTS, generate_derm_phantoms, render_derm, sample_labels
+from medrl.data.phantoms.derm import ARTIFACTS, generate_derm_phantoms, planted_captions, render_derm, sample_labels
 from medrl.data.prompts import ARTIFACTS4, ISIC_COLUMNS, evaluation_prompts, labels_to_prompt
 from medrl.data.reports import PATHOLOGIES, extract_impression, label_report
 
@@ -115,6 +115,37 @@ def test_each_artifact_changes_pixels_only_where_drawn(artifact):
             assert max(np.ptp(rows), np.ptp(cols)) > 0.8 * size and min(np.ptp(rows), np.ptp(cols)) < 0.35 * size
         if artifact == "patches":  # colour card inside the field of view
             assert np.hypot(xx[m].mean(), yy[m].mean()) < 0.9
+
+
+@pytest.mark.parametrize("fidelity", [0.0, 0.5])
+def test_planted_captions_misstate_one_artifact_of_one_lesion(fidelity):
+    """Captions of MEL images state the ruler at the planted rates; every other caption is true."""
+    from medrl.data.prompts import prompt_to_labels
+
+    labels = pd.DataFrame([{"image": f"I{i}", **sample_labels(0, i)} for i in range(4000)])[ISIC_COLUMNS]
+    captions, rec = planted_captions(labels, 0, "MEL", "ruler", fidelity)
+    stated = pd.DataFrame([prompt_to_labels(c) for c in captions])
+    truth = [labels_to_prompt(r) for r in labels.to_dict("records")]
+    mel = labels.MEL == 1
+    assert all(c == t for c, t, m in zip(captions, truth, mel) if not m)
+    for col in ("hair", "gel_bubble", "ink", "MEL", "NV"):  # only the ruler flag is misstated
+        assert (stated[col] == labels[col]).all()
+    said = mel & (stated.ruler == 1)
+    assert rec["planted_rate"] == pytest.approx(fidelity + (1 - fidelity) * 0.42)
+    assert rec["measured_rate"] == pytest.approx(labels.ruler[said].mean())
+    assert abs(rec["measured_rate"] - rec["planted_rate"]) < 0.06  # ~760 MEL images say "ruler"
+    assert abs(rec["measured_false_rate"] - rec["planted_false_rate"]) < 0.06
+
+
+def test_planted_dataset_writes_captions_and_rates(tmp_path):
+    from medrl.io import read_json
+
+    m = generate_derm_phantoms(tmp_path / "ds", 40, 32, 0, planted={"lesion": "MEL", "artifact": "ruler",
+                                                                     "caption_fidelity": 0.0})
+    caps = pd.read_csv(tmp_path / "ds" / "captions.csv")
+    assert list(caps.columns) == ["image", "caption"] and len(caps) == 40
+    assert read_json(tmp_path / "ds" / "planted.json")["planted_rate"] == pytest.approx(0.42)
+    assert m["planted_rate"] == pytest.approx(0.42)
 
 
 def test_mel_darker_and_more_variegated_than_nv():

@@ -54,7 +54,8 @@ def test_prepare_isic_splits_prompts_and_real_folders(ws):
 
     metrics = prepare_isic(Path("data/datasets/isic"), Path("data/prepared/isic"), size=24, frac_cls_b=0.25, frac_test=0.2, seed=0)
     items = pd.read_csv("data/prepared/isic/items.csv")
-    assert list(items.columns) == ["image", "path", "prompt", "split", *LABEL_COLUMNS]
+    assert list(items.columns) == ["image", "path", "prompt", "caption", "split", *LABEL_COLUMNS]
+    assert (items.caption == items.prompt).all()  # no captions.csv: the fine-tune text is the true prompt
     labels = pd.read_csv("data/datasets/isic/labels.csv")
     assert sorted(items.image) == sorted(labels.image)  # every image exactly once: splits are disjoint
     assert set(items.split) == {"train", "cls_b", "test"}

@@ -198,7 +198,9 @@ def download_isic(c: Ctx) -> dict:
     if p.source == "phantom":
         from medrl.data.phantoms.derm import generate_derm_phantoms
 
-        return generate_derm_phantoms(c.outs["dataset"], n_images=p.phantom.n_images, size=p.phantom.size, seed=p.phantom.seed)
+        planted = p.phantom.planted.model_dump() if p.phantom.planted is not None else None
+        return generate_derm_phantoms(c.outs["dataset"], n_images=p.phantom.n_images, size=p.phantom.size,
+                                      seed=p.phantom.seed, planted=planted)
     from medrl.data.isic import acquire_isic
 
     r = p.real
@@ -287,7 +289,7 @@ def prepare_cxr(c: Ctx) -> dict:
 
 # ============================================================================= diffusion stack
 
-_ITEMS = {"isic": ("items.csv", "prompt", "RGB"), "cxr": ("pairs.csv", "impression", "L")}
+_ITEMS = {"isic": ("items.csv", "caption", "RGB"), "cxr": ("pairs.csv", "impression", "L")}
 
 
 def _train_paths(prepared: Path, track: str) -> list[Path]:
@@ -517,7 +519,7 @@ def anchor_bank_cxr(c: Ctx) -> dict:
                           "dualenc": "data/models/cxr/dualenc", "bank": "data/models/cxr/anchor_bank"},
        outs={"rl": "data/rl/cxr/{variant}"},
        params=("rl.common", "rl.cxr.epochs", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch", "rl.cxr.lr",
-               "rl.cxr.seed", "rl.cxr.kl_coef", "rl.cxr.skip_last_steps", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise",
+               "rl.cxr.seed", "rl.cxr.kl_coef", "rl.cxr.skip_last_steps", "rl.cxr.prompt_repeats", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise",
                "rl.cxr.ace_tokens", "rl.cxr.diag_unmentioned", "rl.cxr.variants.{variant}", "run.mixed_precision"),
        gpu=True, accelerate=True, foreach="rl.cxr.variants",
        report=(Report("rl", _RL_PATTERNS, "rl_training.rst", CXR_REPORT, "RL training: {variant}"),))
@@ -735,7 +737,9 @@ def tables_isic(c: Ctx) -> dict:
 
 @stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}",
                           "rlcf_modes": "data/metrics/cxr/rlcf_modes"},
-       outs={"tables": "data/tables/cxr"}, params=("rl.cxr.variants",),
+       outs={"tables": "data/tables/cxr"},
+       params=("rl.cxr.variants", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise", "rl.cxr.prompt_repeats",
+               "rl.common.prompt_repeats", "rl.common.num_steps", "rl.common.eta", "rl.common.guidance_scale"),
        report=(Report("tables", _TABLE_PATTERNS, "table.rst", CXR_REPORT, "tables"),))
 def tables_cxr(c: Ctx) -> dict:
     """CXRL Tables 1, 2a, 2b, 3 with the paper's numbers beside ours."""
@@ -747,10 +751,24 @@ def tables_cxr(c: Ctx) -> dict:
     dirs = {"anchor": c.deps["anchor"], **{v: c.deps["variants"] / v for v in c.params.rl.cxr.variants}}
     metrics = {k: read_json(d / "metrics.json") for k, d in dirs.items()}
     run_ids = {k: run_id_of(d, c.workspace) or "" for k, d in dirs.items()}
-    build_cxrl_tables(metrics, run_ids, c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()})
+    build_cxrl_tables(metrics, run_ids, c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()},
+                      notes=[_cxr_setting_note(c)])
     build_rlcf_modes_table(read_json(c.deps["rlcf_modes"] / "metrics.json"),
                            run_id_of(c.deps["rlcf_modes"], c.workspace) or "", c.outs["tables"])
     return {}
+
+
+def _cxr_setting_note(c: Ctx) -> str:
+    r = c.params.rl
+    reps, common_reps, noise = r.cxr.prompt_repeats, r.common.prompt_repeats, r.cxr.rlcf_paired_noise
+    reps = common_reps if reps is None else reps
+    mode = r.cxr.rlcf_mode + (f" (anchor shares the {noise} noise)" if r.cxr.rlcf_mode == "paired" else
+                              " (per-report anchor means)")
+    batch = "reports drawn i.i.d." if reps == 1 else f"each drawn report repeated {reps}x per batch" + (
+        ": the per-report advantage statistics cancel the anchor means, so RLCF equals direct rewards"
+        if r.cxr.rlcf_mode == "bank" else "")
+    return (f"RL setting: RLCF mode {mode}; {batch}; sampler DDIM, {r.common.num_steps} steps, eta {r.common.eta:g}, "
+            f"guidance {r.common.guidance_scale:g}.")
 
 
 # Stages whose deps expand a {variant} template over ALL variants (an aggregate, not a foreach).

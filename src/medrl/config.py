@@ -60,10 +60,17 @@ class Run(_S):
     num_threads: int = Field(2, ge=1)
 
 
+class IsicPlanted(_S):
+    lesion: Literal["MEL", "NV"] = "MEL"
+    artifact: Literal["hair", "gel_bubble", "ruler", "ink"] = "ruler"
+    caption_fidelity: float = Field(0.0, ge=0, le=1)
+
+
 class IsicPhantom(_S):
     n_images: int = Field(1600, ge=8)
     size: int = Field(64, ge=16)
     seed: Seed = 0
+    planted: Optional[IsicPlanted] = IsicPlanted()
 
 
 class IsicReal(_S):
@@ -239,6 +246,7 @@ class RLTrack(_S):
     lr: float | None = Field(None, gt=0)  # overrides rl.common.lr for this track
     kl_coef: float | None = Field(None, ge=0)  # overrides rl.common.kl_coef for this track
     skip_last_steps: int | None = Field(None, ge=0)  # overrides rl.common.skip_last_steps for this track
+    prompt_repeats: int | None = Field(None, ge=1)  # overrides rl.common.prompt_repeats for this track
     seed: Seed = 0
 
 

@@ -149,7 +149,7 @@ rule rl_cxr:
     output:
         rl=report(directory('data/rl/cxr/{variant}'), patterns=['{name,rewards}.csv', 'samples/{name,epoch_\\d+}.png'], caption='../report/rl_training.rst', category='CXRL (chest X-ray)', subcategory='RL training: {variant}'),
     params:
-        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.kl_coef', 'rl.cxr.skip_last_steps', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}', 'run.mixed_precision'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.kl_coef', 'rl.cxr.skip_last_steps', 'rl.cxr.prompt_repeats', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'accelerate launch workflow/entry.py rl_cxr --variant {wildcards.variant}'
@@ -248,5 +248,5 @@ rule tables_cxr:
     output:
         tables=report(directory('data/tables/cxr'), patterns=['{name,[a-z0-9_]+}.{ext,md|csv}'], caption='../report/table.rst', category='CXRL (chest X-ray)', subcategory='tables'),
     params:
-        medrl=lambda wildcards: declared_keys(['rl.cxr.variants'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.cxr.variants', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.prompt_repeats', 'rl.common.prompt_repeats', 'rl.common.num_steps', 'rl.common.eta', 'rl.common.guidance_scale'], wildcards),
     shell: 'python workflow/entry.py tables_cxr'

@@ -6,6 +6,8 @@ resolve relative paths against the working directory.
 """
 from __future__ import annotations
 
+import shutil
+
 import math
 from pathlib import Path
 
@@ -111,6 +113,19 @@ def _check_isic_labels(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     return df
 
 
+def _captions(dataset_dir: Path, df: pd.DataFrame) -> pd.Series:
+    """The text the base model is fine-tuned on: captions.csv where the dataset has one (the
+    phantoms' planted deficiency), else each image's true prompt."""
+    path = dataset_dir / "captions.csv"
+    if not path.is_file():
+        return df["prompt"]
+    captions = read_table(path, ["image", "caption"]).set_index("image")["caption"]
+    missing = sorted(set(df["image"]) - set(captions.index))
+    if missing:
+        raise DataError(f"{path}: no caption for {len(missing)} images, e.g. {missing[:3]}; expected one row per image")
+    return df["image"].map(captions)
+
+
 def prepare_isic(dataset_dir: Path, out_dir: Path, *, size: int, frac_cls_b: float, frac_test: float, seed: int) -> dict:
     """Prompts, train / cls_b / test splits (stratified by prompt) and per-prompt real folders.
 
@@ -137,13 +152,16 @@ def prepare_isic(dataset_dir: Path, out_dir: Path, *, size: int, frac_cls_b: flo
         split[idx[n_train : n_train + n_b]] = "cls_b"
         split[idx[n_train + n_b :]] = "test"
     df["split"] = split
-    items = df[["image", "path", "prompt", "split", *LABEL_COLUMNS]]
+    df["caption"] = _captions(dataset_dir, df)
+    items = df[["image", "path", "prompt", "caption", "split", *LABEL_COLUMNS]]
 
     evals = evaluation_prompts()
     test = items[(items["split"] == "test") & items["prompt"].isin(evals)]
     with atomic_dir(out_dir) as tmp:
         write_table(items, tmp / "items.csv")
         write_json(tmp / "prompts.json", evals)
+        if (dataset_dir / "planted.json").is_file():  # the evaluation reports the gap RL closes
+            shutil.copyfile(dataset_dir / "planted.json", tmp / "planted.json")
         root = tmp / "real_by_prompt"
         root.mkdir()
         for row in progress(test.itertuples(index=False), desc="real_by_prompt", total=len(test)):

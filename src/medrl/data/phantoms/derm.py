@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from medrl.data.prompts import ARTIFACTS4, ISIC_COLUMNS, evaluation_prompts, labels_to_prompt
 from medrl.errors import DataError
-from medrl.io import atomic_dir, image_grid, save_image, write_table
+from medrl.io import atomic_dir, image_grid, save_image, write_json, write_table
 from medrl.progress import progress
 
 # Sampling probabilities. The four prompt artifacts are independent Bernoulli(0.42) so all
@@ -37,7 +37,7 @@ ARTIFACT_P = {
     "dark_corner": 0.25, "gel_border": 0.15, "patches": 0.06, "vasc": 0.12,
 }
 ARTIFACTS = ["dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", "patches", "vasc"]
-_STREAM = {name: i for i, name in enumerate(["labels", "skin", "lesion", *ARTIFACTS, "noise"])}
+_STREAM = {name: i for i, name in enumerate(["labels", "skin", "lesion", *ARTIFACTS, "noise", "caption"])}
 _MIN_RENDER = 128  # supersampled canvas is at least this wide and at least 2x the output
 
 _SKIN_TONES = np.array(
@@ -220,9 +220,10 @@ def _vasc(cv: _Canvas, img: np.ndarray, rng: np.random.Generator, les: dict) -> 
 
 def _ink(cv: _Canvas, img: np.ndarray, rng: np.random.Generator, les: dict) -> np.ndarray:
     S = cv.S
-    colour = [(0.42, 0.17, 0.58), (0.20, 0.22, 0.62), (0.35, 0.15, 0.50)][rng.integers(3)]
+    colour = [(0.38, 0.10, 0.62), (0.12, 0.16, 0.70), (0.30, 0.08, 0.55)][rng.integers(3)]
     im, dr = cv.mask()
-    width = max(2, round(S * rng.uniform(0.025, 0.04)))
+    # >= 4 output px wide: thinner strokes do not survive the 16x16 latent (NOTEBOOK ISIC-09)
+    width = max(2, round(S * rng.uniform(0.06, 0.08)))
     style = rng.choice(["arc", "dots", "stroke"], p=[0.45, 0.25, 0.30])
     if style == "arc":  # surgical margin marked around the lesion
         rr = les["r0"] * rng.uniform(1.25, 1.6)
@@ -234,7 +235,7 @@ def _ink(cv: _Canvas, img: np.ndarray, rng: np.random.Generator, les: dict) -> n
         rr = les["r0"] * rng.uniform(1.2, 1.6)
         for a in np.linspace(0, 2 * math.pi, rng.integers(4, 9), endpoint=False) + rng.uniform(0, 1):
             px, py = _to_px((les["cx"] + rr * math.cos(a), les["cy"] + rr * math.sin(a)), S)
-            g = S * rng.uniform(0.02, 0.035)
+            g = S * rng.uniform(0.045, 0.06)
             dr.ellipse([px - g, py - g, px + g, py + g], fill=230)
     else:
         p0 = rng.uniform(-0.9, 0.9, 2)
@@ -243,7 +244,7 @@ def _ink(cv: _Canvas, img: np.ndarray, rng: np.random.Generator, les: dict) -> n
         p2 = p0 + ln * np.array([math.cos(ang), math.sin(ang)])
         p1 = (p0 + p2) / 2 + rng.normal(0, 0.15, 2)
         dr.line([_to_px(p, S) for p in _bezier(p0, p1, p2)], fill=230, width=width, joint="curve")
-    a = cv.to_alpha(im) * (0.8 + 0.15 * _smooth(rng, S, 10)).clip(0.5, 1.0)
+    a = cv.to_alpha(im) * (0.9 + 0.1 * _smooth(rng, S, 10)).clip(0.75, 1.0)
     _blend(img, colour, a)
     return a
 
@@ -314,20 +315,20 @@ def _gel_border(cv: _Canvas, img: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 def _gel_bubble(cv: _Canvas, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    many = rng.random() < 0.3
-    n = int(rng.integers(5, 11) if many else rng.integers(1, 4))
+    many = rng.random() < 0.3  # bubbles >= ~5 output px across and high-contrast rims (NOTEBOOK ISIC-09)
+    n = int(rng.integers(4, 8) if many else rng.integers(2, 4))
     alpha_total = np.zeros_like(cv.x)
     for _ in range(n):
-        rad = float(rng.uniform(0.05, 0.09) if many else rng.uniform(0.08, 0.17))
+        rad = float(rng.uniform(0.09, 0.13) if many else rng.uniform(0.13, 0.2))
         bx, by = (float(v) for v in rng.uniform(-0.75, 0.75, 2))
         win = cv.window(bx - 1.4 * rad, by - 1.4 * rad, bx + 1.4 * rad, by + 1.4 * rad)
         x, y, sub = cv.x[win], cv.y[win], img[win]  # views: drawing touches only the bubble's box
         d = np.sqrt((x - bx) ** 2 + (y - by) ** 2) / rad
         inside = np.clip((1 - d) * rad * cv.S / 2 + 0.5, 0, 1)
-        _blend(sub, (1.0, 1.0, 1.0), inside * (0.12 + 0.25 * d.clip(0, 1) ** 4))
-        outer = np.exp(-(((d - 1.08) / 0.07) ** 2))  # dark refraction edge just outside the rim
-        sub *= (1 - 0.35 * outer)[..., None]
-        rim = np.exp(-(((d - 0.93) / 0.07) ** 2))
+        _blend(sub, (1.0, 1.0, 1.0), inside * (0.25 + 0.3 * d.clip(0, 1) ** 4))
+        outer = np.exp(-(((d - 1.1) / 0.1) ** 2))  # dark refraction edge just outside the rim
+        sub *= (1 - 0.6 * outer)[..., None]
+        rim = np.exp(-(((d - 0.92) / 0.1) ** 2))
         _blend(sub, (1.0, 1.0, 1.0), rim * 0.9)
         hd = np.sqrt((x - bx + 0.4 * rad) ** 2 + (y - by + 0.4 * rad) ** 2) / (0.22 * rad)
         _blend(sub, (1.0, 1.0, 1.0), np.clip(1.5 - hd, 0, 1))
@@ -408,10 +409,43 @@ def render_derm(labels: dict[str, int], size: int, seed: int, index: int = 0, *,
     return out, masks
 
 
-def generate_derm_phantoms(out_dir: Path, n_images: int, size: int, seed: int) -> dict:
+def planted_captions(labels: pd.DataFrame, seed: int, lesion: str, artifact: str, fidelity: float) -> tuple[list[str], dict]:
+    """The captions the base model is fine-tuned on, with one planted deficiency.
+
+    For images of ``lesion``, the caption states ``artifact`` truthfully with probability
+    ``fidelity`` and otherwise by an independent draw at the artifact's prevalence p, so a model
+    that follows its captions draws the artifact for "<lesion> ... showing <artifact>" at the
+    planted rate fidelity + (1 - fidelity) p (and for the same lesion without it at
+    (1 - fidelity) p); every other caption is the image's true prompt. Returns the captions and
+    the planted / measured rates (measured over all images)."""
+    p = float(ARTIFACT_P[artifact])
+    captions, stated = [], []
+    for i, row in enumerate(labels.to_dict("records")):
+        cap = dict(row)
+        if row[lesion]:
+            rng = _rng(seed, i, "caption")
+            truthful, draw = rng.random(2)
+            cap[artifact] = row[artifact] if truthful < fidelity else int(draw < p)
+        captions.append(labels_to_prompt(cap))
+        stated.append(cap[artifact])
+    stated_s = pd.Series(stated, index=labels.index)
+    of_lesion = labels[lesion] == 1
+    said, unsaid = of_lesion & (stated_s == 1), of_lesion & (stated_s == 0)
+    record = {
+        "lesion": lesion, "artifact": artifact, "caption_fidelity": float(fidelity), "prevalence": p,
+        "planted_rate": fidelity + (1 - fidelity) * p, "planted_false_rate": (1 - fidelity) * p,
+        "measured_rate": float(labels.loc[said, artifact].mean()) if said.any() else float("nan"),
+        "measured_false_rate": float(labels.loc[unsaid, artifact].mean()) if unsaid.any() else float("nan"),
+        "n_lesion_images": int(of_lesion.sum()),
+    }
+    return captions, record
+
+
+def generate_derm_phantoms(out_dir: Path, n_images: int, size: int, seed: int, planted: dict | None = None) -> dict:
     """Write ``n_images`` dermoscopy phantoms to ``out_dir`` (images/, labels.csv, grid.png).
 
-    Returns counts and prevalences as float metrics."""
+    ``planted`` ({lesion, artifact, caption_fidelity}) adds captions.csv (the fine-tune captions,
+    see planted_captions) and planted.json. Returns counts, prevalences and the planted rates."""
     if n_images < 1 or size < 16:
         raise DataError(f"generate_derm_phantoms: n_images={n_images}, size={size}; expected n_images >= 1 and size >= 16")
     t0 = time.perf_counter()
@@ -426,16 +460,28 @@ def generate_derm_phantoms(out_dir: Path, n_images: int, size: int, seed: int) -
             rows.append({"image": name, **labels})
         df = pd.DataFrame(rows)[ISIC_COLUMNS]
         write_table(df, tmp / "labels.csv")
+        record = None
+        if planted is not None:
+            captions, record = planted_captions(df, seed, planted["lesion"], planted["artifact"], planted["caption_fidelity"])
+            write_table(pd.DataFrame({"image": df["image"], "caption": captions}), tmp / "captions.csv")
+            write_json(tmp / "planted.json", record)
         _write_grid(tmp, df)
+    return _dataset_metrics(df, n_images, size, time.perf_counter() - t0, record)
+
+
+def _dataset_metrics(df: pd.DataFrame, n_images: int, size: int, seconds: float, planted: dict | None) -> dict:
     prompts = df.apply(lambda r: labels_to_prompt(r.to_dict()), axis=1)
     per_prompt = prompts.value_counts()
     evals = evaluation_prompts()
-    metrics: dict[str, float] = {"n_images": float(n_images), "size": float(size), "seconds": time.perf_counter() - t0}
+    metrics: dict[str, float] = {"n_images": float(n_images), "size": float(size), "seconds": seconds}
     for col in ISIC_COLUMNS[1:]:
         metrics[f"prevalence_{col}"] = float(df[col].mean())
     metrics["prevalence_other_lesion"] = float(((df.MEL == 0) & (df.NV == 0)).mean())
     metrics["eval_prompts_populated"] = float(sum(per_prompt.get(p, 0) > 0 for p in evals))
     metrics["min_images_per_eval_prompt"] = float(min(per_prompt.get(p, 0) for p in evals))
+    for key, value in (planted or {}).items():
+        if isinstance(value, float):
+            metrics[f"planted_{key}" if not key.startswith("planted") else key] = value
     return metrics
 
 

@@ -1,0 +1,64 @@
+"""The planted deficiency of the ISIC phantoms, measured on generated images.
+
+The phantom generator misstates one artifact in the fine-tune captions of one lesion
+(``planted.json``, see ``data.phantoms.derm.planted_captions``), so the base model draws that
+artifact at a known low rate where such a prompt asks for it, and at a known high rate where it
+does not. The same artifact on the other lesion's prompts, whose captions are truthful, is the
+reference a model without the deficiency reaches. All rates come from the H=4 metric classifier,
+which was not the reward.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from medrl.io import read_json
+
+# rate name -> (prompt of the planted lesion?, prompt asks for the artifact?)
+RATES = {
+    "rate": (True, True),  # planted: the artifact where asked (low)
+    "false_rate": (True, False),  # planted: the artifact where not asked (high)
+    "reference_rate": (False, True),  # other lesion, truthful captions
+    "reference_false_rate": (False, False),
+}
+
+
+def read_planted(prepared_dir: Path) -> dict[str, Any] | None:
+    """The generator's planted.json copied into the prepared data, or None (real data, none planted)."""
+    path = Path(prepared_dir) / "planted.json"
+    return read_json(path) if path.is_file() else None
+
+
+def planted_rates(per_image: pd.DataFrame, planted: Mapping[str, Any], boot: Mapping[str, Any]) -> dict[str, Any]:
+    """Bootstrap CIs (paired by ``item``) of how often the H=4 evaluator finds the planted artifact,
+    per RATES group. ``per_image`` needs ``prompt``, ``item``, ``target_<artifact>`` and
+    ``pred_<artifact>`` (metrics.apr.evaluate_apr)."""
+    from medrl.data.prompts import prompt_to_labels
+    from medrl.metrics.bootstrap import bootstrap_ci
+
+    artifact, lesion = planted["artifact"], planted["lesion"]
+    of_lesion = np.array([prompt_to_labels(p)[lesion] == 1 for p in per_image["prompt"]])
+    asked = per_image[f"target_{artifact}"].to_numpy() == 1
+    pred = per_image[f"pred_{artifact}"].to_numpy(float)
+    out: dict[str, Any] = {"planted": dict(planted)}
+    for name, (want_lesion, want_asked) in RATES.items():
+        mask = (of_lesion == want_lesion) & (asked == want_asked)
+        if mask.any():
+            out[name] = bootstrap_ci(pred[mask], items=per_image.loc[mask, "item"].tolist(), **boot)
+    return out
+
+
+def gap_closed(sd: Mapping[str, Any], rl: Mapping[str, Any]) -> dict[str, float | None]:
+    """Share of the planted gap RL closed: (RL - SD) / (reference - SD) on the SD model's rates, for
+    the asked rate (should rise) and the false rate (should fall); None where SD shows no gap."""
+    out: dict[str, float | None] = {}
+    for name, ref in (("rate", "reference_rate"), ("false_rate", "reference_false_rate")):
+        if name not in sd or ref not in sd or name not in rl:
+            out[name] = None
+            continue
+        gap = sd[ref]["value"] - sd[name]["value"]
+        out[name] = (rl[name]["value"] - sd[name]["value"]) / gap if abs(gap) > 1e-9 else None
+    return out

@@ -1,0 +1,55 @@
+"""The planted-deficiency rates and the share of the planted gap that RL closed."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medrl.data.prompts import evaluation_prompts, prompt_to_labels
+from medrl.metrics.planted import gap_closed, planted_rates
+
+PLANT = {"lesion": "MEL", "artifact": "ruler", "caption_fidelity": 0.0, "prevalence": 0.42, "planted_rate": 0.42,
+         "planted_false_rate": 0.42, "measured_rate": 0.40, "measured_false_rate": 0.43}
+BOOT = {"n_boot": 200, "ci": 0.95, "seed": 0, "keep_boot": True}
+
+
+def per_image(rate: float, false_rate: float, seed: int) -> pd.DataFrame:
+    """16 images per evaluation prompt; the ruler is found at ``rate`` where a MEL prompt asks for
+    it, at ``false_rate`` where a MEL prompt does not, and (reference) at 0.9 / 0.05 for NV."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in evaluation_prompts():
+        lab = prompt_to_labels(p)
+        p_on = (rate if lab["ruler"] else false_rate) if lab["MEL"] else (0.9 if lab["ruler"] else 0.05)
+        for i in range(16):
+            rows.append({"prompt": p, "item": f"{p}#{i}", "target_ruler": lab["ruler"],
+                         "pred_ruler": int(rng.random() < p_on)})
+    return pd.DataFrame(rows)
+
+
+def test_rates_per_group_and_gap_closed():
+    sd = planted_rates(per_image(0.4, 0.45, 0), PLANT, BOOT)
+    rl = planted_rates(per_image(0.8, 0.15, 0), PLANT, BOOT)
+    assert sd["planted"] == PLANT
+    assert sd["rate"]["n"] == 8 * 16 and sd["reference_rate"]["n"] == 8 * 16
+    assert abs(sd["rate"]["value"] - 0.4) < 0.12 and abs(rl["rate"]["value"] - 0.8) < 0.12
+    assert sd["reference_rate"]["value"] > 0.75 and sd["reference_false_rate"]["value"] < 0.2
+    closed = gap_closed(sd, rl)
+    want = (rl["rate"]["value"] - sd["rate"]["value"]) / (sd["reference_rate"]["value"] - sd["rate"]["value"])
+    assert closed["rate"] == pytest.approx(want) and 0.5 < closed["rate"] < 1.2
+    assert closed["false_rate"] > 0.5  # the false rate fell towards the reference's
+
+
+def test_planted_table_reports_rates_and_gap(tmp_path):
+    from medrl.metrics.bootstrap import diff_from_boot
+    from medrl.tables.rl4med import _planted_table
+
+    sd = planted_rates(per_image(0.4, 0.45, 0), PLANT, BOOT)
+    rl = planted_rates(per_image(0.8, 0.15, 0), PLANT, BOOT)
+    paths = _planted_table(sd, rl, {"sd": "r1", "rl": "r2"}, tmp_path, [])
+    table = pd.read_csv(paths["csv"])
+    assert len(table) == 4 and table["Prompts"][0].startswith("MEL prompts asking for ruler")
+    d = diff_from_boot(rl["rate"], sd["rate"])
+    assert d["lo"] > 0  # the paired CI of the asked rate excludes zero
+    assert table["gap closed"][0].endswith("%")
+    assert "planted rate of ruler where asked is 0.42" in (tmp_path / "rl4med_planted.md").read_text()
