@@ -386,12 +386,13 @@ def _classifier(c: Ctx, heads_name: str) -> dict:
     from medrl.models.classifiers import train_classifier
 
     k = c.params.classifiers.isic
-    heads, split = (HEADS6, "train") if heads_name == "h6" else (ARTIFACTS4, "cls_b")
+    # the metric model (H=4) is independent of the reward (H=6): disjoint split and another seed
+    heads, split, seed = (HEADS6, "train", k.seed) if heads_name == "h6" else (ARTIFACTS4, "cls_b", k.seed + 1)
     items = read_table(c.deps["prepared"] / "items.csv", ["path", "split", *heads])
     return train_classifier(items, heads, c.outs["clf"], train_split=split, eval_split="test",
                             size=c.params.isic.prepare.size, epochs=k.epochs, batch_size=k.batch_size, lr=k.lr,
-                            seed=k.seed, imagenet_weights=k.imagenet_weights, ckpt_dir=c.ckpt, device=c.device,
-                            pixel_branch=k.pixel_branch)
+                            seed=seed, imagenet_weights=k.imagenet_weights, ckpt_dir=c.ckpt, device=c.device,
+                            pixel_branch=k.pixel_branch, blur_prob=k.blur_prob)
 
 
 @stage(track="isic", deps={"prepared": "data/prepared/isic"}, outs={"clf": "data/models/isic/clf_h6"},
