@@ -393,6 +393,16 @@ def test_seed_verdict(diffs, hib, expected):
     from medrl.tables.seeds import seed_verdict
 
     assert seed_verdict(diffs, hib) == expected
+    assert seed_verdict(diffs, hib, digits=3) == expected  # none of these lies within rounding of 0
+
+
+def test_seed_verdict_no_difference_within_rounding():
+    from medrl.tables.seeds import seed_verdict
+
+    tiny = [_d(1e-6, -1e-5, 2e-5), _d(0.0, 0.0, 0.0), _d(-2e-6, -3e-6, -1e-6)]
+    assert seed_verdict(tiny, True, digits=3) == "no difference in every seed (CI within rounding of 0)"
+    assert seed_verdict(tiny, True) == "seeds disagree"  # without a precision: signs only
+    assert seed_verdict([*tiny[:2], _d(0.01, 0.002, 0.02)], True, digits=3) == "seeds disagree"
 
 
 def test_seed_table_layout(tmp_path):

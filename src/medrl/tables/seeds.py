@@ -19,8 +19,9 @@ from medrl.tables.render import NA, Recorder, fmt_num, write_with_values
 VERDICT_NOTE = (
     "Verdict over seeds: 'better in every seed' (or 'worse') only if every seed's CI of the difference excludes 0 "
     "on the same side; 'same sign in every seed' if the point differences agree in sign but some CI includes 0; "
-    "'seeds disagree' otherwise (a seed whose difference is 0 agrees with no sign). Without a stated direction the "
-    "words are 'higher' / 'lower'. A seed without a paired CI makes the verdict n/a.")
+    "'seeds disagree' otherwise (a seed whose difference is 0 agrees with no sign); 'no difference in every seed' "
+    "if every CI lies within rounding of 0 at the shown precision. Without a stated direction the words are "
+    "'higher' / 'lower'. A seed without a paired CI makes the verdict n/a.")
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,16 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
-def seed_verdict(diffs: Sequence[Mapping[str, Any] | None], higher_is_better: bool | None) -> str:
-    """The verdict over seeds of one comparison (see VERDICT_NOTE); ``diffs``: one Metric per seed."""
+def seed_verdict(diffs: Sequence[Mapping[str, Any] | None], higher_is_better: bool | None,
+                 digits: int | None = None) -> str:
+    """The verdict over seeds of one comparison (see VERDICT_NOTE); ``diffs``: one Metric per seed;
+    ``digits``: the shown precision (as ``render.verdict``: CIs within half a shown unit of 0 are
+    no difference)."""
     if not diffs or any(d is None or not all(_finite(d.get(k)) for k in ("value", "lo", "hi")) for d in diffs):
         return "n/a (a seed has no paired CI)"
+    if digits is not None and all(max(abs(float(d["lo"])), abs(float(d["hi"]))) < 0.5 * 10.0 ** -digits
+                                  for d in diffs):
+        return "no difference in every seed (CI within rounding of 0)"
     up, down = _words(higher_is_better)
     signs = {int(np.sign(float(d["value"]))) for d in diffs}
     if all(float(d["lo"]) > 0 for d in diffs):
@@ -88,7 +95,7 @@ def build_seed_table(rows: Sequence[SeedRow], seeds: Sequence[int], out_stem: st
                                              run_id=r.run_ids.get(s, NA), digits=r.digits, source="diff")
         values = [float(d["value"]) for d in (r.diffs.get(s) for s in seeds) if d is not None and _finite(d.get("value"))]
         row["mean over seeds"], row["s.d. over seeds"], row["range (min .. max)"] = _spread(values, r.digits)
-        row["Verdict"] = seed_verdict([r.diffs.get(s) for s in seeds], r.higher_is_better)
+        row["Verdict"] = seed_verdict([r.diffs.get(s) for s in seeds], r.higher_is_better, r.digits)
         out.append(row)
     all_notes = [f"Seeds: {', '.join(map(str, seeds))} (rl.seeds): one RL run per seed, evaluated on the same "
                  "held-out prompts and sampling seeds; each cell is the paired-bootstrap difference [CI] of that "
