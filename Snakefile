@@ -1,6 +1,7 @@
 # medrl workflow. The stage graph is defined once in workflow/graph.py; the rules included
 # below are generated from it by workflow/export.py (dvc.yaml too).
-#   snakemake --cores 2 all              # embedded default, local
+#   snakemake --cores 2 all              # embedded default, local (one RL seed)
+#   snakemake --cores 2 all_seeds        # all + the RL runs of every seed in rl.seeds, tables over seeds
 #   snakemake --profile slurm all        # on a SLURM cluster (profile: workflow/profiles/slurm)
 configfile: "params.yaml"
 
@@ -13,6 +14,12 @@ rule all:
     input:
         TARGETS,
     default_target: True
+
+
+rule all_seeds:
+    input:
+        TARGETS,
+        SEED_TARGETS,
 
 
 include: "workflow/rules/isic.smk"

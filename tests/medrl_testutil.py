@@ -223,18 +223,20 @@ _SMK_VIEW = textwrap.dedent("""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import DAGSettings, OutputSettings, Quietness, ResourceSettings
     root = Path(sys.argv[1]).resolve()
+    sys.path.insert(0, str(root / "workflow"))
+    from state import job_name
     out = []
     with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
         wapi = api.workflow(resource_settings=ResourceSettings(cores=1), snakefile=root / "Snakefile", workdir=root)
-        wapi.dag(DAGSettings(targets={"all"}, forceall=True))
+        wapi.dag(DAGSettings(targets={sys.argv[2]}, forceall=True))
         wf = wapi._workflow
         wf._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
         wf._build_dag()
         for job in wf.dag.jobs:
-            if job.rule.name == "all":
+            if job.rule.name in ("all", "all_seeds"):
                 continue
             wc = dict(job.wildcards_dict)
-            out.append({"name": job.rule.name + "".join("@" + v for v in wc.values()), "rule": job.rule.name,
+            out.append({"name": job_name(job.rule.name, wc), "rule": job.rule.name,
                         "wildcards": wc, "cmd": job.shellcmd, "deps": sorted(map(str, job.input)),
                         "outs": sorted(map(str, job.output)), "params": sorted(job.params.medrl),
                         "resources": {k: v for k, v in job.resources.items() if isinstance(v, (int, str))}})
@@ -243,20 +245,25 @@ _SMK_VIEW = textwrap.dedent("""
 
 
 def dvc_stages(workspace: Path) -> dict[str, dict]:
-    """Every DVC stage (foreach expanded: ``rl_cxr@full``) as DVC itself parses dvc.yaml."""
+    """Every DVC stage (foreach expanded: ``rl_cxr@full-s0``) as DVC itself parses dvc.yaml."""
     proc = run([sys.executable, "-c", _DVC_VIEW, str(workspace)], workspace, timeout=120)
     return {s["name"]: s for s in json.loads(proc.stdout)}
 
 
-def snakemake_jobs(workspace: Path, env: dict[str, str] | None = None) -> dict[str, dict]:
-    """Every job of ``snakemake all`` (forced), keyed ``rule`` or ``rule@wildcard``, via snakemake.api."""
-    proc = run([sys.executable, "-c", _SMK_VIEW, str(workspace)], workspace, env=env, timeout=120)
+def snakemake_jobs(workspace: Path, env: dict[str, str] | None = None, target: str = "all") -> dict[str, dict]:
+    """Every job of ``snakemake TARGET`` (forced), keyed ``rule`` or ``rule@job`` (state.job_name:
+    ``rl_cxr@full-s0``), via snakemake.api."""
+    proc = run([sys.executable, "-c", _SMK_VIEW, str(workspace), target], workspace, env=env, timeout=120)
     return {j["name"]: j for j in json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 def snakemake_planned(workspace: Path, targets: list[str], *extra: str,
                       env: dict[str, str] | None = None) -> dict[str, str]:
-    """{job name (``rule`` / ``rule@variant``): reason} of the jobs ``snakemake -n`` would run."""
+    """{job name (``rule`` / ``rule@job``, as state.job_name: ``rl_cxr@full-s0``): reason} of the
+    jobs ``snakemake -n`` would run."""
+    sys.path.insert(0, str(REPO / "workflow"))
+    from state import job_name
+
     # targets first: options such as --rerun-triggers take several values
     proc = run([str(VENV_BIN / "snakemake"), "-n", "--cores", "1", *targets, *extra], workspace, env=env, timeout=120)
     jobs: list[dict[str, str]] = []
@@ -264,12 +271,12 @@ def snakemake_planned(workspace: Path, targets: list[str], *extra: str,
         s = line.strip()
         m = re.fullmatch(r"(?:local)?rule (\w+):", s)
         if m:
-            jobs.append({"rule": m.group(1), "wildcards": "", "reason": ""})
+            jobs.append({"rule": m.group(1), "wildcards": {}, "reason": ""})
         elif jobs and s.startswith("wildcards:"):
-            jobs[-1]["wildcards"] = "".join("@" + kv.split("=", 1)[1].strip() for kv in s[10:].split(","))
+            jobs[-1]["wildcards"] = dict(tuple(x.strip() for x in kv.split("=", 1)) for kv in s[10:].split(","))
         elif jobs and s.startswith("reason:"):
             jobs[-1]["reason"] = s[7:].strip()
-    return {j["rule"] + j["wildcards"]: j["reason"] for j in jobs if j["rule"] != "all"}
+    return {job_name(j["rule"], j["wildcards"]): j["reason"] for j in jobs if j["rule"] not in ("all", "all_seeds")}
 
 
 def dvc_status(workspace: Path, targets: list[str] | None = None) -> dict[str, Any]:

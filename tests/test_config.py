@@ -156,14 +156,14 @@ def test_track_lr_overrides_common():
     raw = _raw()
     raw["rl"]["isic"]["lr"], raw["rl"]["cxr"]["lr"] = 0.02, None
     params = validate_params(raw)
-    ctx = type("Ctx", (), {"params": params})()
+    ctx = type("Ctx", (), {"params": params, "wildcards": {"seed": "0"}})()
     assert _ddpo_config(ctx, "isic").lr == 0.02
     assert _ddpo_config(ctx, "cxr").lr == params.rl.common.lr
     # kl_coef and skip_last_steps: a track's value overrides rl.common's, null keeps it
     raw["rl"]["common"]["kl_coef"], raw["rl"]["cxr"]["kl_coef"] = 0.5, 0.03
     raw["rl"]["common"]["skip_last_steps"], raw["rl"]["cxr"]["skip_last_steps"] = 1, None
     params = validate_params(raw)
-    ctx = type("Ctx", (), {"params": params})()
+    ctx = type("Ctx", (), {"params": params, "wildcards": {"seed": "0"}})()
     assert (_ddpo_config(ctx, "isic").kl_coef, _ddpo_config(ctx, "cxr").kl_coef) == (0.5, 0.03)
     assert (_ddpo_config(ctx, "isic").skip_last_steps, _ddpo_config(ctx, "cxr").skip_last_steps) == (1, 1)
     raw["rl"]["isic"]["lr"] = 0
@@ -228,3 +228,19 @@ def test_strict_schema_still_takes_valid_numbers():
     raw["isic"]["real"]["known_hashes"] = {"ISIC_2019_Training_GroundTruth.csv": "sha256:" + "AB" * 32}
     params = validate_params(raw)
     assert params.rl.common.lr == 1.0 and params.cxr.real.verify_checksums is True
+
+
+def test_rl_seeds_and_seed_variants_are_checked():
+    """rl.seeds: a non-empty list of distinct seeds; rl.cxr.seed_variants: distinct keys of rl.cxr.variants."""
+    params = validate_params(_raw())
+    assert params.rl.seeds == [0, 1, 2] and params.rl.cxr.seed_variants == ["full", "no_ace", "no_rlcf"]
+    for seeds, msg in (([], r"rl\.seeds"), ([0, 0], "repeat a seed"), ([-1], r"rl\.seeds\.0"), (["1"], r"rl\.seeds\.0")):
+        raw = _raw()
+        raw["rl"]["seeds"] = seeds
+        with pytest.raises(ParamsError, match=msg):
+            validate_params(raw)
+    for sv, msg in ((["full", "nope"], r"rl\.cxr.*'nope'"), (["full", "full"], "repeat a variant")):
+        raw = _raw()
+        raw["rl"]["cxr"]["seed_variants"] = sv
+        with pytest.raises(ParamsError, match=msg):
+            validate_params(raw)

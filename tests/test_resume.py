@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 UPSTREAM = ("download_isic", "tokenizer_isic", "prepare_isic", "stack_isic", "latents_isic", "finetune_base_isic",
             "classifier_isic_h6")
 EPOCHS = 4
-OUT = "data/rl/isic"
+OUT = "data/rl/isic/seed_0"  # the default seed (rl.isic.seed)
 # Wall-clock columns of rewards.csv / metrics: the only things allowed to differ.
 TIMING = ("epoch_time_s", "trajectories_per_s", "base_comparison_s")
 PER_EPOCH = ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "kl", "grad_norm", "samples")
@@ -82,12 +82,12 @@ def test_killed_rl_stage_resumes_exactly(workspace_factory, tmp_path):
     ws_b = tmp_path / "killed"
     shutil.copytree(ws_a, ws_b, symlinks=True)
 
-    run([py, "workflow/entry.py", "rl_isic"], ws_a, env, timeout=900)
+    run([py, "workflow/entry.py", "rl_isic", "--seed", "0"], ws_a, env, timeout=900)
 
-    proc = subprocess.Popen([py, "workflow/entry.py", "rl_isic"], cwd=ws_b, env=env,
+    proc = subprocess.Popen([py, "workflow/entry.py", "rl_isic", "--seed", "0"], cwd=ws_b, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 900
-    ckpt_root = ws_b / "data/.ckpt/rl_isic"
+    ckpt_root = ws_b / "data/.ckpt/rl_isic-s0"
     kill_at = random.SystemRandom().randint(1, EPOCHS - 1)  # the exactness must not depend on where
     print(f"killing rl_isic once epoch {kill_at} is checkpointed")
     try:
@@ -104,7 +104,7 @@ def test_killed_rl_stage_resumes_exactly(workspace_factory, tmp_path):
     done = _checkpointed(ckpt_root)
     assert kill_at <= done < EPOCHS, (kill_at, done)
 
-    run([py, "workflow/entry.py", "rl_isic"], ws_b, env, timeout=900)
+    run([py, "workflow/entry.py", "rl_isic", "--seed", "0"], ws_b, env, timeout=900)
 
     fa, fb = _files(ws_a / OUT), _files(ws_b / OUT)
     assert sorted(fa) == sorted(fb), (sorted(fa), sorted(fb))

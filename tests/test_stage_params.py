@@ -19,11 +19,12 @@ from unittest.mock import MagicMock
 import pytest
 
 from medrl.config import validate_params
+from medrl.rl.trainer import DDPOConfig as REAL_DDPO_CONFIG
 from medrl_testutil import REPO, small_params
 
 sys.path.insert(0, str(REPO / "workflow"))
 from entry import stage_paths  # noqa: E402
-from graph import STAGES, Ctx, ParamsView, UndeclaredParamError, stage_params  # noqa: E402
+from graph import STAGES, Ctx, ParamsView, UndeclaredParamError, jobs_of, stage_params  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +65,16 @@ def test_view_variant_wildcard_is_declared_per_value(params):
     variants = list(params.rl.cxr.variants)
     assert len(variants) >= 2
     mine, other = variants[0], variants[1]
-    v = stage_params(STAGES["rl_cxr"], params, {"variant": mine})
+    v = stage_params(STAGES["rl_cxr"], params, {"variant": mine, "seed": "1"})
     assert v.rl.cxr.variants[mine].model_dump() == params.rl.cxr.variants[mine].model_dump()
-    with pytest.raises(UndeclaredParamError, match=rf"stage rl_cxr\[{mine}\] .*'rl\.cxr\.variants\.{other}\.ace'"):
+    with pytest.raises(UndeclaredParamError, match=rf"stage rl_cxr\[{mine}\]\[1\] .*'rl\.cxr\.variants\.{other}\.ace'"):
         v.rl.cxr.variants[other].ace
     with pytest.raises(UndeclaredParamError, match=r"'rl\.cxr\.variants'"):
         list(v.rl.cxr.variants)  # which variants exist is not rl_cxr's business
     with pytest.raises(UndeclaredParamError, match=r"'run\.device'"):
         v.run.device  # entry.py resolves the device; stages get Ctx.device
+    with pytest.raises(UndeclaredParamError, match=r"'rl\.cxr\.seed'"):
+        v.rl.cxr.seed  # an RL job's seed is its {seed} wildcard, not the default seed
 
 
 def test_entry_hands_stages_the_enforcing_view():
@@ -130,23 +133,26 @@ _BRANCHES = {  # the other side of every params-dependent branch in graph.py
 
 def _jobs(params):
     for s in STAGES.values():
-        for variant in (list(params.rl.cxr.variants) if s.foreach else [None]):
-            yield s, variant
+        for wildcards in jobs_of(s, params):
+            yield s, wildcards
+
+
+def _ctx(s, params, wildcards, view, tmp_path) -> Ctx:
+    deps, outs, expanded = stage_paths(s, params, wildcards)
+    return Ctx(params=view, deps={k: tmp_path / p for k, p in deps.items()},
+               outs={k: tmp_path / p for k, p in outs.items()}, wildcards=wildcards, ckpt=tmp_path / "ckpt",
+               device="cpu", log=lambda m, step=None: None, log_artifact=lambda p: None, workspace=tmp_path,
+               expanded={k: [(wc, tmp_path / p) for wc, p in ps] for k, ps in expanded.items()})
 
 
 @pytest.mark.parametrize("config", ["default", "branches"])
 def test_every_stage_reads_only_declared_params(config, stubbed_library, tmp_path):
     params = validate_params(small_params(_BRANCHES if config == "branches" else None), check_paths=False)
     RecordingView.reads = set()
-    for s, variant in _jobs(params):
-        wildcards = {"variant": variant} if variant else {}
-        deps, outs, _ = stage_paths(s, params, variant)
+    for s, wildcards in _jobs(params):
         view = stage_params(s, params, wildcards)
         view = RecordingView(params, view._stage, view._keys)
-        ctx = Ctx(params=view, deps={k: tmp_path / p for k, p in deps.items()},
-                  outs={k: tmp_path / p for k, p in outs.items()}, wildcards=wildcards, ckpt=tmp_path / "ckpt",
-                  device="cpu", log=lambda m, step=None: None, log_artifact=lambda p: None, workspace=tmp_path)
-        s.run(ctx)  # raises UndeclaredParamError on a read outside s.params
+        s.run(_ctx(s, params, wildcards, view, tmp_path))  # raises UndeclaredParamError on a read outside s.params
 
 
 def test_every_declared_param_is_read(stubbed_library, tmp_path):
@@ -155,15 +161,11 @@ def test_every_declared_param_is_read(stubbed_library, tmp_path):
     per_stage: dict[str, set[str]] = {}
     for config in (None, _BRANCHES):
         params = validate_params(small_params(config), check_paths=False)
-        for s, variant in _jobs(params):
-            wildcards = {"variant": variant} if variant else {}
-            deps, outs, _ = stage_paths(s, params, variant)
+        for s, wildcards in _jobs(params):
             keys = stage_params(s, params, wildcards)._keys
             RecordingView.reads = set()
-            ctx = Ctx(params=RecordingView(params, s.name, keys), deps={k: tmp_path / p for k, p in deps.items()},
-                      outs={k: tmp_path / p for k, p in outs.items()}, wildcards=wildcards, ckpt=tmp_path,
-                      device="cpu", log=lambda m, step=None: None, log_artifact=lambda p: None, workspace=tmp_path)
-            s.run(ctx)
+            s.run(_ctx(s, params, wildcards, RecordingView(params, s.name, keys), tmp_path))
+            variant = wildcards.get("variant")
             per_stage.setdefault(s.name, set()).update(
                 t.replace(f".{variant}", ".{variant}") if variant else t for t in RecordingView.reads)
     for s in STAGES.values():
@@ -171,3 +173,18 @@ def test_every_declared_param_is_read(stubbed_library, tmp_path):
         if missing:
             unread[s.name] = missing
     assert not unread, f"declared but never read: {unread}"
+
+
+@pytest.mark.parametrize("name, wildcards", [("rl_isic", {"seed": "2"}), ("rl_cxr", {"variant": "no_ace", "seed": "1"})])
+def test_seed_wildcard_reaches_the_trainer(name, wildcards, stubbed_library, tmp_path, monkeypatch):
+    """An RL job trains with the seed of its {seed} wildcard (rl.seeds), not rl.<track>.seed."""
+    import medrl.rl.trainer as trainer
+
+    monkeypatch.setattr(trainer, "DDPOConfig", REAL_DDPO_CONFIG)  # the real config; train_ddpo stays stubbed
+    params = validate_params(small_params({"rl": {"isic": {"seed": 0}, "cxr": {"seed": 0}}}), check_paths=False)
+    assert wildcards in jobs_of(STAGES[name], params)  # a job of all_seeds (rl.seeds = 0, 1, 2)
+    STAGES[name].run(_ctx(STAGES[name], params, wildcards, stage_params(STAGES[name], params, wildcards), tmp_path))
+    cfg = trainer.train_ddpo.call_args.kwargs["cfg"]
+    assert cfg.seed == int(wildcards["seed"])
+    if "variant" in wildcards:
+        assert cfg.use_ace == params.rl.cxr.variants[wildcards["variant"]].ace

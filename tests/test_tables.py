@@ -365,3 +365,102 @@ def test_verdict_directions_and_identical_samples():
     assert verdict({"lo": -1.5e-6, "hi": -0.7e-6}, True).startswith("contradicted")  # no precision given
     assert verdict({"lo": 0.0004, "hi": 0.0006}, True, digits=3).startswith("supported")  # rounds to 0.001
     assert verdict(None, True).startswith("n/a")
+
+
+# ============================================================================= over RL seeds
+
+
+def _d(value: float, lo: float, hi: float) -> dict:
+    return {"value": value, "lo": lo, "hi": hi, "n": 40, "ci": 0.95}
+
+
+@pytest.mark.parametrize("diffs, hib, expected", [
+    ([_d(0.2, 0.1, 0.3), _d(0.1, 0.02, 0.2), _d(0.3, 0.2, 0.4)], True, "better in every seed"),
+    ([_d(0.2, 0.1, 0.3), _d(0.1, 0.02, 0.2), _d(0.3, 0.2, 0.4)], False, "worse in every seed"),
+    ([_d(-2.0, -3.0, -1.0), _d(-1.0, -1.5, -0.5), _d(-0.5, -0.9, -0.1)], False, "better in every seed"),
+    ([_d(0.2, 0.1, 0.3), _d(0.1, 0.02, 0.2), _d(0.3, 0.2, 0.4)], None, "higher in every seed"),
+    # every point difference positive, one CI includes 0
+    ([_d(0.2, 0.1, 0.3), _d(0.05, -0.02, 0.1), _d(0.3, 0.2, 0.4)], True, "same sign in every seed (better)"),
+    ([_d(-0.2, -0.3, 0.1), _d(-0.1, -0.2, -0.01)], True, "same sign in every seed (worse)"),
+    # one seed flips sign: even with every CI excluding 0, the seeds disagree
+    ([_d(0.2, 0.1, 0.3), _d(-0.1, -0.2, -0.02), _d(0.3, 0.2, 0.4)], True, "seeds disagree"),
+    ([_d(0.2, 0.1, 0.3), _d(-0.01, -0.1, 0.08), _d(0.3, 0.2, 0.4)], False, "seeds disagree"),
+    ([_d(0.0, -0.1, 0.1), _d(0.1, 0.05, 0.2)], True, "seeds disagree"),  # a zero difference agrees with no sign
+    ([_d(0.2, 0.1, 0.3), None], True, "n/a (a seed has no paired CI)"),
+    ([_d(0.2, 0.1, 0.3), _d(0.1, float("nan"), float("nan"))], True, "n/a (a seed has no paired CI)"),
+])
+def test_seed_verdict(diffs, hib, expected):
+    from medrl.tables.seeds import seed_verdict
+
+    assert seed_verdict(diffs, hib) == expected
+    assert seed_verdict(diffs, hib, digits=3) == expected  # none of these lies within rounding of 0
+
+
+def test_seed_verdict_no_difference_within_rounding():
+    from medrl.tables.seeds import seed_verdict
+
+    tiny = [_d(1e-6, -1e-5, 2e-5), _d(0.0, 0.0, 0.0), _d(-2e-6, -3e-6, -1e-6)]
+    assert seed_verdict(tiny, True, digits=3) == "no difference in every seed (CI within rounding of 0)"
+    assert seed_verdict(tiny, True) == "seeds disagree"  # without a precision: signs only
+    assert seed_verdict([*tiny[:2], _d(0.01, 0.002, 0.02)], True, digits=3) == "seeds disagree"
+
+
+def test_seed_table_layout(tmp_path):
+    from medrl.tables.seeds import SeedRow, build_seed_table
+
+    diffs = {0: _d(0.2, 0.1, 0.3), 1: _d(-0.1, -0.2, -0.02), 2: _d(0.5, 0.2, 0.7)}
+    rows = [SeedRow("SD+RL - SD", "APR \u2191", True, 3, diffs, {s: f"a{s} - b" for s in diffs})]
+    out = build_seed_table(rows, [0, 1, 2], tmp_path / "t", caption="c", label="tab:t")
+    t = pd.read_csv(out["csv"], dtype=str, keep_default_na=False).iloc[0]
+    assert t["seed 0 [CI]"] == "0.200 [0.100, 0.300]" and t["seed 1 [CI]"] == "-0.100 [-0.200, -0.020]"
+    assert t["mean over seeds"] == "0.200" and t["s.d. over seeds"] == f"{np.std([0.2, -0.1, 0.5], ddof=1):.3f}"
+    assert t["range (min .. max)"] == "-0.100 .. 0.500" and t["Verdict"] == "seeds disagree"
+    values = pd.read_csv(out["values"])
+    assert list(values["run_id"]) == ["a0 - b", "a1 - b", "a2 - b"] and set(values["source"]) == {"diff"}
+    assert "seeds disagree" in Path(out["md"]).read_text()
+
+
+def test_rl4med_seed_table(isic_inputs, tmp_path):
+    from medrl.tables.rl4med import build_rl4med_seed_table
+
+    metrics, _, _, prompts = isic_inputs
+    rng = np.random.default_rng(5)
+    rl = {0: metrics["rl"], 1: _isic_json(rng, prompts, 0.25), 2: _isic_json(rng, prompts, 0.35)}
+    run_ids = {"sd": "sdrun", "rl-s0": "r0", "rl-s1": "r1", "rl-s2": ""}
+    out = build_rl4med_seed_table(metrics["sd"], rl, run_ids, tmp_path)
+    t = pd.read_csv(out["csv"], dtype=str, keep_default_na=False).set_index("Metric")
+    for s in (0, 1, 2):  # each seed's cell is rl4med_main's paired RL - SD difference for that seed
+        assert t.loc["APR \u2191", f"seed {s} [CI]"] == fmt_ci(diff_from_boot(rl[s]["apr"], metrics["sd"]["apr"]), 3)
+    apr = [diff_from_boot(rl[s]["apr"], metrics["sd"]["apr"])["value"] for s in (0, 1, 2)]
+    assert t.loc["APR \u2191", "mean over seeds"] == f"{np.mean(apr):.3f}"
+    assert t.loc["Mean reward \u2191", "Verdict"] == "better in every seed"  # +0.25..0.35 on U(0.4, 0.9)
+    assert t.loc["FID \u2193", "Verdict"] == "better in every seed"  # FID drops by 20 x boost
+    assert t.loc["Perceptual distance", "Better"] == "(no direction)"
+    assert "No MLflow run id was found for: rl-s2" in Path(out["md"]).read_text()
+    with pytest.raises(DataError, match="rl-s1.*apr"):
+        build_rl4med_seed_table(metrics["sd"], {**rl, 1: {k: v for k, v in rl[1].items() if k != "apr"}}, run_ids,
+                                tmp_path, sources={"rl-s1": "rl-s1 metrics.json"})
+
+
+def test_cxrl_seed_table(cxr_metrics, tmp_path):
+    from medrl.tables.cxrl import build_cxrl_seed_table, seed_comparisons
+
+    metrics, _ = cxr_metrics
+    rng = np.random.default_rng(9)
+    shifts = {1: {"full": 0.12, "no_ace": 0.04, "no_rlcf": 0.06}, 2: {"full": 0.09, "no_ace": -0.05, "no_rlcf": 0.05}}
+    per_seed = {0: {v: metrics[v] for v in ("full", "no_ace", "no_rlcf")},
+                **{s: {v: _cxr_json(rng, x) for v, x in sh.items()} for s, sh in shifts.items()}}
+    run_ids = {"anchor": "anc", **{f"{v}-s{s}": f"{v}{s}" for s in per_seed for v in per_seed[s]}}
+    out = build_cxrl_seed_table(metrics["anchor"], per_seed, run_ids, tmp_path)
+    t = pd.read_csv(out["csv"], dtype=str, keep_default_na=False)
+    assert seed_comparisons(["full", "no_ace", "no_rlcf"]) == [
+        ("full", "anchor"), ("no_ace", "anchor"), ("no_rlcf", "anchor"), ("full", "no_ace"), ("full", "no_rlcf")]
+    assert list(dict.fromkeys(t["Comparison"])) == [f"{a} - {b}" for a, b in seed_comparisons(["full", "no_ace", "no_rlcf"])]
+    assert set(t["Metric"]) == {"r_align", "AUROC (avg)", "CXR-CLIP similarity", "FID", "MS-SSIM"}
+    row = t[(t["Comparison"] == "full - anchor") & (t["Metric"] == "r_align")].iloc[0]
+    assert row["seed 2 [CI]"] == fmt_ci(diff_from_boot(per_seed[2]["full"]["r_align"], metrics["anchor"]["r_align"]), 3)
+    assert row["Verdict"] == "better in every seed"
+    # no_ace's shift is +0.03, +0.04, -0.05: its r_align against the anchor flips in seed 2
+    assert t[(t["Comparison"] == "no_ace - anchor") & (t["Metric"] == "r_align")].iloc[0]["Verdict"] == "seeds disagree"
+    values = pd.read_csv(out["values"])
+    assert "full2 - anc" in set(values["run_id"])

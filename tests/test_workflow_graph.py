@@ -1,8 +1,9 @@
 """The stage graph is defined once (workflow/graph.py) and both engines agree on it.
 
 (a) drift: dvc.yaml / workflow/rules/*.smk are exactly what workflow/export.py generates;
-(b) DVC (parsing dvc.yaml itself) and Snakemake (building the DAG of `all`) list the same
-    stages with the same commands, deps, outs and params keys;
+(b) DVC (parsing dvc.yaml itself) and Snakemake (building the DAG of `all_seeds`) list the same
+    stages with the same commands, deps, outs and params keys; `all` runs one RL seed, `all_seeds`
+    every seed of rl.seeds for ISIC and the headline CXR variants;
 (c) a one-parameter change re-runs exactly the stages downstream of it, under both engines,
     with the cheap data stages run for real in a small workspace.
 """
@@ -21,7 +22,8 @@ from medrl_testutil import (CHEAP_STAGES, CHEAP_TARGETS, REPO, VENV_BIN, dvc_sta
                             make_workspace, mlflow_stage_runs, run, set_param, snakemake_jobs, snakemake_planned)
 
 sys.path.insert(0, str(REPO / "workflow"))
-from graph import AGGREGATES, STAGES  # noqa: E402
+from graph import STAGES, jobs_of  # noqa: E402
+from state import job_name  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)  # (c) runs real stages under both engines: minutes on 2 busy cores
 
@@ -99,11 +101,8 @@ def test_drift_is_detected(tmp_path, victim, edit):
 # ============================================================================= (b) both engines agree
 
 
-def _expected_names(variants: list[str]) -> set[str]:
-    names = set()
-    for s in STAGES.values():
-        names |= {f"{s.name}@{v}" for v in variants} if s.foreach else {s.name}
-    return names
+def _expected_names(params: dict) -> set[str]:
+    return {job_name(s.name, wc) for s in STAGES.values() for wc in jobs_of(s, params)}
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +113,11 @@ def full_workspace(tmp_path_factory) -> Path:
 
 
 def test_engines_list_the_same_stages(full_workspace):
-    variants = list(yaml.safe_load((REPO / "params.yaml").read_text())["rl"]["cxr"]["variants"])
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    variants = list(raw["rl"]["cxr"]["variants"])
     dvc = dvc_stages(full_workspace)
-    smk = snakemake_jobs(full_workspace)
-    expected = _expected_names(variants)
+    smk = snakemake_jobs(full_workspace, target="all_seeds")
+    expected = _expected_names(raw)
     assert set(dvc) == expected, f"DVC: missing {expected - set(dvc)}, extra {set(dvc) - expected}"
     assert set(smk) == expected, f"Snakemake: missing {expected - set(smk)}, extra {set(smk) - expected}"
     for name in sorted(expected):
@@ -128,16 +128,35 @@ def test_engines_list_the_same_stages(full_workspace):
         for field in ("cmd", "deps", "outs", "params"):
             assert d[field] == s[field], f"{name}: {field} differs\n  DVC:       {d[field]}\n  Snakemake: {s[field]}"
         stage = STAGES[name.split("@")[0]]
-        variant = name.split("@")[1] if "@" in name else None
-        assert s["wildcards"] == ({"variant": variant} if variant else {})
+        assert job_name(stage.name, s["wildcards"]) == name and set(s["wildcards"]) == set(stage.wildcards)
         # GPU-heavy stages ask for a GPU (MEDRL_GPUS_PER_JOB defaults to 1), the others do not
         assert ("gpu" in s["resources"]) == stage.gpu, f"{name}: gpu resource {s['resources']}"
         launcher = "accelerate launch" if stage.accelerate else "python"
         assert d["cmd"].startswith(f"{launcher} workflow/entry.py {stage.name}")
-        # the aggregate depends on every variant's output (+ the anchor and the RLCF-mode comparison)
-        if stage.name in AGGREGATES:
-            assert {f"data/metrics/cxr/{v}" for v in variants} <= set(d["deps"])
+        # the aggregate depends on every variant's default-seed output (+ the anchor and the RLCF-mode comparison)
+        if stage.name == "tables_cxr":
+            seed = raw["rl"]["cxr"]["seed"]
+            assert {f"data/metrics/cxr/{v}/seed_{seed}" for v in variants} <= set(d["deps"])
             assert sum(1 for p in d["deps"] if p.startswith("data/metrics/cxr/")) == len(variants) + 2
+        if stage.name == "tables_cxr_seeds":
+            assert sorted(d["deps"]) == sorted(["data/metrics/cxr/anchor"] + [
+                f"data/metrics/cxr/{v}/seed_{x}" for v in raw["rl"]["cxr"]["seed_variants"] for x in raw["rl"]["seeds"]])
+
+
+def test_all_runs_one_seed_and_all_seeds_every_seed(full_workspace):
+    """`all` trains one RL run per model (rl.<track>.seed); `all_seeds` one per seed of rl.seeds
+    for ISIC and the headline CXR variants, the other variants still once."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    one = snakemake_jobs(full_workspace)
+    assert {n for n in one if n.startswith("rl_")} == {f"rl_isic@s{raw['rl']['isic']['seed']}"} | {
+        f"rl_cxr@{v}-s{raw['rl']['cxr']['seed']}" for v in raw["rl"]["cxr"]["variants"]}
+    assert "tables_isic_seeds" not in one and "tables_cxr_seeds" not in one
+    every = snakemake_jobs(full_workspace, target="all_seeds")
+    assert set(one) < set(every) and {"tables_isic_seeds", "tables_cxr_seeds"} <= set(every)
+    rl_runs = Counter(every[n]["wildcards"].get("variant", "isic") for n in every if n.startswith("rl_"))
+    headline = {"isic", *raw["rl"]["cxr"]["seed_variants"]}
+    assert rl_runs == {m: len(set(raw["rl"]["seeds"]) | {raw["rl"]["cxr"]["seed"]}) if m in headline else 1
+                       for m in ["isic", *raw["rl"]["cxr"]["variants"]]}
 
 
 def test_engine_clis_list_the_same_stage_names(full_workspace):
@@ -145,9 +164,27 @@ def test_engine_clis_list_the_same_stage_names(full_workspace):
     # one rule per line: "name (first docstring line)"
     rules = [line.split()[0] for line in run([SNAKEMAKE, "--list-rules"], full_workspace).stdout.splitlines()
              if line.strip()]
-    assert {n.split("@")[0] for n in names} == set(rules) - {"all"} == set(STAGES)
-    assert Counter(n.split("@")[0] for n in names)["rl_cxr"] == len(
-        yaml.safe_load((REPO / "params.yaml").read_text())["rl"]["cxr"]["variants"])
+    assert {n.split("@")[0] for n in names} == set(rules) - {"all", "all_seeds"} == set(STAGES)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert Counter(n.split("@")[0] for n in names)["rl_cxr"] == len(jobs_of(STAGES["rl_cxr"], raw)) == len(
+        raw["rl"]["cxr"]["variants"]) + len(raw["rl"]["cxr"]["seed_variants"]) * (len(raw["rl"]["seeds"]) - 1)
+
+
+def test_dry_run_all_seeds_on_the_small_config(workspace_factory):
+    """`snakemake -n all_seeds` in a small workspace plans three RL runs (and their samples and
+    metrics) per headline model, one per other variant, and both tables over seeds."""
+    ws = workspace_factory("dry", dvc=False)
+    planned = snakemake_planned(ws, ["all_seeds"])
+    for stage, models in (("rl_isic", [""]), ("generate_rl_isic", [""]), ("metrics_isic_rl", [""]),
+                          ("rl_cxr", ["full-", "no_ace-", "no_rlcf-"]), ("generate_cxr", ["full-"]),
+                          ("metrics_cxr", ["no_rlcf-"])):
+        for m in models:
+            assert {n for n in planned if n.startswith(f"{stage}@{m}s")} == {f"{stage}@{m}s{x}" for x in (0, 1, 2)}
+    assert [n for n in planned if n.startswith("rl_cxr@align_only")] == ["rl_cxr@align_only-s0"]
+    assert {"tables_isic", "tables_cxr", "tables_isic_seeds", "tables_cxr_seeds"} <= set(planned)
+    default = snakemake_planned(ws, ["all"])
+    assert [n for n in default if n.startswith("rl_isic")] == ["rl_isic@s0"]
+    assert not {"tables_isic_seeds", "tables_cxr_seeds"} & set(default)
 
 
 def test_gpu_resources_follow_env(full_workspace):

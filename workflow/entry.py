@@ -1,4 +1,4 @@
-"""Run one stage of the graph: ``python workflow/entry.py STAGE [--variant V]``.
+"""Run one stage of the graph: ``python workflow/entry.py STAGE [--variant V] [--seed S]``.
 
 The same command is what Snakemake's rules and DVC's stages run (both are generated from
 workflow/graph.py). This is the only place that does, for every stage alike:
@@ -18,28 +18,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from graph import AGGREGATES, STAGES, Ctx, Stage, stage_params, variants_of  # noqa: E402
+from graph import STAGES, Ctx, Stage, fill, grid_jobs, job_key, jobs_of, stage_params  # noqa: E402
 from state import declared_params, write_params_file  # noqa: E402
 
 _ARTIFACT_SUFFIXES = {".png", ".json", ".csv", ".md", ".tex"}
 _ARTIFACT_MAX_BYTES = 2 << 20
 
 
-def expand(template: str, wildcards: dict[str, str]) -> str:
-    return template.format(**wildcards) if wildcards else template
+Expanded = dict[str, list[tuple[dict[str, str], Path]]]
 
 
-def stage_paths(stage: Stage, params, variant: str | None) -> tuple[dict[str, Path], dict[str, Path], dict[str, list[Path]]]:
-    """Resolve a stage's deps/outs for one wildcard value (aggregates expand over all variants)."""
-    wildcards = {"variant": variant} if stage.foreach else {}
+def stage_paths(stage: Stage, params, wildcards: dict[str, str]) -> tuple[dict[str, Path], dict[str, Path], Expanded]:
+    """Resolve a stage's deps/outs for one job. An aggregate's dep (``stage.expand``) expands over
+    its grid: one path stays a plain dep; several are returned as [(wildcards, path)] instead."""
     deps, extra = {}, {}
     for name, tmpl in stage.deps.items():
-        if "{variant}" in tmpl and stage.name in AGGREGATES:
-            extra[name] = [Path(tmpl.format(variant=v)) for v in variants_of(params, AGGREGATES[stage.name])]
-            deps[name] = extra[name][0].parent
+        if name in stage.expand:
+            paths = [(wc, Path(fill(tmpl, wc))) for wc in grid_jobs(params, stage.expand[name])]
+            if len(paths) == 1:
+                deps[name] = paths[0][1]
+            else:
+                extra[name] = paths
         else:
-            deps[name] = Path(expand(tmpl, wildcards))
-    outs = {name: Path(expand(tmpl, wildcards)) for name, tmpl in stage.outs.items()}
+            deps[name] = Path(fill(tmpl, wildcards))
+    outs = {name: Path(fill(tmpl, wildcards)) for name, tmpl in stage.outs.items()}
     return deps, outs, extra
 
 
@@ -87,11 +89,21 @@ def checkpoint_dir(root: Path, params: dict, deps: list[Path], *, prune: bool) -
     return ckpt
 
 
-def run_stage(name: str, variant: str | None = None, workspace: Path | None = None) -> dict:
+def _check_job(stage: Stage, params, wildcards: dict[str, str]) -> None:
+    from medrl.errors import ParamsError
+
+    jobs = jobs_of(stage, params)
+    if wildcards not in jobs:
+        opts = ", ".join(" ".join(f"--{k} {v}" for k, v in wc.items()) for wc in jobs)
+        raise ParamsError(f"params.yaml: stage {stage.name} has no job {wildcards or '(no wildcards)'}; "
+                          f"its jobs (from {', '.join(sorted({k for g in stage.foreach for k in g.values()})) or '-'}): "
+                          f"{opts or 'no options'}")
+
+
+def run_stage(name: str, wildcards: dict[str, str] | None = None, workspace: Path | None = None) -> dict:
     import torch
 
     from medrl.config import load_params
-    from medrl.errors import ParamsError
     from medrl.lineage import tracked_stage
 
     workspace = (workspace or Path.cwd()).resolve()
@@ -99,17 +111,12 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
         raise SystemExit(f"unknown stage {name!r}; known: {', '.join(sorted(STAGES))}")
     stage = STAGES[name]
     params = load_params(workspace / "params.yaml")
-    if stage.foreach:
-        known = variants_of(params, stage.foreach)
-        if variant not in known:
-            raise ParamsError(f"params.yaml: stage {name} needs --variant, one of the keys of '{stage.foreach}': {known}")
-    elif variant is not None:
-        raise SystemExit(f"stage {name} takes no --variant")
-    wildcards = {"variant": variant} if stage.foreach else {}
-    deps, outs, extra = stage_paths(stage, params, variant)
-    named_deps = {k: p for k, p in deps.items() if k not in extra}
-    for k, ps in extra.items():  # an aggregate's per-variant deps: role.variant
-        named_deps.update({f"{k}.{p.name}": p for p in ps})
+    wildcards = {k: str(v) for k, v in (wildcards or {}).items() if v is not None}
+    _check_job(stage, params, wildcards)
+    deps, outs, extra = stage_paths(stage, params, wildcards)
+    named_deps = dict(deps)
+    for k, ps in extra.items():  # an aggregate's expanded deps: role.job (variants.full-s0)
+        named_deps.update({f"{k}.{job_key(wc)}": p for wc, p in ps})
     dep_list = list(named_deps.values())
     missing = [str(p) for p in dep_list if not (workspace / p).exists()]
     if missing:
@@ -126,8 +133,8 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
     # so the MLflow compare view puts the ablations' settings in the same rows
     sub = declared_params(stage, params, wildcards)
     if main_process:  # Snakemake's rerun trigger for these params (workflow/state.py)
-        write_params_file(workspace, stage, params, variant)
-    ckpt_root = workspace / "data" / ".ckpt" / (name + (f"-{variant}" if variant else ""))
+        write_params_file(workspace, stage, params, wildcards)
+    ckpt_root = workspace / "data" / ".ckpt" / (name + (f"-{job_key(wildcards)}" if wildcards else ""))
     ckpt = checkpoint_dir(ckpt_root, sub, [workspace / p for p in dep_list], prune=main_process)
 
     def body(log, log_artifact) -> dict:
@@ -137,7 +144,8 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
         base = Path() if workspace == Path.cwd().resolve() else workspace
         ctx = Ctx(params=stage_params(stage, params, wildcards), deps={k: base / p for k, p in deps.items()},
                   outs={k: base / temp_path(p) for k, p in outs.items()}, wildcards=wildcards, ckpt=ckpt,
-                  device=resolve_device(params.run.device), log=log, log_artifact=log_artifact, workspace=workspace)
+                  device=resolve_device(params.run.device), log=log, log_artifact=log_artifact, workspace=workspace,
+                  expanded={k: [(wc, base / p) for wc, p in ps] for k, ps in extra.items()})
         t0 = time.time()
         metrics = stage.run(ctx) or {}
         metrics = {**_flat_metrics(metrics), "stage_seconds": time.time() - t0}
@@ -165,7 +173,7 @@ def run_stage(name: str, variant: str | None = None, workspace: Path | None = No
             _log_small_artifacts(run, tmp_outs[k], name=p.name)
     _promote(tmp_outs, {k: workspace / p for k, p in outs.items()}, run)
     shutil.rmtree(ckpt_root, ignore_errors=True)
-    print(f"[medrl] {name}{'[' + variant + ']' if variant else ''} done in {metrics['stage_seconds']:.1f}s "
+    print(f"[medrl] {name}{''.join(f'[{v}]' for v in wildcards.values())} done in {metrics['stage_seconds']:.1f}s "
           f"(mlflow run {run.run_id})", file=sys.stderr)
     return metrics
 
@@ -211,7 +219,8 @@ def _terminate(signum: int, _frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", help="stage name (see workflow/graph.py)")
-    ap.add_argument("--variant", help="wildcard value for foreach stages (a key of rl.cxr.variants)")
+    ap.add_argument("--variant", help="CXRL variant of a {variant} stage (a key of rl.cxr.variants)")
+    ap.add_argument("--seed", type=int, help="RL seed of a {seed} stage (rl.<track>.seed or one of rl.seeds)")
     args = ap.parse_args(argv)
     # Snakemake, DVC and SLURM (scancel, time limit) stop a job with SIGTERM; turn it into an
     # exception so the MLflow run is closed as KILLED and temp outputs are not promoted.
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     # Never let Python print the traceback: exception texts (MLflow's carry the tracking URI)
     # may hold a URL's user:password or a secret from the environment; print it redacted.
     def stage() -> None:
-        run_stage(args.stage, args.variant)
+        run_stage(args.stage, {"variant": args.variant, "seed": args.seed})
 
     return run_redacted(stage)
 

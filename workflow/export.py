@@ -4,9 +4,10 @@
 if the committed files differ from what the graph generates (the drift test runs this).
 Both engines get the same stage names, commands, deps, outs and params keys:
 - a plain stage -> a DVC stage and a Snakemake rule of the same name;
-- a ``foreach`` stage -> a DVC ``foreach`` over the mapping keys of that params key (stage
-  names ``NAME@VARIANT``) and a Snakemake rule with a ``{variant}`` wildcard;
-- an aggregate (tables_cxr) depends on the ``{variant}`` path of every variant;
+- a ``foreach`` stage -> a DVC ``foreach`` over its jobs, listed from params.yaml (stage names
+  ``NAME@JOB``, e.g. ``rl_cxr@full-s0``) and a Snakemake rule with ``{variant}`` / ``{seed}``
+  wildcards;
+- an aggregate's ``expand`` dep -> every path of its grid (DVC: listed; Snakemake: ``expand()``);
 - a stage's ``report=`` (graph.py ``Report``) wraps that output in Snakemake's ``report()``
   (captions in workflow/report/), so ``snakemake --report report.html`` shows it; targets.smk
   also names the report's front page. DVC has no counterpart.
@@ -22,7 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from graph import AGGREGATES, STAGES, TARGETS, Report, Stage, variants_of  # noqa: E402
+from graph import SEED_TARGETS, STAGES, TARGETS, Report, Stage, grid_jobs, job_key, jobs_of  # noqa: E402
 from state import params_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,21 +35,23 @@ def dvc_yaml(params: dict) -> str:
     for s in STAGES.values():
 
         def fmt(t: str) -> str:
-            return t.replace("{variant}", "${key}") if s.foreach else t
+            return t.format(**{w: "${item." + w + "}" for w in s.wildcards}) if s.wildcards and "{" in t else t
 
         deps: list[str] = []
-        for tmpl in s.deps.values():
-            if "{variant}" in tmpl and s.name in AGGREGATES:
-                deps += [tmpl.format(variant=v) for v in variants_of(params, AGGREGATES[s.name])]
+        for name, tmpl in s.deps.items():
+            if name in s.expand:
+                deps += [tmpl.format(**wc) for wc in grid_jobs(params, s.expand[name])]
             else:
                 deps.append(fmt(tmpl))
-        body: dict = {"cmd": s.cmd("${key}")}
+        body: dict = {"cmd": s.cmd(lambda w: "${item." + w + "}")}
         if deps:
             body["deps"] = deps
         if s.params:
             body["params"] = [fmt(k) for k in s.params]
         body["outs"] = [fmt(t) for t in s.outs.values()]
-        stages[s.name] = {"foreach": "${" + s.foreach + "}", "do": body} if s.foreach else body
+        if s.foreach:  # the jobs themselves: the grids' values depend on params.yaml, so listed here
+            body = {"foreach": {job_key(wc): wc for wc in jobs_of(s, params)}, "do": body}
+        stages[s.name] = body
     return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=200)
 
 
@@ -75,12 +78,13 @@ def smk_rule(s: Stage) -> str:
     lines = [f"rule {s.name}:", f'    """{summary}"""', "    input:"]
     if s.deps:
         for name, tmpl in s.deps.items():
-            if "{variant}" in tmpl and s.name in AGGREGATES:
-                lines.append(f"        {name}=expand({_py(tmpl)}, variant=variants({_py(AGGREGATES[s.name])})),")
+            if name in s.expand:
+                grid = ", ".join(f"{w}=values({_py(k)})" for w, k in s.expand[name].items())
+                lines.append(f"        {name}=expand({_py(tmpl)}, {grid}),")
             else:
                 lines.append(f"        {name}={_py(tmpl)},")
     # the declared params' values as a file (workflow/state.py): a change reruns the stage
-    lines.append(f"        medrl_params={_py(params_file(s.name, '{variant}' if s.foreach else None))},")
+    lines.append(f"        medrl_params={_py(params_file(s.name, {w: '{' + w + '}' for w in s.wildcards}))},")
     lines.append("    output:")
     reports = {r.out: r for r in s.report}
     unknown = set(reports) - set(s.outs)
@@ -97,7 +101,7 @@ def smk_rule(s: Stage) -> str:
     if s.gpu:
         lines.append("    resources:")
         lines.append("        **GPU_RESOURCES,")
-    lines.append(f"    shell: {_py(s.cmd('{wildcards.variant}'))}")
+    lines.append(f"    shell: {_py(s.cmd(lambda w: '{wildcards.' + w + '}'))}")
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +114,8 @@ def smk_files() -> dict[str, str]:
 
 def targets_smk() -> str:
     # the front page of `snakemake --report report.html` (path relative to workflow/rules/)
-    return HEADER + f"TARGETS = {list(TARGETS)!r}\n\nreport: \"../report/workflow.rst\"\n"
+    return HEADER + (f"TARGETS = {list(TARGETS)!r}\nSEED_TARGETS = {list(SEED_TARGETS)!r}\n\n"
+                     "report: \"../report/workflow.rst\"\n")
 
 
 def generated(params_path: Path = ROOT / "params.yaml") -> dict[str, str]:

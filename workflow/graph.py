@@ -4,12 +4,18 @@
 ``tests/test_workflow_graph.py`` fails when the committed files drift from it.
 Each stage is a short function over ``src/medrl``: it receives explicit paths and params.
 
-Path templates may contain ``{variant}`` (the CXRL ablation wildcard, values = the keys of
-``rl.cxr.variants`` in params.yaml); Snakemake sees a wildcard rule, DVC a ``foreach`` stage.
+Path templates may contain the wildcards ``{variant}`` (a CXRL ablation: a key of
+``rl.cxr.variants``) and ``{seed}`` (an RL seed). A stage's ``foreach`` lists its jobs as grids
+(wildcard -> the params key holding its values); Snakemake sees a wildcard rule, DVC a
+``foreach`` stage over the jobs. The RL stages and what they feed run for the default seed
+(``rl.<track>.seed``, target ``all``) and for every seed of ``rl.seeds`` (target ``all_seeds``;
+CXR: the variants of ``rl.cxr.seed_variants``). An aggregate names, per dep, the grid that
+expands its template into several paths (``expand``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +35,8 @@ class Ctx:
     log: Callable[[dict[str, float], int | None], None]
     log_artifact: Callable[[Path], None]
     workspace: Path
+    # an aggregate's expanded deps: dep name -> [(wildcards, path)], in params order
+    expanded: dict[str, list[tuple[dict[str, str], Path]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,9 @@ class Report:
     subcategory: str | None = None
 
 
+Grid = dict[str, str]  # wildcard -> dotted params key of its values (mapping keys, list items or one value)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -59,27 +70,64 @@ class Stage:
     params: tuple[str, ...]  # dotted params.yaml keys (leaf or section); may contain {variant}
     gpu: bool = False  # ask SLURM for a GPU
     accelerate: bool = False  # launch through `accelerate launch` (multi-GPU capable)
-    foreach: str | None = None  # params key whose mapping keys are the {variant} values
+    foreach: tuple[Grid, ...] = ()  # the jobs: the union of each grid's combinations; () = one job
+    expand: dict[str, Grid] = field(default_factory=dict)  # aggregate: dep name -> the grid its path expands over
     report: tuple[Report, ...] = ()  # outputs shown by `snakemake --report` (Snakemake only)
     doc: str = ""
 
-    def cmd(self, wildcard_fmt: str | None = None) -> str:
+    @property
+    def wildcards(self) -> tuple[str, ...]:
+        """The wildcards of the stage's jobs, in WILDCARDS order."""
+        return tuple(w for w in WILDCARDS if self.foreach and w in self.foreach[0])
+
+    def cmd(self, fmt: Callable[[str], str] = lambda w: w) -> str:
+        """The command; ``fmt(wildcard)`` is how the engine writes a wildcard's value."""
         launcher = "accelerate launch" if self.accelerate else "python"
-        cmd = f"{launcher} workflow/entry.py {self.name}"
-        if self.foreach:
-            cmd += f" --variant {wildcard_fmt}"
-        return cmd
+        return " ".join([f"{launcher} workflow/entry.py {self.name}", *(f"--{w} {fmt(w)}" for w in self.wildcards)])
 
 
 STAGES: dict[str, Stage] = {}
+WILDCARDS = ("variant", "seed")  # the wildcards a path template may contain, in job-name order
 
 
-def variants_of(params: Any, key: str) -> list[str]:
-    """The ``{variant}`` values: the mapping keys at dotted ``key`` of params (raw dict or Params)."""
+def values_of(params: Any, key: str) -> list[str]:
+    """A wildcard's values at dotted ``key`` of params (raw dict or Params): a mapping's keys, a
+    list's items, or a single value."""
     node = params
     for part in key.split("."):
         node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return list(node)
+    if isinstance(node, dict):
+        return list(node)
+    return [str(v) for v in node] if isinstance(node, (list, tuple)) else [str(node)]
+
+
+variants_of = values_of  # the {variant} values: the keys of rl.cxr.variants
+
+
+def grid_jobs(params: Any, grid: Grid) -> list[dict[str, str]]:
+    """Every combination of the grid's wildcard values, as wildcards dicts (WILDCARDS order)."""
+    names = [w for w in WILDCARDS if w in grid]
+    return [dict(zip(names, combo)) for combo in itertools.product(*(values_of(params, grid[w]) for w in names))]
+
+
+def jobs_of(stage: Stage, params: Any) -> list[dict[str, str]]:
+    """The stage's jobs (wildcards dicts), each once, in grid order; ``[{}]`` for a plain stage."""
+    if not stage.foreach:
+        return [{}]
+    out: list[dict[str, str]] = []
+    for grid in stage.foreach:
+        out += [wc for wc in grid_jobs(params, grid) if wc not in out]
+    return out
+
+
+def job_key(wildcards: dict[str, str]) -> str:
+    """One job's name suffix: ``full-s1`` (variant full, seed 1), ``s0``; ``""`` for no wildcards."""
+    return "-".join(f"s{wildcards[w]}" if w == "seed" else wildcards[w] for w in WILDCARDS if w in wildcards)
+
+
+def fill(template: str, wildcards: dict[str, str]) -> str:
+    """A path template with this job's wildcard values."""
+    return template.format(**wildcards) if wildcards else template
 
 ISIC_REPORT = "RL4Med-DDPO (ISIC)"
 CXR_REPORT = "CXRL (chest X-ray)"
@@ -174,13 +222,15 @@ def declared_keys(stage: Stage, wildcards: dict[str, str]) -> tuple[str, ...]:
 
 def stage_params(stage: Stage, params: Any, wildcards: dict[str, str]) -> ParamsView:
     """What ``Ctx.params`` is when a stage runs: ``params`` restricted to the stage's declared keys."""
-    label = stage.name + (f"[{wildcards['variant']}]" if wildcards.get("variant") else "")
+    label = stage.name + "".join(f"[{wildcards[w]}]" for w in WILDCARDS if w in wildcards)
     return ParamsView(params, label, declared_keys(stage, wildcards))
 
 
 def stage(**kw: Any) -> Callable[[Callable[[Ctx], dict]], Callable[[Ctx], dict]]:
     def register(fn: Callable[[Ctx], dict]) -> Callable[[Ctx], dict]:
         s = Stage(name=fn.__name__, run=fn, doc=(fn.__doc__ or "").strip(), **kw)
+        if len({frozenset(g) for g in s.foreach}) > 1:
+            raise ValueError(f"stage {s.name}: every foreach grid must have the same wildcards")
         STAGES[s.name] = s
         return fn
 
@@ -461,20 +511,32 @@ def dualenc_cxr(c: Ctx) -> dict:
 # ============================================================================= RL
 
 
+# The RL jobs: the default seed (`all`) and every seed of rl.seeds (`all_seeds`); for CXR every
+# variant at its default seed and the headline variants (rl.cxr.seed_variants) at every seed.
+ISIC_SEEDS = ({"seed": "rl.isic.seed"}, {"seed": "rl.seeds"})
+CXR_JOBS = ({"variant": "rl.cxr.variants", "seed": "rl.cxr.seed"},
+            {"variant": "rl.cxr.seed_variants", "seed": "rl.seeds"})
+# the RLTrack keys of rl.<track> that a run reads (its seed comes from the {seed} wildcard)
+_RL_TRACK = ("epochs", "sample_batch_size", "sample_batches_per_epoch", "lr", "kl_coef", "skip_last_steps", "prompt_repeats")
+
+
 def _ddpo_config(c: Ctx, track: str, **extra: Any):
     """The trainer's settings: rl.<track> over rl.common (medrl.config.rl_track_settings; only
-    the RLTrack keys of rl.cxr, so rl_cxr does not depend on every variant) + run.mixed_precision."""
-    from medrl.config import RLTrack
+    the RLTrack keys of rl.cxr, so rl_cxr does not depend on every variant) + run.mixed_precision;
+    the seed is the job's {seed} wildcard."""
     from medrl.rl.trainer import DDPOConfig
 
     t = getattr(c.params.rl, track)  # a ParamsView: read only the declared RLTrack leaves
-    return DDPOConfig.from_params(c.params.rl.common, {k: getattr(t, k) for k in RLTrack.model_fields},
-                                  track_name=track, mixed_precision=c.params.run.mixed_precision, **extra)
+    settings = {k: getattr(t, k) for k in _RL_TRACK} | {"seed": int(c.wildcards["seed"])}
+    return DDPOConfig.from_params(c.params.rl.common, settings, track_name=track,
+                                  mixed_precision=c.params.run.mixed_precision, **extra)
 
 
 @stage(track="isic", deps={"base": "data/models/isic/base", "clf": "data/models/isic/clf_h6", "prepared": "data/prepared/isic"},
-       outs={"rl": "data/rl/isic"}, params=("rl.common", "rl.isic", "run.mixed_precision"), gpu=True, accelerate=True,
-       report=(Report("rl", _RL_PATTERNS, "rl_training.rst", ISIC_REPORT, "RL training"),))
+       outs={"rl": "data/rl/isic/seed_{seed}"},
+       params=("rl.common", *(f"rl.isic.{k}" for k in _RL_TRACK), "run.mixed_precision"), gpu=True, accelerate=True,
+       foreach=ISIC_SEEDS,
+       report=(Report("rl", _RL_PATTERNS, "rl_training.rst", ISIC_REPORT, "RL training: seed {seed}"),))
 def rl_isic(c: Ctx) -> dict:
     """DDPO fine-tuning (LoRA) with the H=6 artifact-classifier reward over the 32 prompts."""
     from medrl.io import read_json
@@ -518,12 +580,11 @@ def anchor_bank_cxr(c: Ctx) -> dict:
 @stage(track="cxr", deps={"base": "data/models/cxr/base", "prepared": "data/prepared/cxr",
                           "aligner": "data/models/cxr/aligner", "diag": "data/models/cxr/diag",
                           "dualenc": "data/models/cxr/dualenc", "bank": "data/models/cxr/anchor_bank"},
-       outs={"rl": "data/rl/cxr/{variant}"},
-       params=("rl.common", "rl.cxr.epochs", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch", "rl.cxr.lr",
-               "rl.cxr.seed", "rl.cxr.kl_coef", "rl.cxr.skip_last_steps", "rl.cxr.prompt_repeats", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise",
+       outs={"rl": "data/rl/cxr/{variant}/seed_{seed}"},
+       params=("rl.common", *(f"rl.cxr.{k}" for k in _RL_TRACK), "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise",
                "rl.cxr.ace_tokens", "rl.cxr.diag_unmentioned", "rl.cxr.variants.{variant}", "run.mixed_precision"),
-       gpu=True, accelerate=True, foreach="rl.cxr.variants",
-       report=(Report("rl", _RL_PATTERNS, "rl_training.rst", CXR_REPORT, "RL training: {variant}"),))
+       gpu=True, accelerate=True, foreach=CXR_JOBS,
+       report=(Report("rl", _RL_PATTERNS, "rl_training.rst", CXR_REPORT, "RL training: {variant} seed {seed}"),))
 def rl_cxr(c: Ctx) -> dict:
     """CXRL: DDPO with r = l_align r_align + l_diag r_diag + l_consist r_consist, RLCF and ACE per variant."""
     from medrl.rewards.cxr import CXRReward
@@ -545,8 +606,8 @@ def rl_cxr(c: Ctx) -> dict:
 @stage(track="cxr", deps={"base": "data/models/cxr/base", "prepared": "data/prepared/cxr",
                           "aligner": "data/models/cxr/aligner", "diag": "data/models/cxr/diag",
                           "dualenc": "data/models/cxr/dualenc", "bank": "data/models/cxr/anchor_bank",
-                          "rl": "data/rl/cxr/full"},
-       outs={"metrics": "data/metrics/cxr/rlcf_modes"},
+                          "rl": "data/rl/cxr/full/seed_{seed}"},
+       outs={"metrics": "data/metrics/cxr/rlcf_modes"}, expand={"rl": {"seed": "rl.cxr.seed"}},
        params=("rl.common", "rl.cxr.seed", "rl.cxr.sample_batch_size", "rl.cxr.sample_batches_per_epoch",
                "rl.cxr.compare_samples", "rl.cxr.diag_unmentioned", "rl.cxr.variants.full", "metrics.bootstrap", "metrics.ci"),
        gpu=True)
@@ -606,8 +667,8 @@ def generate_sd_isic(c: Ctx) -> dict:
     return _generate(c, _isic_prompts(c), g.n_per_prompt, g.seed, None)
 
 
-@stage(track="isic", deps={"base": "data/models/isic/base", "rl": "data/rl/isic", "prepared": "data/prepared/isic"},
-       outs={"samples": "data/samples/isic/rl"}, params=_GEN_ISIC, gpu=True)
+@stage(track="isic", deps={"base": "data/models/isic/base", "rl": "data/rl/isic/seed_{seed}", "prepared": "data/prepared/isic"},
+       outs={"samples": "data/samples/isic/rl/seed_{seed}"}, params=_GEN_ISIC, gpu=True, foreach=ISIC_SEEDS)
 def generate_rl_isic(c: Ctx) -> dict:
     """N images per prompt from SD+RL, with the same seeds as the SD samples."""
     g = c.params.generate.isic
@@ -632,8 +693,9 @@ def generate_cxr_anchor(c: Ctx) -> dict:
     return _generate(c, reports, g.n_per_report, g.seed, None, prompt_ids=ids)
 
 
-@stage(track="cxr", deps={"base": "data/models/cxr/base", "rl": "data/rl/cxr/{variant}", "prepared": "data/prepared/cxr"},
-       outs={"samples": "data/samples/cxr/{variant}"}, params=_GEN_CXR, gpu=True, foreach="rl.cxr.variants")
+@stage(track="cxr", deps={"base": "data/models/cxr/base", "rl": "data/rl/cxr/{variant}/seed_{seed}",
+                          "prepared": "data/prepared/cxr"},
+       outs={"samples": "data/samples/cxr/{variant}/seed_{seed}"}, params=_GEN_CXR, gpu=True, foreach=CXR_JOBS)
 def generate_cxr(c: Ctx) -> dict:
     """Samples of one CXRL variant for every test report, same seeds as the anchor."""
     reports, ids = _test_reports(c)
@@ -664,15 +726,17 @@ def metrics_isic_sd(c: Ctx) -> dict:
     return _metrics_isic(c)
 
 
-@stage(track="isic", deps={"samples": "data/samples/isic/rl", **_MET_ISIC_DEPS},
-       outs={"metrics": "data/metrics/isic/rl"}, params=("metrics",))
+@stage(track="isic", deps={"samples": "data/samples/isic/rl/seed_{seed}", **_MET_ISIC_DEPS},
+       outs={"metrics": "data/metrics/isic/rl/seed_{seed}"}, params=("metrics",), foreach=ISIC_SEEDS)
 def metrics_isic_rl(c: Ctx) -> dict:
     """The same metrics for the SD+RL samples."""
     return _metrics_isic(c)
 
 
-@stage(track="isic", deps={"prepared": "data/prepared/isic", "sd": "data/samples/isic/sd", "rl": "data/samples/isic/rl"},
-       outs={"metrics": "data/metrics/isic/augment"}, params=("metrics.augment", "isic.prepare.size", "classifiers.isic.imagenet_weights"), gpu=True)
+@stage(track="isic", deps={"prepared": "data/prepared/isic", "sd": "data/samples/isic/sd",
+                           "rl": "data/samples/isic/rl/seed_{seed}"},
+       outs={"metrics": "data/metrics/isic/augment"}, expand={"rl": {"seed": "rl.isic.seed"}},
+       params=("metrics.augment", "isic.prepare.size", "classifiers.isic.imagenet_weights"), gpu=True)
 def augment_isic(c: Ctx) -> dict:
     """MEL-vs-NV classifier on real / real+SD / real+RL data, scored per artifact subgroup."""
     from medrl.io import read_table
@@ -705,9 +769,9 @@ def metrics_cxr_anchor(c: Ctx) -> dict:
     return _metrics_cxr(c)
 
 
-@stage(track="cxr", deps={"samples": "data/samples/cxr/{variant}", **_MET_CXR_DEPS},
-       outs={"metrics": "data/metrics/cxr/{variant}"},
-       params=("metrics", "rl.cxr.diag_unmentioned", "rl.cxr.variants.{variant}"), foreach="rl.cxr.variants")
+@stage(track="cxr", deps={"samples": "data/samples/cxr/{variant}/seed_{seed}", **_MET_CXR_DEPS},
+       outs={"metrics": "data/metrics/cxr/{variant}/seed_{seed}"},
+       params=("metrics", "rl.cxr.diag_unmentioned", "rl.cxr.variants.{variant}"), foreach=CXR_JOBS)
 def metrics_cxr(c: Ctx) -> dict:
     """The same metrics for one CXRL variant, and its combined reward on the held-out reports."""
     v = c.params.rl.cxr.variants[c.wildcards["variant"]]
@@ -717,8 +781,10 @@ def metrics_cxr(c: Ctx) -> dict:
 # ============================================================================= tables
 
 
-@stage(track="isic", deps={"sd": "data/metrics/isic/sd", "rl": "data/metrics/isic/rl", "augment": "data/metrics/isic/augment"},
-       outs={"tables": "data/tables/isic"}, params=("metrics.bootstrap", "metrics.ci", "metrics.seed"),
+@stage(track="isic", deps={"sd": "data/metrics/isic/sd", "rl": "data/metrics/isic/rl/seed_{seed}",
+                           "augment": "data/metrics/isic/augment"},
+       outs={"tables": "data/tables/isic"}, expand={"rl": {"seed": "rl.isic.seed"}},
+       params=("metrics.bootstrap", "metrics.ci", "metrics.seed"),
        report=(Report("tables", _TABLE_PATTERNS, "table.rst", ISIC_REPORT, "tables"),))
 def tables_isic(c: Ctx) -> dict:
     """RL4Med tables (CSV, Markdown, LaTeX): SD vs SD+RL, APR per prompt, augmentation."""
@@ -736,11 +802,30 @@ def tables_isic(c: Ctx) -> dict:
     return {}
 
 
-@stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}",
+@stage(track="isic", deps={"sd": "data/metrics/isic/sd", "rl": "data/metrics/isic/rl/seed_{seed}"},
+       outs={"tables": "data/tables/isic_seeds"}, expand={"rl": {"seed": "rl.seeds"}}, params=("rl.seeds",),
+       report=(Report("tables", _TABLE_PATTERNS, "table.rst", ISIC_REPORT, "tables over RL seeds"),))
+def tables_isic_seeds(c: Ctx) -> dict:
+    """SD+RL - SD in every RL seed of rl.seeds, their mean and spread, and a verdict across seeds."""
+    from medrl.io import read_json
+    from medrl.lineage import run_id_of
+    from medrl.tables.rl4med import build_rl4med_seed_table
+
+    rl = {wc["seed"]: d for wc, d in c.expanded["rl"]}
+    dirs = {"sd": c.deps["sd"], **{f"rl-s{s}": rl[str(s)] for s in c.params.rl.seeds}}
+    metrics = {k: read_json(d / "metrics.json") for k, d in dirs.items()}
+    run_ids = {k: run_id_of(d, c.workspace) or "" for k, d in dirs.items()}
+    build_rl4med_seed_table(metrics["sd"], {s: metrics[f"rl-s{s}"] for s in c.params.rl.seeds}, run_ids,
+                            c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()})
+    return {}
+
+
+@stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}/seed_{seed}",
                           "rlcf_modes": "data/metrics/cxr/rlcf_modes"},
        outs={"tables": "data/tables/cxr"},
        params=("rl.cxr.variants", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise", "rl.cxr.prompt_repeats",
                "rl.common.prompt_repeats", "rl.common.num_steps", "rl.common.eta", "rl.common.guidance_scale"),
+       expand={"variants": {"variant": "rl.cxr.variants", "seed": "rl.cxr.seed"}},
        report=(Report("tables", _TABLE_PATTERNS, "table.rst", CXR_REPORT, "tables"),))
 def tables_cxr(c: Ctx) -> dict:
     """CXRL Tables 1, 2a, 2b, 3 with the paper's numbers beside ours."""
@@ -748,8 +833,9 @@ def tables_cxr(c: Ctx) -> dict:
     from medrl.lineage import run_id_of
     from medrl.tables.cxrl import build_cxrl_tables, build_rlcf_modes_table
 
-    # c.deps["variants"] is the folder of the per-variant metric directories
-    dirs = {"anchor": c.deps["anchor"], **{v: c.deps["variants"] / v for v in c.params.rl.cxr.variants}}
+    # the default seed's metrics of every variant
+    variants = {wc["variant"]: d for wc, d in c.expanded["variants"]}
+    dirs = {"anchor": c.deps["anchor"], **{v: variants[v] for v in c.params.rl.cxr.variants}}
     metrics = {k: read_json(d / "metrics.json") for k, d in dirs.items()}
     run_ids = {k: run_id_of(d, c.workspace) or "" for k, d in dirs.items()}
     build_cxrl_tables(metrics, run_ids, c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()},
@@ -772,7 +858,28 @@ def _cxr_setting_note(c: Ctx) -> str:
             f"guidance {r.common.guidance_scale:g}.")
 
 
-# Stages whose deps expand a {variant} template over ALL variants (an aggregate, not a foreach).
-AGGREGATES = {"tables_cxr": "rl.cxr.variants"}
-# Final targets of `snakemake all` / every DVC stage.
+@stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}/seed_{seed}"},
+       outs={"tables": "data/tables/cxr_seeds"}, params=("rl.seeds", "rl.cxr.seed_variants"),
+       expand={"variants": {"variant": "rl.cxr.seed_variants", "seed": "rl.seeds"}},
+       report=(Report("tables", _TABLE_PATTERNS, "table.rst", CXR_REPORT, "tables over RL seeds"),))
+def tables_cxr_seeds(c: Ctx) -> dict:
+    """CXRL headline differences (variants - anchor, CXRL - ablations) in every RL seed, their mean
+    and spread, and a verdict across seeds."""
+    from medrl.io import read_json
+    from medrl.lineage import run_id_of
+    from medrl.tables.cxrl import build_cxrl_seed_table
+
+    found = {(wc["variant"], wc["seed"]): d for wc, d in c.expanded["variants"]}
+    dirs = {(v, s): found[(v, str(s))] for v in c.params.rl.cxr.seed_variants for s in c.params.rl.seeds}
+    per_seed = {s: {v: read_json(dirs[(v, s)] / "metrics.json") for v in c.params.rl.cxr.seed_variants}
+                for s in c.params.rl.seeds}
+    run_ids = {f"{v}-s{s}": run_id_of(d, c.workspace) or "" for (v, s), d in dirs.items()}
+    run_ids["anchor"] = run_id_of(c.deps["anchor"], c.workspace) or ""
+    build_cxrl_seed_table(read_json(c.deps["anchor"] / "metrics.json"), per_seed, run_ids, c.outs["tables"])
+    return {}
+
+
+# Final targets of `snakemake all` (one RL seed) and of `snakemake all_seeds` (these + the
+# tables over rl.seeds); `dvc repro` runs every stage, i.e. both.
 TARGETS = ("data/tables/isic", "data/tables/cxr")
+SEED_TARGETS = ("data/tables/isic_seeds", "data/tables/cxr_seeds")

@@ -1,8 +1,8 @@
 """One workspace state for both engines.
 
 - **Params as files.** Each stage execution's declared params are written to
-  ``data/.params/<stage>[@<variant>].json`` (only when their content changes) by the Snakefile
-  when it is parsed and by ``entry.py`` before the stage runs. The Snakemake rule takes that
+  ``data/.params/<stage>[@<job>].json`` (job ``full-s0``: variant full, seed 0; only when
+  their content changes) by the Snakefile when it is parsed and by ``entry.py`` before the stage runs. The Snakemake rule takes that
   file as an input, so Snakemake reruns a stage when its params change through its ordinary
   input/mtime trigger, and a workspace built by ``dvc repro`` (whose stage runs wrote the same
   files before their outputs) is up to date for Snakemake too. DVC reads params.yaml itself.
@@ -21,18 +21,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from graph import STAGES, Stage, variants_of
+from graph import STAGES, Stage, fill, job_key, jobs_of
 
 PARAMS_DIR = "data/.params"
 
 
-def job_name(stage: str, variant: str | None) -> str:
-    """DVC's name for one stage execution (``rl_cxr@full``); Snakemake's rule + wildcard."""
-    return f"{stage}@{variant}" if variant else stage
+def job_name(stage: str, wildcards: dict[str, str] | None = None) -> str:
+    """DVC's name for one stage execution (``rl_cxr@full-s0``); Snakemake's rule + wildcards."""
+    return f"{stage}@{job_key(wildcards)}" if wildcards else stage
 
 
-def params_file(stage: str, variant: str | None = None) -> str:
-    return f"{PARAMS_DIR}/{job_name(stage, variant)}.json"
+def params_file(stage: str, wildcards: dict[str, str] | None = None) -> str:
+    return f"{PARAMS_DIR}/{job_name(stage, wildcards)}.json"
 
 
 def declared_params(stage: Stage, params, wildcards: dict[str, str]) -> dict:
@@ -44,11 +44,10 @@ def declared_params(stage: Stage, params, wildcards: dict[str, str]) -> dict:
     return {k.replace("{variant}", "selected"): v for k, v in zip(stage.params, select(params, keys).values())}
 
 
-def write_params_file(workspace: Path, stage: Stage, params, variant: str | None) -> Path:
+def write_params_file(workspace: Path, stage: Stage, params, wildcards: dict[str, str]) -> Path:
     """Write the stage's declared params to its params file unless it already holds them
     (an unchanged file keeps its mtime, so nothing downstream looks updated)."""
-    wildcards = {"variant": variant} if variant else {}
-    path = Path(workspace) / params_file(stage.name, variant)
+    path = Path(workspace) / params_file(stage.name, wildcards)
     text = json.dumps(declared_params(stage, params, wildcards), indent=1, sort_keys=True, default=str) + "\n"
     if path.is_file() and path.read_text() == text:
         return path
@@ -61,8 +60,8 @@ def write_params_file(workspace: Path, stage: Stage, params, variant: str | None
 
 def write_all_params_files(workspace: Path, params) -> None:
     for s in STAGES.values():
-        for v in (variants_of(params, s.foreach) if s.foreach else [None]):
-            write_params_file(workspace, s, params, v)
+        for wc in jobs_of(s, params):
+            write_params_file(workspace, s, params, wc)
 
 
 # ----------------------------------------------------------------------------- Snakemake -> DVC
@@ -72,15 +71,16 @@ def stage_outputs(params) -> dict[str, list[str]]:
     """{DVC stage name: its output paths} for every stage execution of the graph."""
     out = {}
     for s in STAGES.values():
-        for v in (variants_of(params, s.foreach) if s.foreach else [None]):
-            out[job_name(s.name, v)] = [t.format(variant=v) if v else t for t in s.outs.values()]
+        for wc in jobs_of(s, params):
+            out[job_name(s.name, wc)] = [fill(t, wc) for t in s.outs.values()]
     return out
 
 
 def snakemake_up_to_date(workspace: Path, snakemake: str) -> set[str]:
     """Outputs Snakemake itself sees as complete and current (``--summary`` status ok, no update
-    planned). ``--nolock``: the Snakemake run that calls this still holds the workspace lock."""
-    proc = subprocess.run([snakemake, "--summary", "--nolock", "--cores", "1", "all"], cwd=workspace,
+    planned) among those of ``all_seeds`` (every stage). ``--nolock``: the Snakemake run that
+    calls this still holds the workspace lock."""
+    proc = subprocess.run([snakemake, "--summary", "--nolock", "--cores", "1", "all_seeds"], cwd=workspace,
                           capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"snakemake --summary failed:\n{proc.stderr[-3000:]}")

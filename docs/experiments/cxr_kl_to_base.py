@@ -5,7 +5,7 @@ For each adapter: 32 training reports (fixed draw), one DDIM trajectory each fro
 (LoRA + ACE) with the workspace's rl settings, then at every recorded x_t the Gaussian step
 of policy and base compared (`medrl.rl.ddim.gaussian_kl`, averaged over latent dims).
 
-    python docs/experiments/cxr_kl_to_base.py <workspace> <data/rl/cxr/<variant>> [...]
+    python docs/experiments/cxr_kl_to_base.py <workspace> <data/rl/cxr/<variant>/seed_<s>> [...]
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ update, cos(g_j^first half, g_j^second half) whether its direction is reproducib
 or not (noise, cos ~ 0). A fresh LoRA has B = 0, so its gradient lives in B only; a trained
 adapter's covers A and B.
 
-    python docs/experiments/cxr_step_gradients.py <workspace> [--adapter data/rl/cxr/full/adapter] [--seeds 0,1,2]
+    python docs/experiments/cxr_step_gradients.py <workspace> [--adapter data/rl/cxr/full/seed_0/adapter] [--seeds 0,1,2]
 """
 from __future__ import annotations
 

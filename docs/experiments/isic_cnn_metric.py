@@ -41,7 +41,7 @@ exact = ((p > 0.5) == (Yte.numpy() > 0.5)).all(1)
 print('real test APR', exact.mean().round(3), 'per-head acc', ((p > 0.5) == (Yte.numpy() > 0.5)).mean(0).round(3))
 res = {}
 for m in ('sd', 'rl'):
-    man = read_manifest(W + f'data/samples/isic/{m}/manifest.csv')
+    man = read_manifest(W + f'data/samples/isic/{"sd" if m == "sd" else "rl/seed_0"}/manifest.csv')
     x = torch.stack([load_image(q) for q in man.path])
     t = np.array([[prompt_to_labels(q)[h] for h in H] for q in man.prompt])
     match = (probs(x) > 0.5) == (t > 0.5)

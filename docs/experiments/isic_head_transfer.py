@@ -19,7 +19,7 @@ from medrl.rewards.isic import ArtifactReward
 
 def head_matches(ws: Path, model: str, clfs: dict[str, ArtifactReward]) -> pd.DataFrame:
     """Per image: reward, all-artifacts-right and per-head match under each classifier."""
-    man = read_manifest(ws / f"data/samples/isic/{model}/manifest.csv")
+    man = read_manifest(ws / f"data/samples/isic/{'sd' if model == 'sd' else 'rl/seed_0'}/manifest.csv")
     x = torch.stack([load_image(p) for p in man["path"]])
     cols = {}
     for name, clf in clfs.items():

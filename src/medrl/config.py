@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal, Optional
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+                      model_validator)
 
 from medrl.errors import ParamsError
 from medrl.redact import redact
@@ -267,6 +268,7 @@ class RLCxr(RLTrack):
     ace_tokens: int = Field(3, ge=1)
     compare_samples: int = Field(64, ge=2)  # rlcf_modes_cxr: policy samples scored both ways
     variants: dict[str, Variant] = {}
+    seed_variants: list[str] = []  # the variants also run for every seed of rl.seeds (all_seeds)
 
     @field_validator("variants")
     @classmethod
@@ -276,11 +278,28 @@ class RLCxr(RLTrack):
                 raise ValueError(f"variant name {name!r} must be [A-Za-z0-9_] and not 'anchor'")
         return v
 
+    @model_validator(mode="after")
+    def _seed_variants(self) -> "RLCxr":
+        unknown = [v for v in self.seed_variants if v not in self.variants]
+        if unknown:
+            raise ValueError(f"seed_variants {unknown} are not keys of rl.cxr.variants ({sorted(self.variants)})")
+        if len(set(self.seed_variants)) != len(self.seed_variants):
+            raise ValueError(f"seed_variants {self.seed_variants} repeat a variant")
+        return self
+
+
+def _unique(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {seeds} repeat a seed")
+    return seeds
+
 
 class RL(_S):
     common: RLCommon = RLCommon()
     isic: RLTrack = RLTrack()
     cxr: RLCxr = RLCxr()
+    # the RL seeds of the multi-seed comparison (`snakemake all_seeds`); `all` runs rl.<track>.seed only
+    seeds: Annotated[list[Seed], Field(min_length=1), AfterValidator(_unique)] = [0, 1, 2]
 
 
 class GenIsic(_S):

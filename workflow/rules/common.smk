@@ -1,4 +1,4 @@
-# Shared by every generated rule file: params access, variants, GPU resources.
+# Shared by every generated rule file: params access, wildcard values, GPU resources.
 # Hand-written (not generated); the rules themselves come from workflow/export.py.
 import os
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
 
 from medrl.config import validate_params
-from graph import variants_of
+from graph import values_of
 from state import record_in_dvc_hook, write_all_params_files
 
 # params.yaml is validated once when the workflow is parsed: a bad key fails here, naming it.
@@ -16,8 +16,9 @@ PARAMS = validate_params(config, source="params.yaml")
 write_all_params_files(Path.cwd(), PARAMS)
 
 
-def variants(key):
-    return variants_of(config, key)
+def values(key):
+    """A wildcard's values from params.yaml: a mapping's keys, a list's items or one value."""
+    return values_of(PARAMS, key)
 
 
 def declared_keys(keys, wildcards):
@@ -27,7 +28,8 @@ def declared_keys(keys, wildcards):
 
 
 wildcard_constraints:
-    variant="|".join(variants("rl.cxr.variants")) or "NONE",
+    variant="|".join(values("rl.cxr.variants")) or "NONE",
+    seed=r"\d+",
 
 
 # GPU-heavy rules (gpu=True in graph.py) ask SLURM for MEDRL_GPUS_PER_JOB GPUs (default 1;

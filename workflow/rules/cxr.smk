@@ -145,14 +145,14 @@ rule rl_cxr:
         diag='data/models/cxr/diag',
         dualenc='data/models/cxr/dualenc',
         bank='data/models/cxr/anchor_bank',
-        medrl_params='data/.params/rl_cxr@{variant}.json',
+        medrl_params='data/.params/rl_cxr@{variant}-s{seed}.json',
     output:
-        rl=report(directory('data/rl/cxr/{variant}'), patterns=['{name,rewards}.csv', 'samples/{name,epoch_\\d+}.png'], caption='../report/rl_training.rst', category='CXRL (chest X-ray)', subcategory='RL training: {variant}'),
+        rl=report(directory('data/rl/cxr/{variant}/seed_{seed}'), patterns=['{name,rewards}.csv', 'samples/{name,epoch_\\d+}.png'], caption='../report/rl_training.rst', category='CXRL (chest X-ray)', subcategory='RL training: {variant} seed {seed}'),
     params:
-        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.seed', 'rl.cxr.kl_coef', 'rl.cxr.skip_last_steps', 'rl.cxr.prompt_repeats', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}', 'run.mixed_precision'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.kl_coef', 'rl.cxr.skip_last_steps', 'rl.cxr.prompt_repeats', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
-    shell: 'accelerate launch workflow/entry.py rl_cxr --variant {wildcards.variant}'
+    shell: 'accelerate launch workflow/entry.py rl_cxr --variant {wildcards.variant} --seed {wildcards.seed}'
 
 
 rule rlcf_modes_cxr:
@@ -164,7 +164,7 @@ rule rlcf_modes_cxr:
         diag='data/models/cxr/diag',
         dualenc='data/models/cxr/dualenc',
         bank='data/models/cxr/anchor_bank',
-        rl='data/rl/cxr/full',
+        rl=expand('data/rl/cxr/full/seed_{seed}', seed=values('rl.cxr.seed')),
         medrl_params='data/.params/rlcf_modes_cxr.json',
     output:
         metrics=directory('data/metrics/cxr/rlcf_modes'),
@@ -194,16 +194,16 @@ rule generate_cxr:
     """Samples of one CXRL variant for every test report, same seeds as the anchor."""
     input:
         base='data/models/cxr/base',
-        rl='data/rl/cxr/{variant}',
+        rl='data/rl/cxr/{variant}/seed_{seed}',
         prepared='data/prepared/cxr',
-        medrl_params='data/.params/generate_cxr@{variant}.json',
+        medrl_params='data/.params/generate_cxr@{variant}-s{seed}.json',
     output:
-        samples=directory('data/samples/cxr/{variant}'),
+        samples=directory('data/samples/cxr/{variant}/seed_{seed}'),
     params:
         medrl=lambda wildcards: declared_keys(['generate.cxr', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
-    shell: 'python workflow/entry.py generate_cxr --variant {wildcards.variant}'
+    shell: 'python workflow/entry.py generate_cxr --variant {wildcards.variant} --seed {wildcards.seed}'
 
 
 rule metrics_cxr_anchor:
@@ -225,24 +225,24 @@ rule metrics_cxr_anchor:
 rule metrics_cxr:
     """The same metrics for one CXRL variant, and its combined reward on the held-out reports."""
     input:
-        samples='data/samples/cxr/{variant}',
+        samples='data/samples/cxr/{variant}/seed_{seed}',
         prepared='data/prepared/cxr',
         aligner='data/models/cxr/aligner',
         diag='data/models/cxr/diag',
         dualenc='data/models/cxr/dualenc',
-        medrl_params='data/.params/metrics_cxr@{variant}.json',
+        medrl_params='data/.params/metrics_cxr@{variant}-s{seed}.json',
     output:
-        metrics=directory('data/metrics/cxr/{variant}'),
+        metrics=directory('data/metrics/cxr/{variant}/seed_{seed}'),
     params:
         medrl=lambda wildcards: declared_keys(['metrics', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}'], wildcards),
-    shell: 'python workflow/entry.py metrics_cxr --variant {wildcards.variant}'
+    shell: 'python workflow/entry.py metrics_cxr --variant {wildcards.variant} --seed {wildcards.seed}'
 
 
 rule tables_cxr:
     """CXRL Tables 1, 2a, 2b, 3 with the paper's numbers beside ours."""
     input:
         anchor='data/metrics/cxr/anchor',
-        variants=expand('data/metrics/cxr/{variant}', variant=variants('rl.cxr.variants')),
+        variants=expand('data/metrics/cxr/{variant}/seed_{seed}', variant=values('rl.cxr.variants'), seed=values('rl.cxr.seed')),
         rlcf_modes='data/metrics/cxr/rlcf_modes',
         medrl_params='data/.params/tables_cxr.json',
     output:
@@ -250,3 +250,16 @@ rule tables_cxr:
     params:
         medrl=lambda wildcards: declared_keys(['rl.cxr.variants', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.prompt_repeats', 'rl.common.prompt_repeats', 'rl.common.num_steps', 'rl.common.eta', 'rl.common.guidance_scale'], wildcards),
     shell: 'python workflow/entry.py tables_cxr'
+
+
+rule tables_cxr_seeds:
+    """CXRL headline differences (variants - anchor, CXRL - ablations) in every RL seed, their mean and spread, and a verdict across seeds."""
+    input:
+        anchor='data/metrics/cxr/anchor',
+        variants=expand('data/metrics/cxr/{variant}/seed_{seed}', variant=values('rl.cxr.seed_variants'), seed=values('rl.seeds')),
+        medrl_params='data/.params/tables_cxr_seeds.json',
+    output:
+        tables=report(directory('data/tables/cxr_seeds'), patterns=['{name,[a-z0-9_]+}.{ext,md|csv}'], caption='../report/table.rst', category='CXRL (chest X-ray)', subcategory='tables over RL seeds'),
+    params:
+        medrl=lambda wildcards: declared_keys(['rl.seeds', 'rl.cxr.seed_variants'], wildcards),
+    shell: 'python workflow/entry.py tables_cxr_seeds'

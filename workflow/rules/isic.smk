@@ -110,14 +110,14 @@ rule rl_isic:
         base='data/models/isic/base',
         clf='data/models/isic/clf_h6',
         prepared='data/prepared/isic',
-        medrl_params='data/.params/rl_isic.json',
+        medrl_params='data/.params/rl_isic@s{seed}.json',
     output:
-        rl=report(directory('data/rl/isic'), patterns=['{name,rewards}.csv', 'samples/{name,epoch_\\d+}.png'], caption='../report/rl_training.rst', category='RL4Med-DDPO (ISIC)', subcategory='RL training'),
+        rl=report(directory('data/rl/isic/seed_{seed}'), patterns=['{name,rewards}.csv', 'samples/{name,epoch_\\d+}.png'], caption='../report/rl_training.rst', category='RL4Med-DDPO (ISIC)', subcategory='RL training: seed {seed}'),
     params:
-        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.isic', 'run.mixed_precision'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.isic.epochs', 'rl.isic.sample_batch_size', 'rl.isic.sample_batches_per_epoch', 'rl.isic.lr', 'rl.isic.kl_coef', 'rl.isic.skip_last_steps', 'rl.isic.prompt_repeats', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
-    shell: 'accelerate launch workflow/entry.py rl_isic'
+    shell: 'accelerate launch workflow/entry.py rl_isic --seed {wildcards.seed}'
 
 
 rule generate_sd_isic:
@@ -139,16 +139,16 @@ rule generate_rl_isic:
     """N images per prompt from SD+RL, with the same seeds as the SD samples."""
     input:
         base='data/models/isic/base',
-        rl='data/rl/isic',
+        rl='data/rl/isic/seed_{seed}',
         prepared='data/prepared/isic',
-        medrl_params='data/.params/generate_rl_isic.json',
+        medrl_params='data/.params/generate_rl_isic@s{seed}.json',
     output:
-        samples=directory('data/samples/isic/rl'),
+        samples=directory('data/samples/isic/rl/seed_{seed}'),
     params:
         medrl=lambda wildcards: declared_keys(['generate.isic', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
-    shell: 'python workflow/entry.py generate_rl_isic'
+    shell: 'python workflow/entry.py generate_rl_isic --seed {wildcards.seed}'
 
 
 rule metrics_isic_sd:
@@ -170,16 +170,16 @@ rule metrics_isic_sd:
 rule metrics_isic_rl:
     """The same metrics for the SD+RL samples."""
     input:
-        samples='data/samples/isic/rl',
+        samples='data/samples/isic/rl/seed_{seed}',
         prepared='data/prepared/isic',
         clf_h4='data/models/isic/clf_h4',
         clf_h6='data/models/isic/clf_h6',
-        medrl_params='data/.params/metrics_isic_rl.json',
+        medrl_params='data/.params/metrics_isic_rl@s{seed}.json',
     output:
-        metrics=directory('data/metrics/isic/rl'),
+        metrics=directory('data/metrics/isic/rl/seed_{seed}'),
     params:
         medrl=lambda wildcards: declared_keys(['metrics'], wildcards),
-    shell: 'python workflow/entry.py metrics_isic_rl'
+    shell: 'python workflow/entry.py metrics_isic_rl --seed {wildcards.seed}'
 
 
 rule augment_isic:
@@ -187,7 +187,7 @@ rule augment_isic:
     input:
         prepared='data/prepared/isic',
         sd='data/samples/isic/sd',
-        rl='data/samples/isic/rl',
+        rl=expand('data/samples/isic/rl/seed_{seed}', seed=values('rl.isic.seed')),
         medrl_params='data/.params/augment_isic.json',
     output:
         metrics=directory('data/metrics/isic/augment'),
@@ -202,7 +202,7 @@ rule tables_isic:
     """RL4Med tables (CSV, Markdown, LaTeX): SD vs SD+RL, APR per prompt, augmentation."""
     input:
         sd='data/metrics/isic/sd',
-        rl='data/metrics/isic/rl',
+        rl=expand('data/metrics/isic/rl/seed_{seed}', seed=values('rl.isic.seed')),
         augment='data/metrics/isic/augment',
         medrl_params='data/.params/tables_isic.json',
     output:
@@ -210,3 +210,16 @@ rule tables_isic:
     params:
         medrl=lambda wildcards: declared_keys(['metrics.bootstrap', 'metrics.ci', 'metrics.seed'], wildcards),
     shell: 'python workflow/entry.py tables_isic'
+
+
+rule tables_isic_seeds:
+    """SD+RL - SD in every RL seed of rl.seeds, their mean and spread, and a verdict across seeds."""
+    input:
+        sd='data/metrics/isic/sd',
+        rl=expand('data/metrics/isic/rl/seed_{seed}', seed=values('rl.seeds')),
+        medrl_params='data/.params/tables_isic_seeds.json',
+    output:
+        tables=report(directory('data/tables/isic_seeds'), patterns=['{name,[a-z0-9_]+}.{ext,md|csv}'], caption='../report/table.rst', category='RL4Med-DDPO (ISIC)', subcategory='tables over RL seeds'),
+    params:
+        medrl=lambda wildcards: declared_keys(['rl.seeds'], wildcards),
+    shell: 'python workflow/entry.py tables_isic_seeds'

@@ -12,6 +12,7 @@ from medrl.metrics.bootstrap import diff_from_boot
 from medrl.metrics.rlcf_modes import MODES, PAIRED_MODES
 from medrl.tables import paper as P
 from medrl.tables.render import NA, Recorder, need, need_metric, resolve_run_ids, verdict, write_with_values
+from medrl.tables.seeds import SeedRow, build_seed_table
 
 # Models of Tables 1, 2a and 3 (full schema) and the reward ablations of Table 2b (FID only).
 MAIN_MODELS = ("anchor", "full", "no_ace", "no_rlcf")
@@ -381,6 +382,62 @@ def _unpaired(problems: list[str]) -> list[str]:
 
 
 build_cxrl_tables.__doc__ = (build_cxrl_tables.__doc__ or "") + CXR_SCHEMA_DOC
+
+
+# ----------------------------------------------------------------------------- over RL seeds
+
+# The headline metrics over seeds: (metric path, header, higher is better).
+SEED_METRICS: tuple[tuple[tuple[str, ...], str, bool], ...] = (
+    *((p, _NAMES[k], True) for k, p in _T1), (("fid",), "FID", False), (("msssim",), "MS-SSIM", False))
+
+
+def seed_comparisons(variants: Sequence[str]) -> list[tuple[str, str]]:
+    """The headline differences a - b among ``variants`` (and the anchor): every variant - anchor,
+    then CXRL (full) - every other variant."""
+    pairs = [(v, "anchor") for v in variants]
+    if "full" in variants:
+        pairs += [("full", v) for v in variants if v != "full"]
+    return pairs
+
+
+def build_cxrl_seed_table(
+    anchor: Mapping[str, Any],
+    per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]],
+    run_ids: Mapping[str, str],
+    out_dir: str | Path,
+) -> dict[str, str]:
+    """``cxrl_seeds``: the headline paired differences (``seed_comparisons``) on r_align, AUROC,
+    similarity, FID and MS-SSIM in every RL seed, with mean, spread and the verdict over seeds
+    (medrl.tables.seeds).
+
+    ``anchor``: the anchor's metrics JSON (no RL seed); ``per_seed``: seed -> {variant: metrics
+    JSON} (schema of ``build_cxrl_tables``); ``run_ids``: "anchor" and "<variant>-s<seed>" ->
+    MLflow run id (empty: n/a). A difference that cannot be paired is n/a (noted)."""
+    seeds = list(per_seed)
+    if not seeds:
+        raise DataError("per_seed: no seeds; expected the variants' metrics of at least one RL seed")
+    variants = list(per_seed[seeds[0]])
+    for s in seeds:
+        if list(per_seed[s]) != variants:
+            raise DataError(f"per_seed[{s}]: variants {list(per_seed[s])}; expected {variants} as in seed {seeds[0]}")
+        for v in variants:
+            for path, _, _ in SEED_METRICS:
+                need_metric(per_seed[s][v], list(path), where=f"{v} seed {s}")
+    rid, run_notes = resolve_run_ids(run_ids, ["anchor", *(f"{v}-s{s}" for s in seeds for v in variants)])
+    problems: list[str] = []
+
+    def run_of(m: str, s: int) -> str:
+        return rid["anchor"] if m == "anchor" else rid[f"{m}-s{s}"]
+
+    rows = [SeedRow(f"{a} - {b}", head, hib, 3,
+                    diffs={s: _diff({"anchor": anchor, **per_seed[s]}, a, b, list(path), problems) for s in seeds},
+                    run_ids={s: f"{run_of(a, s)} - {run_of(b, s)}" for s in seeds})
+            for a, b in seed_comparisons(variants) for path, head, hib in SEED_METRICS]
+    notes = ["Anchor: one base model (no RL seed), the same in every column; every other model: one CXRL run per "
+             "seed. Differences resample whole reports (paired, same reports and sampling seeds).",
+             P.CXRL_SOURCE_NOTE, *run_notes, *_unpaired(problems)]
+    return build_seed_table(rows, seeds, Path(out_dir) / "cxrl_seeds",
+                            caption="CXRL: headline differences in every RL seed", label="tab:cxrl-seeds", notes=notes)
 
 
 def build_rlcf_modes_table(m: Mapping[str, Any], run_id: str, out_dir: str | Path) -> dict[str, str]:

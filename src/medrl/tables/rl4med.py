@@ -16,6 +16,7 @@ from medrl.metrics.auroc import auroc_with_ci
 from medrl.metrics.bootstrap import bootstrap_ci, check_metric, diff_from_boot
 from medrl.tables import paper as P
 from medrl.tables.render import NA, Recorder, fmt_num, need, need_metric, resolve_run_ids, verdict, write_with_values
+from medrl.tables.seeds import SeedRow, build_seed_table
 
 MODELS = ("sd", "rl")
 LABELS = {"sd": "SD", "rl": "SD+RL"}
@@ -429,6 +430,42 @@ def _augment_table(augment: Mapping[str, Any], run: str, out_dir: Path,
                    caption="RL4Med-DDPO: synthetic augmentation for artifact subgroups", label="tab:rl4med-augment",
                    notes=notes)
     return paths, claims
+
+
+# ----------------------------------------------------------------------------- over RL seeds
+
+
+def build_rl4med_seed_table(
+    sd: Mapping[str, Any],
+    rl_by_seed: Mapping[int, Mapping[str, Any]],
+    run_ids: Mapping[str, str],
+    out_dir: str | Path,
+    *,
+    sources: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """``rl4med_seeds``: SD+RL - SD on every main column (the paired bootstrap of rl4med_main) in
+    every RL seed, with mean, spread and the verdict over seeds (medrl.tables.seeds).
+
+    ``sd``: the SD metrics JSON; ``rl_by_seed``: seed -> that seed's SD+RL metrics JSON (both as
+    in ``build_rl4med_tables``); ``run_ids``: "sd" and "rl-s<seed>" -> MLflow run id (empty: n/a);
+    ``sources``: the same keys -> JSON path, for error messages."""
+    sources = dict(sources or {})
+    seeds = list(rl_by_seed)
+    if not seeds:
+        raise DataError("rl_by_seed: no seeds; expected the SD+RL metrics of at least one RL seed")
+    keys = {s: f"rl-s{s}" for s in seeds}
+    for s in seeds:
+        _validate({"sd": sd, "rl": rl_by_seed[s]}, {}, {"sd": sources.get("sd", "sd"), "rl": sources.get(keys[s], keys[s])})
+    rid, run_notes = resolve_run_ids(run_ids, ["sd", *keys.values()])
+    rows = [SeedRow("SD+RL - SD", head, hib, digits,
+                    diffs={s: diff_from_boot(rl_by_seed[s][key], sd[key], where=f"{keys[s]} - sd ({key})")
+                           for s in seeds},
+                    run_ids={s: f"{rid[keys[s]]} - {rid['sd']}" for s in seeds})
+            for key, head, digits, hib in MAIN_COLUMNS]
+    notes = ["SD: one fine-tuned baseline (no RL seed), the same in every column; SD+RL: one DDPO run per seed.",
+             P.RL4MED_PAPER_NOTE, *run_notes]
+    return build_seed_table(rows, seeds, Path(out_dir) / "rl4med_seeds",
+                            caption="RL4Med-DDPO: SD+RL - SD in every RL seed", label="tab:rl4med-seeds", notes=notes)
 
 
 build_rl4med_tables.__doc__ = (build_rl4med_tables.__doc__ or "") + ISIC_SCHEMA_DOC
