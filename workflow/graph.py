@@ -431,28 +431,37 @@ def finetune_base_cxr(c: Ctx) -> dict:
 
 
 def _classifier(c: Ctx, heads_name: str) -> dict:
+    import shutil
+
     from medrl.data.prompts import ARTIFACTS4, HEADS6
     from medrl.io import read_table
     from medrl.models.classifiers import train_classifier
+    from medrl.models.latents import add_vae_roundtrips
 
-    k = c.params.classifiers.isic
+    k, size = c.params.classifiers.isic, c.params.isic.prepare.size
     # the metric model (H=4) is independent of the reward (H=6): disjoint split and another seed
     heads, split, seed = (HEADS6, "train", k.seed) if heads_name == "h6" else (ARTIFACTS4, "cls_b", k.seed + 1)
     items = read_table(c.deps["prepared"] / "items.csv", ["path", "split", *heads])
-    return train_classifier(items, heads, c.outs["clf"], train_split=split, eval_split="test",
-                            size=c.params.isic.prepare.size, epochs=k.epochs, batch_size=k.batch_size, lr=k.lr,
-                            seed=seed, imagenet_weights=k.imagenet_weights, ckpt_dir=c.ckpt, device=c.device,
-                            pixel_branch=k.pixel_branch, blur_prob=k.blur_prob)
+    roundtrips = c.ckpt / "roundtrips"
+    if k.roundtrip:  # judge the decoder's domain too: the same images through the stack's VAE
+        items = add_vae_roundtrips(c.deps["stack"], items, split, roundtrips, size=size, device=c.device)
+    metrics = train_classifier(items, heads, c.outs["clf"], train_split=split, eval_split="test", size=size,
+                               epochs=k.epochs, batch_size=k.batch_size, lr=k.lr, seed=seed,
+                               imagenet_weights=k.imagenet_weights, ckpt_dir=c.ckpt, device=c.device,
+                               pixel_branch=k.pixel_branch, blur_prob=k.blur_prob)
+    shutil.rmtree(roundtrips, ignore_errors=True)
+    return metrics
 
 
-@stage(track="isic", deps={"prepared": "data/prepared/isic"}, outs={"clf": "data/models/isic/clf_h6"},
-       params=("classifiers.isic", "isic.prepare.size"), gpu=True)
+@stage(track="isic", deps={"prepared": "data/prepared/isic", "stack": "data/models/isic/stack"},
+       outs={"clf": "data/models/isic/clf_h6"}, params=("classifiers.isic", "isic.prepare.size"), gpu=True)
 def classifier_isic_h6(c: Ctx) -> dict:
     """H=6 artifact + diagnosis classifier (EfficientNet-B0) on the train split: the RL reward."""
     return _classifier(c, "h6")
 
 
-@stage(track="isic", deps={"prepared": "data/prepared/isic"}, outs={"clf": "data/models/isic/clf_h4"},
+@stage(track="isic", deps={"prepared": "data/prepared/isic", "stack": "data/models/isic/stack"},
+       outs={"clf": "data/models/isic/clf_h4"},
        params=("classifiers.isic", "isic.prepare.size"), gpu=True)
 def classifier_isic_h4(c: Ctx) -> dict:
     """H=4 artifact classifier on the disjoint cls_b split: the APR metric model."""

@@ -190,6 +190,7 @@ class IsicClassifier(TrainCfg):
     imagenet_weights: Optional[str] = None
     pixel_branch: int = Field(0, ge=0)
     blur_prob: float = Field(0.0, ge=0, le=1)  # share of training images blurred like a VAE decode
+    roundtrip: bool = False  # also train on the training images' round trips through the stack's VAE
 
 
 class Posture(TrainCfg):

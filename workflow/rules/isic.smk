@@ -80,6 +80,7 @@ rule classifier_isic_h6:
     """H=6 artifact + diagnosis classifier (EfficientNet-B0) on the train split: the RL reward."""
     input:
         prepared='data/prepared/isic',
+        stack='data/models/isic/stack',
         medrl_params='data/.params/classifier_isic_h6.json',
     output:
         clf=directory('data/models/isic/clf_h6'),
@@ -94,6 +95,7 @@ rule classifier_isic_h4:
     """H=4 artifact classifier on the disjoint cls_b split: the APR metric model."""
     input:
         prepared='data/prepared/isic',
+        stack='data/models/isic/stack',
         medrl_params='data/.params/classifier_isic_h4.json',
     output:
         clf=directory('data/models/isic/clf_h4'),

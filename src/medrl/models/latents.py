@@ -163,3 +163,29 @@ def load_latents(latents_dir: Path, expect_vae: Path | None = None) -> tuple[tor
         raise DataError(f"{d}: latents shape {tuple(latents.shape)} does not match {len(index)} index rows; "
                         "expected (N, C, h, w) with N = rows of index.csv")
     return latents, index
+
+
+def add_vae_roundtrips(stack_dir: Path, items: pd.DataFrame, split: str, out_dir: Path, *, size: int,
+                       mode: str = "RGB", device: str = "cpu", batch_size: int = 64) -> pd.DataFrame:
+    """``items`` plus a copy of its ``split`` rows whose images are their round trips through the
+    stack's VAE (encode, posterior mode, decode), written as PNGs to ``out_dir``. A judge trained on
+    both recognises what a generator in this latent space can draw, not only sharp renders."""
+    rows = items[items["split"] == split]
+    from medrl.io import save_image
+    from medrl.models.tiny_sd import load_vae
+    from medrl.models.vae_train import load_images
+
+    vae = load_vae(str(stack_dir), device=device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in rows["path"]]
+    written: list[str] = []
+    with torch.no_grad():
+        for i in progress(range(0, len(paths), batch_size), desc="VAE round trips", total=-(-len(paths) // batch_size)):
+            x = load_images(paths[i:i + batch_size], size, mode).to(device)
+            rec = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float().clamp(-1, 1)
+            for j, img in enumerate(rec.cpu()):
+                target = out_dir / f"{i + j:06d}.png"
+                save_image((img + 1) / 2, target)
+                written.append(str(target))
+    return pd.concat([items, rows.assign(path=written)], ignore_index=True)

@@ -462,10 +462,33 @@ def build_rl4med_seed_table(
                            for s in seeds},
                     run_ids={s: f"{rid[keys[s]]} - {rid['sd']}" for s in seeds})
             for key, head, digits, hib in MAIN_COLUMNS]
+    planted_rows, planted_notes = _planted_seed_rows(sd, rl_by_seed, keys, rid)
     notes = ["SD: one fine-tuned baseline (no RL seed), the same in every column; SD+RL: one DDPO run per seed.",
-             P.RL4MED_PAPER_NOTE, *run_notes]
+             *planted_notes, P.RL4MED_PAPER_NOTE, *run_notes]
+    rows += planted_rows
     return build_seed_table(rows, seeds, Path(out_dir) / "rl4med_seeds",
                             caption="RL4Med-DDPO: SD+RL - SD in every RL seed", label="tab:rl4med-seeds", notes=notes)
+
+
+def _planted_seed_rows(sd: Mapping[str, Any], rl_by_seed: Mapping[int, Mapping[str, Any]], keys: Mapping[int, str],
+                       rid: Mapping[str, str]) -> tuple[list[Any], list[str]]:
+    """The planted-gap rows of the seeds table (the asked rate should rise, the false rate fall) and
+    a note with the share of the gap each seed closed; nothing without planted metrics."""
+    from medrl.metrics.planted import gap_closed
+
+    if "planted" not in sd or any("planted" not in m for m in rl_by_seed.values()):
+        return [], []
+    p, plant = sd["planted"], sd["planted"]["planted"]
+    rows = [SeedRow("SD+RL - SD", f"{plant['artifact']} rate, {plant['lesion']} prompts {what}", hib, 3,
+                    diffs={s: diff_from_boot(m["planted"][key], p[key], where=f"{keys[s]} - sd (planted {key})")
+                           for s, m in rl_by_seed.items()},
+                    run_ids={s: f"{rid[keys[s]]} - {rid['sd']}" for s in rl_by_seed})
+            for key, what, hib in (("rate", "asking for it", True), ("false_rate", "not asking for it", False))]
+    closed = {s: gap_closed(p, m["planted"]) for s, m in rl_by_seed.items()}
+    note = ("Planted gap closed by RL (H=4 evaluator; (SD+RL - SD) / (reference - SD), see rl4med_planted): "
+            + "; ".join(f"seed {s}: asked {_pct(c['rate'])}, not asked {_pct(c['false_rate'])}"
+                        for s, c in closed.items()) + ".")
+    return rows, [note]
 
 
 build_rl4med_tables.__doc__ = (build_rl4med_tables.__doc__ or "") + ISIC_SCHEMA_DOC

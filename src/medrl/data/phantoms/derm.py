@@ -220,7 +220,8 @@ def _vasc(cv: _Canvas, img: np.ndarray, rng: np.random.Generator, les: dict) -> 
 
 def _ink(cv: _Canvas, img: np.ndarray, rng: np.random.Generator, les: dict) -> np.ndarray:
     S = cv.S
-    colour = [(0.38, 0.10, 0.62), (0.12, 0.16, 0.70), (0.30, 0.08, 0.55)][rng.integers(3)]
+    # dark marker inks: luminance contrast survives a VAE that loses hue (NOTEBOOK ISIC-09)
+    colour = [(0.22, 0.05, 0.40), (0.06, 0.08, 0.42), (0.18, 0.04, 0.32)][rng.integers(3)]
     im, dr = cv.mask()
     # >= 4 output px wide: thinner strokes do not survive the 16x16 latent (NOTEBOOK ISIC-09)
     width = max(2, round(S * rng.uniform(0.06, 0.08)))
@@ -327,7 +328,7 @@ def _gel_bubble(cv: _Canvas, img: np.ndarray, rng: np.random.Generator) -> np.nd
         inside = np.clip((1 - d) * rad * cv.S / 2 + 0.5, 0, 1)
         _blend(sub, (1.0, 1.0, 1.0), inside * (0.25 + 0.3 * d.clip(0, 1) ** 4))
         outer = np.exp(-(((d - 1.1) / 0.1) ** 2))  # dark refraction edge just outside the rim
-        sub *= (1 - 0.6 * outer)[..., None]
+        sub *= (1 - 0.8 * outer)[..., None]
         rim = np.exp(-(((d - 0.92) / 0.1) ** 2))
         _blend(sub, (1.0, 1.0, 1.0), rim * 0.9)
         hd = np.sqrt((x - bx + 0.4 * rad) ** 2 + (y - by + 0.4 * rad) ** 2) / (0.22 * rad)
