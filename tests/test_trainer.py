@@ -135,6 +135,10 @@ def test_ddpo_raises_toy_reward(stack_sample, tmp_path, monkeypatch):
     assert summary["finished"] == 1.0 and summary["reward_gain"] > 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert list((out / "samples").glob("*.png"))
+    from PIL import Image
+
+    with Image.open(out / "reward_curve.png") as curve:  # the figure of rewards.csv
+        assert curve.format == "PNG" and curve.size[0] > 500
     assert not (tmp_path / "ckpt").exists()  # deleted on success
 
     # Paired check on held-out noise: base vs base + adapter from the same seeds.

@@ -135,7 +135,7 @@ CXR_REPORT = "CXRL (chest X-ray)"
 # LaTeX nor <stem>.values.csv
 _TABLE_PATTERNS = (r"{name,[a-z0-9_]+}.{ext,md|csv}",)
 # RL: the per-epoch reward curve (rewards.csv) and the sample grids of the first prompts
-_RL_PATTERNS = (r"{name,rewards}.csv", r"samples/{name,epoch_\d+}.png")
+_RL_PATTERNS = (r"{name,rewards}.csv", r"{name,reward_curve}.png", r"samples/{name,epoch_\d+}.png")
 
 
 class UndeclaredParamError(RuntimeError):

@@ -40,6 +40,7 @@ from medrl.progress import progress
 from medrl.rl.ace import ACE
 from medrl.rl.ddim import ddim_step_gaussian, gaussian_kl, gaussian_logprob
 from medrl.rl.lora import DEFAULT_TARGETS, add_lora, save_adapter
+from medrl.rl.curves import plot_reward_curve
 from medrl.rl.ppo import PerPromptStatTracker, ppo_loss
 from medrl.rl.sampler import Noise, Sampler, derive_seed, paired_anchor_noise
 from medrl.rl.sampling import guided_eps
@@ -701,6 +702,7 @@ def train_ddpo(
     if summary["finished"] and s.accelerator.is_main_process:
         save_adapter(s.policy.unet, s.policy.ace, out_dir / "adapter")
         write_table(pd.DataFrame(history), out_dir / "rewards.csv")
+        plot_reward_curve(pd.DataFrame(history), out_dir / "reward_curve.png", title=f"DDPO, seed {cfg.seed}")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     s.accelerator.wait_for_everyone()
     return summary
