@@ -256,6 +256,24 @@ def test_latent_store_contents_and_hash_checks(data, tmp_path: Path):
                         size=SIZE, mode="RGB", text_col="prompt")
 
 
+def test_vae_roundtrips_are_added_for_the_training_split(data, tmp_path: Path):
+    from medrl.models.latents import add_vae_roundtrips
+
+    items = data["items"]
+    out = add_vae_roundtrips(data["stack"], items, "train", tmp_path / "rt", size=SIZE, batch_size=5)
+    extra = out.iloc[len(items):]
+    assert out.iloc[: len(items)].equals(items)  # the originals are kept as they were
+    assert len(extra) == 12 and (extra["split"] == "train").all()
+    assert extra["prompt"].tolist() == items.loc[items.split == "train", "prompt"].tolist()
+    vae = _vae(data["stack"]).eval()
+    x = load_images([Path(items["path"][0])], SIZE, "RGB")
+    with torch.no_grad():
+        rec = (vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+    saved = load_images([Path(extra["path"].iloc[0])], SIZE, "RGB")
+    assert torch.allclose((saved + 1) / 2, rec, atol=1 / 255 + 1e-6)  # the decode, 8-bit PNG
+    assert not torch.allclose((saved + 1) / 2, (x + 1) / 2, atol=1 / 255 + 1e-6)  # not the original
+
+
 def test_grayscale_latents(data, tmp_path: Path):
     rows = []
     for i in range(3):
