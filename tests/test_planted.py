@@ -46,9 +46,9 @@ def test_planted_table_reports_rates_and_gap(tmp_path):
 
     sd = planted_rates(per_image(0.4, 0.45, 0), PLANT, BOOT)
     rl = planted_rates(per_image(0.8, 0.15, 0), PLANT, BOOT)
-    paths = _planted_table(sd, rl, {"sd": "r1", "rl": "r2"}, tmp_path, [])
+    paths = _planted_table({"planted": sd}, {"planted": rl}, {"sd": "r1", "rl": "r2"}, tmp_path, [])
     table = pd.read_csv(paths["csv"])
-    assert len(table) == 4 and table["Prompts"][0].startswith("MEL prompts asking for ruler")
+    assert len(table) == 4 and table["Prompts"][0] == "MEL prompts asking for ruler (planted low), H=4 evaluator"
     d = diff_from_boot(rl["rate"], sd["rate"])
     assert d["lo"] > 0  # the paired CI of the asked rate excludes zero
     assert table["gap closed"][0].endswith("%")

@@ -167,6 +167,7 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
     planted = read_planted(prepared_dir)
     if planted is not None:
         result["planted"] = planted_rates(per_image, planted, boot)
+        result["planted_reward_judge"] = planted_rates(per_image, planted, boot, pred_prefix="h6_pred_")
         extra.update({f"planted_{k}": v["value"] for k, v in result["planted"].items() if k in RATES})
     if stack_dir is not None:
         if image_size is None:

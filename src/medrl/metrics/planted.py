@@ -32,17 +32,19 @@ def read_planted(prepared_dir: Path) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
-def planted_rates(per_image: pd.DataFrame, planted: Mapping[str, Any], boot: Mapping[str, Any]) -> dict[str, Any]:
-    """Bootstrap CIs (paired by ``item``) of how often the H=4 evaluator finds the planted artifact,
-    per RATES group. ``per_image`` needs ``prompt``, ``item``, ``target_<artifact>`` and
-    ``pred_<artifact>`` (metrics.apr.evaluate_apr)."""
+def planted_rates(per_image: pd.DataFrame, planted: Mapping[str, Any], boot: Mapping[str, Any],
+                  pred_prefix: str = "pred_") -> dict[str, Any]:
+    """Bootstrap CIs (paired by ``item``) of how often a judge finds the planted artifact, per RATES
+    group. ``per_image`` needs ``prompt``, ``item``, ``target_<artifact>`` and
+    ``<pred_prefix><artifact>``: ``pred_`` is the H=4 evaluator (metrics.apr.evaluate_apr),
+    ``h6_pred_`` the reward classifier (the paper's protocol)."""
     from medrl.data.prompts import prompt_to_labels
     from medrl.metrics.bootstrap import bootstrap_ci
 
     artifact, lesion = planted["artifact"], planted["lesion"]
     of_lesion = np.array([prompt_to_labels(p)[lesion] == 1 for p in per_image["prompt"]])
     asked = per_image[f"target_{artifact}"].to_numpy() == 1
-    pred = per_image[f"pred_{artifact}"].to_numpy(float)
+    pred = per_image[f"{pred_prefix}{artifact}"].to_numpy(float)
     out: dict[str, Any] = {"planted": dict(planted)}
     for name, (want_lesion, want_asked) in RATES.items():
         mask = (of_lesion == want_lesion) & (asked == want_asked)

@@ -195,7 +195,7 @@ def build_rl4med_tables(
     written["rl4med_main"] = _main_table(metrics, diffs, rid, out_dir, common, perceptual_names)
     written["rl4med_apr_per_prompt"] = _apr_per_prompt_table(sd, rl, rid, out_dir, common)
     if "planted" in sd and "planted" in rl:
-        written["rl4med_planted"] = _planted_table(sd["planted"], rl["planted"], rid, out_dir, common)
+        written["rl4med_planted"] = _planted_table(sd, rl, rid, out_dir, common)
     aug_claims: list[tuple[str, dict | None]] = []
     if augment is not None:
         written["rl4med_augment"], aug_claims = _augment_table(augment, rid["augment"], out_dir, common)
@@ -300,23 +300,43 @@ _PLANTED_ROWS = {
 }
 
 
-def _planted_table(sd: Mapping[str, Any], rl: Mapping[str, Any], rid: Mapping[str, str], out_dir: Path,
+def _planted_table(sd_all: Mapping[str, Any], rl_all: Mapping[str, Any], rid: Mapping[str, str], out_dir: Path,
                    common: list[str]) -> dict[str, str]:
     """rl4med_planted: how often the planted artifact is drawn, SD vs SD+RL, and the share of the
-    planted gap RL closed (metrics.planted)."""
-    from medrl.metrics.planted import gap_closed
-
-    plant = sd["planted"]
+    planted gap RL closed (metrics.planted), judged by the H=4 evaluator and by the reward model."""
+    plant = sd_all["planted"]["planted"]
     words = {"lesion": plant["lesion"], "artifact": plant["artifact"],
              "other": "NV" if plant["lesion"] == "MEL" else "MEL"}
+    rec = Recorder("rl4med_planted")
+    rows: list[dict[str, Any]] = []
+    for block, judge in (("planted", "H=4 evaluator"), ("planted_reward_judge", "H=6 reward model")):
+        if block in sd_all and block in rl_all:
+            rows += _planted_rows(rec, sd_all[block], rl_all[block], judge, words, rid)
+    notes = common + [
+        f"Planted deficiency: in the base model's fine-tune captions of {plant['lesion']} images, '{plant['artifact']}' "
+        f"is stated truthfully with probability {plant['caption_fidelity']:.2f}, else drawn at its prevalence "
+        f"{plant['prevalence']:.2f}: the planted rate of {plant['artifact']} where asked is {plant['planted_rate']:.2f}, "
+        f"where not asked {plant['planted_false_rate']:.2f} (measured in the data: {plant['measured_rate']:.2f}, "
+        f"{plant['measured_false_rate']:.2f}). Rates: share of generated images in which the judge finds the "
+        "artifact; claims are read on the H=4 evaluator (disjoint training split and seed, not the reward). Gap "
+        "closed = (SD+RL - SD) / (reference - SD), the reference being SD's rate on the other lesion's prompts.",
+    ]
+    return write_with_values(pd.DataFrame(rows), out_dir / "rl4med_planted", rec,
+                             caption="RL4Med-DDPO: the planted prompt-following gap, SD vs SD+RL",
+                             label="tab:rl4med-planted", notes=notes)
+
+
+def _planted_rows(rec: Recorder, sd: Mapping[str, Any], rl: Mapping[str, Any], judge: str, words: Mapping[str, str],
+                  rid: Mapping[str, str]) -> list[dict[str, Any]]:
+    from medrl.metrics.planted import gap_closed
+
     closed = gap_closed(sd, rl)
     pair_run = f"{rid['rl']} - {rid['sd']}"
-    rec = Recorder("rl4med_planted")
     rows = []
     for key, label in _PLANTED_ROWS.items():
         if key not in sd or key not in rl:
             continue
-        name = label.format(**words)
+        name = f"{label.format(**words)}, {judge}"
         rows.append({
             "Prompts": name,
             "SD": rec.ours(name, "SD", sd[key], model="sd", run_id=rid["sd"], digits=3),
@@ -326,18 +346,7 @@ def _planted_table(sd: Mapping[str, Any], rl: Mapping[str, Any], rid: Mapping[st
             "gap closed": _pct(closed[key]) if key in closed else "",
             "n (SD/RL)": f"{sd[key]['n']}/{rl[key]['n']}",
         })
-    notes = common + [
-        f"Planted deficiency: in the base model's fine-tune captions of {plant['lesion']} images, '{plant['artifact']}' "
-        f"is stated truthfully with probability {plant['caption_fidelity']:.2f}, else drawn at its prevalence "
-        f"{plant['prevalence']:.2f}: the planted rate of {plant['artifact']} where asked is {plant['planted_rate']:.2f}, "
-        f"where not asked {plant['planted_false_rate']:.2f} (measured in the data: {plant['measured_rate']:.2f}, "
-        f"{plant['measured_false_rate']:.2f}). Rates: share of generated images in which the H=4 metric classifier "
-        "(not the reward) finds the artifact. Gap closed = (SD+RL - SD) / (reference - SD), the reference being SD's "
-        "rate on the other lesion's prompts.",
-    ]
-    return write_with_values(pd.DataFrame(rows), out_dir / "rl4med_planted", rec,
-                             caption="RL4Med-DDPO: the planted prompt-following gap, SD vs SD+RL",
-                             label="tab:rl4med-planted", notes=notes)
+    return rows
 
 
 def _claims_table(diffs: Mapping[str, dict | None], aug_claims: list[tuple[str, dict | None]],
