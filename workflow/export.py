@@ -101,6 +101,8 @@ def smk_rule(s: Stage) -> str:
     if s.gpu:
         lines.append("    resources:")
         lines.append("        **GPU_RESOURCES,")
+    if s.priority:
+        lines.append(f"    priority: {s.priority}")
     lines.append(f"    shell: {_py(s.cmd(lambda w: '{wildcards.' + w + '}'))}")
     return "\n".join(lines) + "\n"
 

@@ -73,6 +73,7 @@ class Stage:
     foreach: tuple[Grid, ...] = ()  # the jobs: the union of each grid's combinations; () = one job
     expand: dict[str, Grid] = field(default_factory=dict)  # aggregate: dep name -> the grid its path expands over
     report: tuple[Report, ...] = ()  # outputs shown by `snakemake --report` (Snakemake only)
+    priority: int = 0  # Snakemake runs higher first among ready jobs: the critical path's long stages
     doc: str = ""
 
     @property
@@ -388,14 +389,14 @@ def _latents(c: Ctx, track: str) -> dict:
 
 
 @stage(track="isic", deps={"stack": "data/models/isic/stack", "prepared": "data/prepared/isic"},
-       outs={"latents": "data/latents/isic"}, params=("isic.prepare.size",))
+       outs={"latents": "data/latents/isic"}, params=("isic.prepare.size",), priority=10)
 def latents_isic(c: Ctx) -> dict:
     """VAE latents of every prepared ISIC image, content-hashed against the VAE."""
     return _latents(c, "isic")
 
 
 @stage(track="cxr", deps={"stack": "data/models/cxr/stack", "prepared": "data/prepared/cxr"},
-       outs={"latents": "data/latents/cxr"}, params=("cxr.prepare.size",))
+       outs={"latents": "data/latents/cxr"}, params=("cxr.prepare.size",), priority=10)
 def latents_cxr(c: Ctx) -> dict:
     """VAE latents of every prepared CXR image, content-hashed against the VAE."""
     return _latents(c, "cxr")
@@ -413,7 +414,7 @@ def _finetune(c: Ctx, track: str) -> dict:
 
 @stage(track="isic", deps={"stack": "data/models/isic/stack", "latents": "data/latents/isic"},
        outs={"base": "data/models/isic/base"}, params=("models.finetune_base", "models.isic.unet_weights", "run.mixed_precision"),
-       gpu=True, accelerate=True)
+       gpu=True, accelerate=True, priority=10)
 def finetune_base_isic(c: Ctx) -> dict:
     """The 'SD fine-tuned on ISIC' baseline: supervised text-to-image fine-tuning of the UNet."""
     return _finetune(c, "isic")
@@ -421,7 +422,7 @@ def finetune_base_isic(c: Ctx) -> dict:
 
 @stage(track="cxr", deps={"stack": "data/models/cxr/stack", "latents": "data/latents/cxr"},
        outs={"base": "data/models/cxr/base"}, params=("models.finetune_base", "models.cxr.unet_weights", "run.mixed_precision"),
-       gpu=True, accelerate=True)
+       gpu=True, accelerate=True, priority=10)
 def finetune_base_cxr(c: Ctx) -> dict:
     """The anchor (RoentGen's role): supervised report-to-CXR fine-tuning of the UNet."""
     return _finetune(c, "cxr")

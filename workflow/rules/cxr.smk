@@ -59,6 +59,7 @@ rule latents_cxr:
         latents=directory('data/latents/cxr'),
     params:
         medrl=lambda wildcards: declared_keys(['cxr.prepare.size'], wildcards),
+    priority: 10
     shell: 'python workflow/entry.py latents_cxr'
 
 
@@ -74,6 +75,7 @@ rule finetune_base_cxr:
         medrl=lambda wildcards: declared_keys(['models.finetune_base', 'models.cxr.unet_weights', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
+    priority: 10
     shell: 'accelerate launch workflow/entry.py finetune_base_cxr'
 
 

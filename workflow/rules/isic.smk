@@ -58,6 +58,7 @@ rule latents_isic:
         latents=directory('data/latents/isic'),
     params:
         medrl=lambda wildcards: declared_keys(['isic.prepare.size'], wildcards),
+    priority: 10
     shell: 'python workflow/entry.py latents_isic'
 
 
@@ -73,6 +74,7 @@ rule finetune_base_isic:
         medrl=lambda wildcards: declared_keys(['models.finetune_base', 'models.isic.unet_weights', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
+    priority: 10
     shell: 'accelerate launch workflow/entry.py finetune_base_isic'
 
 
