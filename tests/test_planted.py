@@ -53,3 +53,16 @@ def test_planted_table_reports_rates_and_gap(tmp_path):
     assert d["lo"] > 0  # the paired CI of the asked rate excludes zero
     assert table["gap closed"][0].endswith("%")
     assert "planted rate of ruler where asked is 0.42" in (tmp_path / "rl4med_planted.md").read_text()
+
+
+def test_gap_to_the_vae_ceiling():
+    """With the ceiling as target, the gap does not depend on how well SD follows the other lesion's prompts."""
+    from medrl.metrics.planted import ceiling_rates
+
+    vc = {"vae_roundtrip": {"fires_when_present": {"ruler": 0.9}, "fires_when_absent": {"ruler": 0.1}}}
+    target = ceiling_rates(vc, "ruler")
+    assert target == {"rate": 0.9, "false_rate": 0.1} and ceiling_rates(None, "ruler") is None
+    sd, rl = {"rate": {"value": 0.4}, "false_rate": {"value": 0.4}}, {"rate": {"value": 0.65}, "false_rate": {"value": 0.25}}
+    closed = gap_closed(sd, rl, target)
+    assert closed["rate"] == pytest.approx(0.5) and closed["false_rate"] == pytest.approx(0.5)
+    assert gap_closed(sd, rl)["rate"] is None  # no reference rates and no target: nothing to close

@@ -53,14 +53,31 @@ def planted_rates(per_image: pd.DataFrame, planted: Mapping[str, Any], boot: Map
     return out
 
 
-def gap_closed(sd: Mapping[str, Any], rl: Mapping[str, Any]) -> dict[str, float | None]:
-    """Share of the planted gap RL closed: (RL - SD) / (reference - SD) on the SD model's rates, for
-    the asked rate (should rise) and the false rate (should fall); None where SD shows no gap."""
+def ceiling_rates(vae_ceiling: Mapping[str, Any] | None, artifact: str) -> dict[str, float] | None:
+    """What a model that follows every prompt would score under the evaluator: how often it finds
+    the artifact on real test images after a round trip through the VAE (present: the asked rate's
+    target; absent: the false rate's), from ``metrics.isic_eval.vae_artifact_ceiling``."""
+    if not vae_ceiling:
+        return None
+    rt = vae_ceiling["vae_roundtrip"]
+    present, absent = rt["fires_when_present"].get(artifact), rt["fires_when_absent"].get(artifact)
+    if present is None or absent is None:
+        return None
+    return {"rate": float(present), "false_rate": float(absent)}
+
+
+def gap_closed(sd: Mapping[str, Any], rl: Mapping[str, Any], target: Mapping[str, float] | None = None
+               ) -> dict[str, float | None]:
+    """Share of the planted gap RL closed, (RL - SD) / (target - SD), for the asked rate (should
+    rise) and the false rate (should fall). ``target``: ``ceiling_rates`` (a model that follows
+    every prompt, seen through the VAE); without it, SD's own rates on the other lesion's
+    prompts. None where there is no gap to close."""
     out: dict[str, float | None] = {}
     for name, ref in (("rate", "reference_rate"), ("false_rate", "reference_false_rate")):
-        if name not in sd or ref not in sd or name not in rl:
+        goal = target[name] if target is not None else (sd[ref]["value"] if ref in sd else None)
+        if name not in sd or name not in rl or goal is None:
             out[name] = None
             continue
-        gap = sd[ref]["value"] - sd[name]["value"]
+        gap = goal - sd[name]["value"]
         out[name] = (rl[name]["value"] - sd[name]["value"]) / gap if abs(gap) > 1e-9 else None
     return out

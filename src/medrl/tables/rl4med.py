@@ -307,30 +307,42 @@ def _planted_table(sd_all: Mapping[str, Any], rl_all: Mapping[str, Any], rid: Ma
     plant = sd_all["planted"]["planted"]
     words = {"lesion": plant["lesion"], "artifact": plant["artifact"],
              "other": "NV" if plant["lesion"] == "MEL" else "MEL"}
+    from medrl.metrics.planted import ceiling_rates
+
+    target = ceiling_rates(sd_all.get("vae_ceiling"), plant["artifact"])
     rec = Recorder("rl4med_planted")
     rows: list[dict[str, Any]] = []
     for block, judge in (("planted", "H=4 evaluator"), ("planted_reward_judge", "H=6 reward model")):
-        if block in sd_all and block in rl_all:
-            rows += _planted_rows(rec, sd_all[block], rl_all[block], judge, words, rid)
+        if block in sd_all and block in rl_all:  # the gap is measured on the evaluator only
+            rows += _planted_rows(rec, sd_all[block], rl_all[block], judge, words, rid,
+                                  target if block == "planted" else None)
     notes = common + [
         f"Planted deficiency: in the base model's fine-tune captions of {plant['lesion']} images, '{plant['artifact']}' "
         f"is stated truthfully with probability {plant['caption_fidelity']:.2f}, else drawn at its prevalence "
         f"{plant['prevalence']:.2f}: the planted rate of {plant['artifact']} where asked is {plant['planted_rate']:.2f}, "
         f"where not asked {plant['planted_false_rate']:.2f} (measured in the data: {plant['measured_rate']:.2f}, "
         f"{plant['measured_false_rate']:.2f}). Rates: share of generated images in which the judge finds the "
-        "artifact; claims are read on the H=4 evaluator (disjoint training split and seed, not the reward). Gap "
-        "closed = (SD+RL - SD) / (reference - SD), the reference being SD's rate on the other lesion's prompts.",
+        "artifact; claims are read on the H=4 evaluator (disjoint training split and seed, not the reward). "
+        + _gap_note(target, plant["artifact"]),
     ]
     return write_with_values(pd.DataFrame(rows), out_dir / "rl4med_planted", rec,
                              caption="RL4Med-DDPO: the planted prompt-following gap, SD vs SD+RL",
                              label="tab:rl4med-planted", notes=notes)
 
 
+def _gap_note(target: Mapping[str, float] | None, artifact: str) -> str:
+    if target is None:
+        return "Gap closed = (SD+RL - SD) / (reference - SD), the reference being SD's rate on the other lesion's prompts."
+    return (f"Gap closed = (SD+RL - SD) / (target - SD), the target being what a model that follows every prompt scores "
+            f"here: the H=4 evaluator on real test images after a round trip through the VAE finds {artifact} on "
+            f"{_pct(target['rate'])} of those that have it and on {_pct(target['false_rate'])} of those that do not.")
+
+
 def _planted_rows(rec: Recorder, sd: Mapping[str, Any], rl: Mapping[str, Any], judge: str, words: Mapping[str, str],
-                  rid: Mapping[str, str]) -> list[dict[str, Any]]:
+                  rid: Mapping[str, str], target: Mapping[str, float] | None) -> list[dict[str, Any]]:
     from medrl.metrics.planted import gap_closed
 
-    closed = gap_closed(sd, rl)
+    closed = gap_closed(sd, rl, target) if judge.startswith("H=4") else {}
     pair_run = f"{rid['rl']} - {rid['sd']}"
     rows = []
     for key, label in _PLANTED_ROWS.items():
@@ -483,7 +495,7 @@ def _planted_seed_rows(sd: Mapping[str, Any], rl_by_seed: Mapping[int, Mapping[s
                        rid: Mapping[str, str]) -> tuple[list[Any], list[str]]:
     """The planted-gap rows of the seeds table (the asked rate should rise, the false rate fall) and
     a note with the share of the gap each seed closed; nothing without planted metrics."""
-    from medrl.metrics.planted import gap_closed
+    from medrl.metrics.planted import ceiling_rates, gap_closed
 
     if "planted" not in sd or any("planted" not in m for m in rl_by_seed.values()):
         return [], []
@@ -493,8 +505,9 @@ def _planted_seed_rows(sd: Mapping[str, Any], rl_by_seed: Mapping[int, Mapping[s
                            for s, m in rl_by_seed.items()},
                     run_ids={s: f"{rid[keys[s]]} - {rid['sd']}" for s in rl_by_seed})
             for key, what, hib in (("rate", "asking for it", True), ("false_rate", "not asking for it", False))]
-    closed = {s: gap_closed(p, m["planted"]) for s, m in rl_by_seed.items()}
-    note = ("Planted gap closed by RL (H=4 evaluator; (SD+RL - SD) / (reference - SD), see rl4med_planted): "
+    target = ceiling_rates(sd.get("vae_ceiling"), plant["artifact"])
+    closed = {s: gap_closed(p, m["planted"], target) for s, m in rl_by_seed.items()}
+    note = ("Planted gap closed by RL (H=4 evaluator; (SD+RL - SD) / (target - SD), see rl4med_planted): "
             + "; ".join(f"seed {s}: asked {_pct(c['rate'])}, not asked {_pct(c['false_rate'])}"
                         for s, c in closed.items()) + ".")
     return rows, [note]
