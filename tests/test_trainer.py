@@ -462,11 +462,14 @@ def test_config_from_the_stages_params_view():
 
     params = validate_params(small_params(), check_paths=False)
     variant = next(iter(params.rl.cxr.variants))
-    for stage, track, wild in (("rl_isic", "isic", {}), ("rl_cxr", "cxr", {"variant": variant})):
-        ctx = type("Ctx", (), {"params": stage_params(STAGES[stage], params, wild)})()
+    for stage, track, wild in (("rl_isic", "isic", {"seed": "2"}), ("rl_cxr", "cxr", {"variant": variant, "seed": "1"})):
+        ctx = type("Ctx", (), {"params": stage_params(STAGES[stage], params, wild), "wildcards": wild})()
         cfg = _ddpo_config(ctx, track, use_ace=track == "cxr")
         assert cfg.epochs == getattr(params.rl, track).epochs and cfg.num_steps == params.rl.common.num_steps
         assert cfg.base_reward_every == params.rl.common.base_reward_every
+        assert cfg.seed == int(wild["seed"])  # the seed comes from the job's wildcard
+        reps = getattr(params.rl, track).prompt_repeats
+        assert cfg.prompt_repeats == (params.rl.common.prompt_repeats if reps is None else reps)
 
 
 # ----------------------------------------------------------------------------- 2 processes
