@@ -363,3 +363,18 @@ def test_finetune_with_unet_weights_skips_training(data, tmp_path: Path):
     for k, v in load_components(str(tmp_path / "out")).unet.state_dict().items():
         assert torch.equal(v, sd[k]), k
     load_latents(data["latents"], expect_vae=tmp_path / "out")
+
+
+def test_the_one_lr_schedule_of_the_step_based_trainers():
+    """vae_train: warm-up then cosine to lr/10; finetune: warm-up then constant; both from warmup_lr."""
+    from medrl.models.training import cosine_lr, default_warmup, warmup_lr
+
+    steps, lr = 800, 1e-3
+    w = default_warmup(steps)
+    assert w == 40 and default_warmup(10) == 1 and default_warmup(10_000) == 100
+    vae = [warmup_lr(lr, s, steps, warmup=w, floor=0.1) for s in range(steps)]
+    assert vae[0] == pytest.approx(lr / w) and vae[w] == pytest.approx(lr) and vae[-1] == pytest.approx(0.1 * lr, rel=1e-3)
+    assert all(a >= b for a, b in zip(vae[w:], vae[w + 1:]))  # decays monotonically after the warm-up
+    const = [warmup_lr(lr, s, steps, warmup=w, decay="constant") for s in range(steps)]
+    assert const[w - 1:] == [lr] * (steps - w + 1) and const[0] == pytest.approx(lr / w)
+    assert cosine_lr(lr, steps, steps) == pytest.approx(0.0) and cosine_lr(lr, 0, steps, warmup=4) == lr / 4

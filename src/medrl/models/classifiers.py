@@ -40,6 +40,7 @@ from torch import nn
 
 from medrl.errors import DataError
 from medrl.io import atomic_path, read_json, write_json
+from medrl.models.training import fingerprint
 from medrl.progress import progress
 
 __all__ = [
@@ -405,10 +406,6 @@ def recalibrate_bn_loader(model: nn.Module, loader: Any, device: torch.device) -
     recalibrate_bn(model, (_split_batch(b)[0].float() for b in progress(loader, desc="recalibrate BatchNorm", total=len(loader))), device)
 
 
-def _fingerprint(**kw: Any) -> str:
-    return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _save_ckpt(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, meta: dict[str, Any]) -> None:
     """Model + AdamW state in one safetensors file; non-tensor state as JSON metadata."""
     from safetensors.torch import save_file
@@ -504,7 +501,7 @@ def train_classifier(
     train_rows = _check_items(items, heads, train_split, "training")
     eval_rows = _check_items(items, heads, eval_split, "evaluation")
     dev = torch.device(device)
-    fingerprint = _fingerprint(
+    fp = fingerprint(
         heads=heads, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
         wd=weight_decay, imagenet_weights=imagenet_weights, pixel_branch=pixel_branch, blur_prob=blur_prob,
         train=hashlib.sha256("\n".join(train_rows["path"].astype(str)).encode()).hexdigest(),
@@ -514,7 +511,7 @@ def train_classifier(
     ckpt = ckpt_dir / _CKPT_NAME
     t0 = time.perf_counter()
     model, losses = _fit_classifier(
-        ds, heads, dev, ckpt, fingerprint, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+        ds, heads, dev, ckpt, fp, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, imagenet_weights=imagenet_weights, weight_decay=weight_decay, num_workers=num_workers,
         pixel_branch=pixel_branch, blur_prob=blur_prob)
     train_s = time.perf_counter() - t0

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from medrl.errors import DataError
 from medrl.io import hash_path, write_table
+from medrl.models.training import default_warmup, warmup_lr
 from medrl.progress import progress
 
 # Step / epoch generators are seeded by seed * _MIX + counter: distinct streams per step.
@@ -48,10 +49,8 @@ def _batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0,
     return perm[start:start + batch_size]
 
 
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up over the first 5 % (at most 100) steps, then constant."""
-    warm = min(100, max(1, steps // 20))
-    return lr * min(1.0, (step + 1) / warm)
+def _lr(step: int, steps: int, lr: float) -> float:
+    return warmup_lr(lr, step, steps, warmup=default_warmup(steps), decay="constant")  # warm-up, then constant
 
 
 def write_stack_with_unet(stack_dir: Path, unet, out_dir: Path) -> None:
@@ -128,7 +127,7 @@ def finetune_base(
     t0 = time.perf_counter()
     for step in progress(range(start, steps), desc="finetune unet", total=steps - start):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr)
+            g["lr"] = _lr(step, steps, lr)
         loss = _denoising_loss(accelerator, unet, c.scheduler, lat, emb, text_idx, step=step, seed=seed,
                                batch_size=batch_size, cond_dropout=cond_dropout, n_train_t=n_train_t,
                                pred_type=pred_type)
@@ -138,7 +137,7 @@ def finetune_base(
         if done % checkpoint_every == 0 and done < steps:
             _checkpoint(accelerator, unet, opt, ckpt_dir, done, losses, config)
         if log_fn is not None and main and (done % log_every == 0 or done == steps):
-            log_fn({"finetune_loss": _mean(losses[-log_every:]), "finetune_lr": _lr_at(step, steps, lr)}, done)
+            log_fn({"finetune_loss": _mean(losses[-log_every:]), "finetune_lr": _lr(step, steps, lr)}, done)
         if callback is not None:
             callback(done, value)
     elapsed = time.perf_counter() - t0

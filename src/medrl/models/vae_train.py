@@ -25,6 +25,7 @@ import torch
 
 from medrl.errors import DataError
 from medrl.io import load_image
+from medrl.models.training import default_warmup, warmup_lr
 from medrl.progress import progress
 
 _CKPT = "latest"
@@ -96,15 +97,6 @@ def load_images(paths: list[Path], size: int, mode: str) -> torch.Tensor:
         img = load_image(p, size=size, mode=mode)
         out[i] = img.expand(3, -1, -1) if mode == "L" else img
     return out * 2.0 - 1.0
-
-
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up then cosine decay to lr/10 (a function of the step: resumable)."""
-    warm = min(100, max(1, steps // 20))
-    if step < warm:
-        return lr * (step + 1) / warm
-    t = (step - warm) / max(1, steps - warm)
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +216,7 @@ def train_vae(
     t0 = time.perf_counter()
     for step in progress(range(start, steps), desc="train vae", total=steps - start):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr)
+            g["lr"] = warmup_lr(lr, step, steps, warmup=default_warmup(steps), floor=0.1)  # cosine to lr/10
         loss = _vae_step_loss(vae, train, gen, batch_size=batch_size, hflip=hflip, device=device, size=size,
                               weights=weights)
         opt.zero_grad(set_to_none=True)
