@@ -6,9 +6,8 @@ resolve relative paths against the working directory.
 """
 from __future__ import annotations
 
-import shutil
-
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
