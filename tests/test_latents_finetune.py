@@ -325,6 +325,30 @@ def test_finetune_reduces_loss_and_writes_full_stack(data, tmp_path: Path):
     assert not any(p.requires_grad for p in c.unet.parameters())
 
 
+def test_finetune_can_train_the_text_encoder_and_resumes_exactly(data, tmp_path: Path):
+    from medrl.io import hash_path
+
+    kw = dict(steps=6, batch_size=4, lr=1e-3, cond_dropout=0.5, checkpoint_every=2, seed=1, train_text_encoder=True)
+    finetune_base(data["stack"], data["latents"], tmp_path / "a", ckpt_dir=tmp_path / "ca", **kw)
+    frozen = dict(kw, train_text_encoder=False)
+    finetune_base(data["stack"], data["latents"], tmp_path / "f", ckpt_dir=tmp_path / "cf", **frozen)
+    # trained: written with the stack and different from the input's; frozen: copied byte for byte
+    assert hash_path(tmp_path / "a" / "text_encoder") != hash_path(data["stack"] / "text_encoder")
+    assert hash_path(tmp_path / "f" / "text_encoder") == hash_path(data["stack"] / "text_encoder")
+    assert hash_path(tmp_path / "a" / "unet") != hash_path(tmp_path / "f" / "unet")
+    load_latents(data["latents"], expect_vae=tmp_path / "a")
+
+    def kill(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune_base(data["stack"], data["latents"], tmp_path / "b", ckpt_dir=tmp_path / "cb", callback=kill, **kw)
+    finetune_base(data["stack"], data["latents"], tmp_path / "b", ckpt_dir=tmp_path / "cb", **kw)
+    for sub in ("unet", "text_encoder"):
+        assert hash_path(tmp_path / "a" / sub) == hash_path(tmp_path / "b" / sub), sub
+
+
 def test_finetune_resume_after_kill_matches_uninterrupted(data, tmp_path: Path):
     kw = dict(steps=6, batch_size=4, lr=1e-3, cond_dropout=0.5, checkpoint_every=2, seed=1)
     finetune_base(data["stack"], data["latents"], tmp_path / "a", ckpt_dir=tmp_path / "ca", **kw)

@@ -443,3 +443,23 @@ def test_module_spec_features_callable_and_preprocessing(image_sets):
     # a bare nn.Module is accepted as well (forward = features)
     f_mod, _ = FD.extract_features(paths["real"][:6], net, verbose=False)
     np.testing.assert_allclose(f_mod, f_whole, rtol=1e-5, atol=1e-6)
+
+
+def test_standardized_features_weigh_every_dimension_alike():
+    # One dimension with a huge scale decides the raw FID alone; after z-scoring by the real set a
+    # shift in the other dimensions is seen, and rescaling any dimension changes nothing.
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 8))
+    fake = rng.normal(size=(200, 8))
+    fake[:, 1:] += 0.5
+    scale = np.ones(8)
+    scale[0] = 1e3
+    raw_scaled = FD.fid_from_features(real * scale, fake * scale)
+    raw_plain = FD.fid_from_features(real, fake)
+    assert raw_scaled > 30 * raw_plain  # the big dimension's noise swamps the real shift
+    z_scaled = FD.fid_from_features(*FD.standardize_features(real * scale, fake * scale))
+    z_plain = FD.fid_from_features(*FD.standardize_features(real, fake))
+    assert z_scaled == pytest.approx(z_plain, rel=1e-4)
+    assert z_plain > 7 * 0.25 * 0.8  # the 0.5 shift in 7 dimensions is what it measures
+    const = np.c_[real, np.ones(len(real))], np.c_[fake, np.ones(len(fake))]
+    assert FD.standardize_features(*const)[0].shape[1] == 8  # constant dimensions dropped

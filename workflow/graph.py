@@ -409,7 +409,7 @@ def _finetune(c: Ctx, track: str) -> dict:
     return finetune_base(c.deps["stack"], c.deps["latents"], c.outs["base"], steps=f.steps, batch_size=f.batch_size,
                          lr=f.lr, cond_dropout=f.cond_dropout, checkpoint_every=f.checkpoint_every, seed=f.seed,
                          ckpt_dir=c.ckpt, unet_weights=getattr(c.params.models, track).unet_weights,
-                         device=c.device, mixed_precision=c.params.run.mixed_precision, log_fn=c.log)
+                         train_text_encoder=f.train_text_encoder, device=c.device, mixed_precision=c.params.run.mixed_precision, log_fn=c.log)
 
 
 @stage(track="isic", deps={"stack": "data/models/isic/stack", "latents": "data/latents/isic"},

@@ -168,6 +168,7 @@ class FinetuneBase(_S):
     cond_dropout: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(500, ge=1)
     seed: Seed = 0
+    train_text_encoder: bool = False
 
 
 class Models(_S):

@@ -341,6 +341,14 @@ def extract_features(
 # ----------------------------------------------------------------------------- FID / KID maths
 
 
+def standardize_features(f_real: np.ndarray, f_fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both sets z-scored per dimension by the real set's mean and s.d. (constant dimensions dropped)."""
+    mu, sd = f_real.mean(0), f_real.std(0)
+    keep = sd > 1e-6 * max(float(sd.max()), 1e-12)
+    z = lambda f: ((f[:, keep] - mu[keep]) / sd[keep]).astype(np.float32)  # noqa: E731
+    return z(f_real), z(f_fake)
+
+
 def fid_from_features(f_real: np.ndarray, f_fake: np.ndarray) -> float:
     """torch-fidelity's FID from two feature matrices."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
@@ -430,6 +438,7 @@ def fid_kid(
     image_size: int | None = None,
     verbose: bool = True,
     fake_clusters: Mapping[str, Any] | None = None,
+    standardize: bool = False,
 ) -> dict[str, Any]:
     """FID and KID between real and generated images, with bootstrap CIs.
 
@@ -439,7 +448,9 @@ def fid_kid(
     ints, torch-fidelity's numbers), ``fid_metric`` / ``kid_metric`` (Metric dicts with paired
     replicates, see module docstring), ``feature_extractor`` (description), ``feature_dim``,
     ``kid_subset_size`` (as used). ``fake_clusters`` ({item_key(path): cluster id}, e.g. the
-    report each generated image comes from) resamples the generated images by cluster."""
+    report each generated image comes from) resamples the generated images by cluster.
+    ``standardize``: z-score every feature dimension by the real set's mean and s.d. first, so
+    that no single dimension of a task network's features dominates the distances."""
     real_paths, fake_paths = list_images(real), list_images(fake)
     if len(real_paths) < 2 or len(fake_paths) < 2:
         raise DataError(f"FID/KID need at least 2 images per set; got {len(real_paths)} real ({real!s:.200}), "
@@ -449,6 +460,9 @@ def fid_kid(
     f_real, desc = extract_features(real_paths, extractor, **kw)
     f_fake, _ = extract_features(fake_paths, extractor, **kw)
     n_real, n_fake = len(f_real), len(f_fake)
+    if standardize:
+        f_real, f_fake = standardize_features(f_real, f_fake)
+        desc += ", each dimension z-scored by the real set"
 
     fid = fid_from_features(f_real, f_fake)
     kid_mean, kid_std, used_size = kid_from_features(f_real, f_fake, subset_size=kid_subset_size,

@@ -228,7 +228,7 @@ def _fid_kid_against_real_test(result: dict[str, Any], per_image: pd.DataFrame, 
                                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
     fk = fid_kid(real_test, [Path(p) for p in per_image["path"]], extractor=extractor,
                  weights_path=metrics.get("inception_weights"), kid_subset_size=int(metrics["kid_subset_size"]),
-                 device=device, n_boot=n_boot, ci=ci, seed=seed)
+                 device=device, n_boot=n_boot, ci=ci, seed=seed, standardize=not metrics.get("inception_weights"))
     result.update(fid=fk["fid_metric"], kid=fk["kid_metric"], feature_extractor=fk["feature_extractor"])
     return h4
 

@@ -3,8 +3,10 @@ model that RL starts from: RL4Med fine-tunes SD v1.5 on ISIC; CXRL starts from R
 
 Standard SD training: noise the cached latents at uniform random timesteps and regress the
 UNet's prediction onto the noise (or v, if the scheduler predicts v) with MSE. Prompts are
-replaced by "" with probability ``cond_dropout`` so classifier-free guidance works. The
-text encoder is frozen, so the embedding of every distinct prompt is computed once.
+replaced by "" with probability ``cond_dropout`` so classifier-free guidance works. With
+``train_text_encoder`` the text encoder is trained with the UNet (the embedded stack's tiny CLIP
+is random: frozen, it passes the later words of a prompt to the UNet as little more than noise);
+otherwise it is frozen and the embedding of every distinct prompt is computed once.
 
 Every random draw of step ``s`` comes from a generator seeded by (seed, s) (batch order by
 (seed, epoch)), so a run resumed from a checkpoint follows exactly the same trajectory as
@@ -53,17 +55,20 @@ def _lr(step: int, steps: int, lr: float) -> float:
     return warmup_lr(lr, step, steps, warmup=default_warmup(steps), decay="constant")  # warm-up, then constant
 
 
-def write_stack_with_unet(stack_dir: Path, unet, out_dir: Path) -> None:
-    """``out_dir`` = ``stack_dir`` with its UNet replaced: the other parts are copied
-    byte-for-byte, so the VAE hash (checked by the latent store) stays the same."""
+def write_stack_with_unet(stack_dir: Path, unet, out_dir: Path, text_encoder=None) -> None:
+    """``out_dir`` = ``stack_dir`` with its UNet (and, if given, its text encoder) replaced: the
+    other parts are copied byte-for-byte, so the VAE hash (checked by the latent store) stays the same."""
     stack_dir, out_dir = Path(stack_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(stack_dir / "model_index.json", out_dir / "model_index.json")
-    for sub in ("vae", "text_encoder", "tokenizer", "scheduler"):
+    copied = ("vae", "tokenizer", "scheduler") + (("text_encoder",) if text_encoder is None else ())
+    for sub in copied:
         shutil.copytree(stack_dir / sub, out_dir / sub, dirs_exist_ok=True)
-    if (out_dir / "unet").exists():
-        shutil.rmtree(out_dir / "unet")
-    unet.save_pretrained(str(out_dir / "unet"), safe_serialization=True)
+    trained = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
+    for sub, module in trained.items():
+        if (out_dir / sub).exists():
+            shutil.rmtree(out_dir / sub)
+        module.save_pretrained(str(out_dir / sub), safe_serialization=True)
 
 
 def _mean(xs: list[float]) -> float:
@@ -83,6 +88,7 @@ def finetune_base(
     seed: int,
     ckpt_dir: Path,
     unet_weights: str | None = None,
+    train_text_encoder: bool = False,
     device: str = "cpu",
     mixed_precision: str = "no",
     callback: Callable[[int, float], None] | None = None,
@@ -93,7 +99,8 @@ def finetune_base(
     store and write the full stack to ``out_dir`` (plus ``out_dir/loss.csv``).
 
     ``unet_weights``: load that UNet state dict instead of training (e.g. the RL4Med
-    authors' ``pretrained_unet.safetensors``). ``callback(step, loss)`` runs after each
+    authors' ``pretrained_unet.safetensors``). ``train_text_encoder``: train the text encoder
+    too (written to ``out_dir/text_encoder``). ``callback(step, loss)`` runs after each
     step (and after its checkpoint); an exception there aborts the run as a kill would.
     ``log_fn(metrics, step)`` gets the running loss every ``log_every`` steps (main
     process). Under ``accelerate launch`` each process draws its own slice of the batch
@@ -111,16 +118,18 @@ def finetune_base(
     if unet_weights is not None:
         return _install_given_unet(accelerator, c.unet, stack_dir, out_dir, ckpt_dir)
     lat, texts = _train_latents(latents_dir, stack_dir, c.unet)
-    prompts, text_idx, emb = _prompt_embeddings(c, texts)
+    prompts, text_idx, emb = _prompt_conditions(c, texts, train_text_encoder)
     n_train_t, pred_type = _noise_target(c.scheduler, stack_dir)
 
-    unet = c.unet
+    unet = Denoiser(c.unet, c.text_encoder if train_text_encoder else None)
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     config = {"kind": "finetune_base", "unet": hash_path(stack_dir / "unet"),
               "latents": (latents_dir / "manifest.json").read_text(), "steps": steps,
               "batch_size": batch_size, "lr": lr, "cond_dropout": cond_dropout, "seed": seed,
               "mixed_precision": mixed_precision, "processes": world}
+    if train_text_encoder:
+        config["text_encoder"] = hash_path(stack_dir / "text_encoder")
     unet, opt, start, losses = _prepare_or_resume(accelerator, unet, opt, ckpt_dir, config)
     emb, lat, text_idx = emb.to(dev), lat.to(dev), text_idx.to(dev)
 
@@ -217,14 +226,32 @@ def _train_latents(latents_dir: Path, stack_dir: Path, unet) -> tuple[torch.Tens
     return lat, texts
 
 
-def _prompt_embeddings(c, texts: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(prompts, index of each text's prompt, prompt embeddings); row 0 is the unconditional ("")
-    embedding used for dropped prompts."""
+class Denoiser(torch.nn.Module):
+    """The UNet conditioned on prompt embeddings or, with a (trained) text encoder, on token ids."""
+
+    def __init__(self, unet, text_encoder=None):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.text_encoder is not None:
+            cond = self.text_encoder(cond)[0]
+        return self.unet(noisy, t, cond).sample
+
+
+def _prompt_conditions(c, texts: list[str], token_ids: bool) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(prompts, index of each text's prompt, one condition per prompt): the frozen text
+    encoder's embeddings, or with ``token_ids`` the padded token ids a trained encoder reads.
+    Row 0 is the unconditional ("") prompt used for dropped prompts."""
     from medrl.models.tiny_sd import encode_prompts
 
     prompts = [""] + sorted(set(texts))
     pos = {p: i for i, p in enumerate(prompts)}
     text_idx = torch.tensor([pos[t] for t in texts])
+    if token_ids:
+        tok = c.tokenizer(prompts, padding="max_length", max_length=c.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt")
+        return prompts, text_idx, tok.input_ids
     with torch.no_grad():
         emb = torch.cat([encode_prompts(c, prompts[i:i + 64]).float() for i in range(0, len(prompts), 64)])
     return prompts, text_idx, emb
@@ -273,7 +300,7 @@ def _denoising_loss(accelerator, unet, sched, lat: torch.Tensor, emb: torch.Tens
     noisy = sched.add_noise(x0, noise, t)
     target = noise if pred_type == "epsilon" else sched.get_velocity(x0, noise, t)
     with accelerator.autocast():
-        pred = unet(noisy, t, cond).sample
+        pred = unet(noisy, t, cond)
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -282,7 +309,7 @@ def _write_finetuned(accelerator, unet, stack_dir: Path, out_dir: Path, ckpt_dir
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(unet).to("cpu", dtype=torch.float32).eval().requires_grad_(False)
-        write_stack_with_unet(stack_dir, final, out_dir)
+        write_stack_with_unet(stack_dir, final.unet, out_dir, text_encoder=final.text_encoder)
         # the main process's loss trajectory (with several processes, its own batches)
         write_table(pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses}), out_dir / "loss.csv")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
