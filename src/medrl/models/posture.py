@@ -369,7 +369,8 @@ def train_posture_aligner(
         start, history = int(state["epoch"]), list(state["history"])
 
     n = len(x_train)
-    steps = max(1, math.ceil(n / batch_size))
+    # a trailing batch of one image is dropped: BatchNorm cannot train on it (e.g. a judge's half of the pairs)
+    steps = max(1, n // batch_size + int(n % batch_size > 1))
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         model.train()

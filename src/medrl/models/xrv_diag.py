@@ -429,7 +429,8 @@ def train_diag(
     model = build_diag(None, growth_rate=growth_rate, input_size=size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     n = len(x_train)
-    steps = max(1, math.ceil(n / batch_size))
+    # a trailing batch of one image is dropped: BatchNorm cannot train on it (e.g. a judge's half of the pairs)
+    steps = max(1, n // batch_size + int(n % batch_size > 1))
     total_steps = steps * epochs
     ckpt = ckpt_dir / "diag_state.pt"
     fp = fingerprint(n=n, size=size, epochs=epochs, batch_size=batch_size, lr=lr, growth_rate=growth_rate, seed=seed, images=list(train["path"]))
