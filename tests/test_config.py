@@ -244,3 +244,21 @@ def test_rl_seeds_and_seed_variants_are_checked():
         raw["rl"]["cxr"]["seed_variants"] = sv
         with pytest.raises(ParamsError, match=msg):
             validate_params(raw)
+
+
+def test_cxr_evaluators_are_checked():
+    """classifiers.cxr_eval: an evaluator needs another width than its reward net, another seed
+    (offset >= 1) and a reward share strictly between 0 and 1."""
+    e = validate_params(_raw()).classifiers.cxr_eval
+    assert e.seed_offset >= 1 and 0 < e.reward_share < 1
+    for section, key, reward in (("posture", "posture_width", "width"), ("diag", "diag_growth_rate", "growth_rate"),
+                                 ("dualenc", "dualenc_embed_dim", "embed_dim")):
+        raw = _raw()
+        raw["classifiers"]["cxr_eval"][key] = raw["classifiers"][section][reward]
+        with pytest.raises(ParamsError, match=rf"classifiers.*cxr_eval\.{key}.*equals classifiers\.{section}\.{reward}"):
+            validate_params(raw)
+    for key, value in (("seed_offset", 0), ("reward_share", 0.0), ("reward_share", 1.0), ("posture_width", 4)):
+        raw = _raw()
+        raw["classifiers"]["cxr_eval"][key] = value
+        with pytest.raises(ParamsError, match=rf"classifiers\.cxr_eval\.{key}"):
+            validate_params(raw)

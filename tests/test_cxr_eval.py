@@ -4,7 +4,9 @@ models stubbed (each image's scores are functions of its mean intensity).
 (a) CXR FID always uses the CXR DenseNet features, even with ``metrics.inception_weights`` set;
 (b) CIs resample reports (clusters), not images: duplicated images of one report give exactly
     the CI of one image per report;
-(c) AUROC reads unmentioned labels as negatives, as the diagnostic model is trained.
+(c) AUROC reads unmentioned labels as negatives, as the diagnostic model is trained;
+(d) issue 21: every judged metric comes twice, from the reward nets and (``eval_*``) from the
+    independent evaluators, with each judge's accuracy on the held-out real test pairs.
 """
 from __future__ import annotations
 
@@ -22,6 +24,12 @@ from medrl.metrics.auroc import per_class_auroc
 
 K = 12  # reports
 DIAG = nn.Identity()
+DIAG_EVAL = nn.Identity()
+EVAL = "evaluator"  # the name of the evaluators' directory: the stubs below score with 1 - intensity there
+
+
+def _is_eval(model) -> bool:
+    return model is DIAG_EVAL or Path(str(model)).name == EVAL
 
 
 def _png(path: Path, v: float) -> None:
@@ -49,13 +57,17 @@ def stubs(monkeypatch):
         m = {"value": 1.0, "lo": 0.5, "hi": 1.5, "n": len(fake)}
         return {"fid_metric": m, "kid_metric": m, "feature_extractor": getattr(kw["extractor"], "name", "?")}
 
-    monkeypatch.setattr(po, "load_aligner", lambda d, device="cpu": None)
-    monkeypatch.setattr(po, "predict_psi", lambda a, x: _intensity(x)[:, None].repeat(1, 5))
+    def score(model, x):  # the reward judge: the image's intensity; the evaluator: 1 - intensity
+        v = _intensity(x)
+        return 1.0 - v if _is_eval(model) else v
+
+    monkeypatch.setattr(po, "load_aligner", lambda d, device="cpu": str(d))
+    monkeypatch.setattr(po, "predict_psi", lambda a, x: score(a, x)[:, None].repeat(1, 5))
     monkeypatch.setattr(al, "align_reward", lambda psi: psi[:, 0])
-    monkeypatch.setattr(xd, "load_diag", lambda d, device="cpu": DIAG)
-    monkeypatch.setattr(xd, "predict_probs", lambda m, x: _intensity(x)[:, None].repeat(1, len(PATHOLOGIES)))
-    monkeypatch.setattr(de, "load_dual_encoder", lambda d, device="cpu": None)
-    monkeypatch.setattr(de, "embed_images", lambda m, x: _intensity(x)[:, None])
+    monkeypatch.setattr(xd, "load_diag", lambda d, device="cpu": DIAG_EVAL if Path(d).name == EVAL else DIAG)
+    monkeypatch.setattr(xd, "predict_probs", lambda m, x: score(m, x)[:, None].repeat(1, len(PATHOLOGIES)))
+    monkeypatch.setattr(de, "load_dual_encoder", lambda d, device="cpu": str(d))
+    monkeypatch.setattr(de, "embed_images", lambda m, x: score(m, x)[:, None])
     monkeypatch.setattr(de, "embed_texts", lambda m, t: torch.ones(len(t), 1))
     monkeypatch.setattr(fd, "fid_kid", fake_fid_kid)
     monkeypatch.setattr(ms, "msssim_within_groups",
@@ -68,7 +80,8 @@ def stubs(monkeypatch):
 LABEL0 = [0, 0, 0, np.nan, np.nan, 1, np.nan, 1, np.nan, 1, -1, 1]
 
 
-def _evaluate(root: Path, per_report: int, *, metrics_extra: dict | None = None) -> dict:
+def _evaluate(root: Path, per_report: int, *, metrics_extra: dict | None = None,
+              independent: dict | None = None) -> dict:
     from medrl.io import read_json
     from medrl.metrics.cxr_eval import evaluate_cxr_samples
 
@@ -78,8 +91,10 @@ def _evaluate(root: Path, per_report: int, *, metrics_extra: dict | None = None)
         rid = f"r{k:02d}"
         _png(root / "real" / f"{rid}.png", v)
         labels = {c: (LABEL0[k] if i == 0 else np.nan) for i, c in enumerate(PATHOLOGIES)}
+        psi = {"sx": 1.0 + 0.01 * k, "sy": 1.0, "tx": 0.0, "ty": 0.0, "theta": 0.0}  # true posture (phantoms)
+        gt = {f"gt_{c}": (1.0 if (i == 0 and k % 2) else 0.0) for i, c in enumerate(PATHOLOGIES)}  # exact findings
         rows.append({"image": rid, "split": "test", "impression": f"report {k}", "path": str(root / "real" / f"{rid}.png"),
-                     **labels})
+                     **labels, **psi, **gt})
         for j in range(per_report):  # the images of one report are perfectly correlated
             p = root / "samples" / rid / f"{j:04d}.png"
             _png(p, v)
@@ -89,7 +104,9 @@ def _evaluate(root: Path, per_report: int, *, metrics_extra: dict | None = None)
     pd.DataFrame(manifest).to_csv(root / "samples" / "manifest.csv", index=False)
     metrics = {"bootstrap": 300, "ci": 0.9, "seed": 3, "kid_subset_size": 2, "inception_weights": None,
                **(metrics_extra or {})}
-    evaluate_cxr_samples(root / "samples", root / "prepared", root, root, root, root / "out", metrics=metrics)
+    ev = root / EVAL
+    evaluate_cxr_samples(root / "samples", root / "prepared", root, root, root, root / "out", metrics=metrics,
+                         evaluators={"aligner": ev, "diag": ev, "dualenc": ev}, independent=independent)
     return read_json(root / "out" / "metrics.json")
 
 
@@ -97,10 +114,12 @@ def test_cxr_fid_uses_densenet_features_even_with_inception_weights(stubs, tmp_p
     weights = tmp_path / "pt_inception.pth"
     weights.write_bytes(b"not used")
     _evaluate(tmp_path / "a", 2, metrics_extra={"inception_weights": str(weights)})
-    (kw,) = stubs
-    assert getattr(kw["extractor"], "module", None) is DIAG, f"CXR FID extractor: {kw['extractor']!r}"
-    assert "DenseNet" in kw["extractor"].name
-    assert kw.get("weights_path") is None
+    reward, evaluator = stubs  # one FID per judge, each on its own DenseNet's features
+    assert getattr(reward["extractor"], "module", None) is DIAG, f"CXR FID extractor: {reward['extractor']!r}"
+    assert getattr(evaluator["extractor"], "module", None) is DIAG_EVAL
+    for kw in stubs:
+        assert "DenseNet" in kw["extractor"].name
+        assert kw.get("weights_path") is None
 
 
 def test_cxr_cis_resample_reports_not_images(stubs, tmp_path):
@@ -149,3 +168,58 @@ def test_cxr_auroc_counts_unmentioned_as_negative_like_diag_training(stubs, tmp_
     from medrl.models.xrv_diag import TRAIN_UNMENTIONED
 
     assert m["auroc_unmentioned"] == TRAIN_UNMENTIONED == "negative"
+
+
+def test_every_judged_metric_comes_from_both_judges(stubs, tmp_path):
+    """The reward nets' numbers keep their keys (the paper's protocol); the evaluators' are the same
+    metrics under eval_*, computed by the evaluator networks (here: 1 - intensity), paired with
+    the reward judge's (same reports, same bootstrap draws)."""
+    from medrl.metrics.bootstrap import diff_from_boot
+    from medrl.metrics.cxr_eval import JUDGED_KEYS
+
+    m = _evaluate(tmp_path / "a", 2)
+    v = np.round((0.1 + 0.8 * np.arange(K) / (K - 1)) * 255) / 255  # as the PNGs store it
+    for key in JUDGED_KEYS:
+        if key != "reward":  # only a variant's metrics (with weights) carry the combined reward
+            assert key in m and f"eval_{key}" in m, key
+    assert m["r_align"]["value"] == pytest.approx(v.mean())
+    assert m["eval_r_align"]["value"] == pytest.approx((1 - v).mean())
+    assert m["eval_similarity"]["value"] == pytest.approx((1 - v).mean())
+    # the evaluator ranks the positives of class 0 last: its AUROC mirrors the reward judge's
+    c0 = PATHOLOGIES[0]
+    assert m["eval_auroc"][c0]["value"] == pytest.approx(1 - m["auroc"][c0]["value"])
+    assert m["eval_r_align"]["boot_key"] == m["r_align"]["boot_key"]
+    assert diff_from_boot(m["eval_r_align"], m["r_align"])["value"] == pytest.approx((1 - 2 * v).mean(), abs=1e-6)
+    per_image = pd.read_csv(tmp_path / "a" / "out" / "per_image.csv")
+    assert {"r_align", "eval_r_align", "similarity", "eval_similarity", "r_diag", "eval_r_diag"} <= set(per_image)
+
+
+def test_each_judge_is_scored_on_the_held_out_real_pairs(stubs, tmp_path):
+    m = _evaluate(tmp_path / "a", 1, independent={"diag": False})
+    judges = m["judges"]
+    assert set(judges) == {"reward", "eval"} and set(judges["eval"]) == {"aligner", "diag", "dualenc"}
+    assert [judges["eval"][n]["independent"] for n in ("aligner", "diag", "dualenc")] == [True, False, True]
+    assert not any(judges["reward"][n]["independent"] for n in judges["reward"])
+    # posture: against the exact psi of the test phantoms
+    assert judges["reward"]["aligner"]["reference"] == "exact posture psi"
+    assert judges["reward"]["aligner"]["psi"]["n"] == K
+    assert judges["reward"]["aligner"]["psi"]["psi_mae_sx"] != judges["eval"]["aligner"]["psi"]["psi_mae_sx"]
+    # findings: against the exact labels gt_*, not the report labels (class 0: odd reports are positive)
+    v = 0.1 + 0.8 * np.arange(K) / (K - 1)
+    from sklearn.metrics import roc_auc_score
+
+    gt0 = (np.arange(K) % 2).astype(float)
+    assert judges["reward"]["diag"]["reference"] == "exact labels (gt_*)"
+    assert judges["reward"]["diag"]["auroc"][PATHOLOGIES[0]] == pytest.approx(roc_auc_score(gt0, v))
+    assert judges["eval"]["diag"]["auroc"][PATHOLOGIES[0]] == pytest.approx(roc_auc_score(gt0, 1 - v))
+    # image-report retrieval on the real test pairs
+    assert judges["eval"]["dualenc"]["n"] == K and "i2t_recall@1" in judges["eval"]["dualenc"]
+
+
+def test_evaluators_are_required(stubs, tmp_path):
+    from medrl.errors import DataError
+    from medrl.metrics.cxr_eval import evaluate_cxr_samples
+
+    with pytest.raises(DataError, match="independent"):
+        evaluate_cxr_samples(tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path / "out",
+                             evaluators={"aligner": tmp_path}, metrics={"bootstrap": 10, "ci": 0.9, "seed": 0})

@@ -53,6 +53,11 @@ def test_metrics_have_confidence_intervals(finished):
         assert -1.0 <= m["similarity"]["value"] <= 1.0
         assert set(m["auroc"]) >= {"Atelectasis", "Cardiomegaly", "avg"}
         assert 0.0 <= m["r_diag"]["value"] <= 1.0
+        # issue 21: the same metrics judged by the independent evaluators, and each judge's accuracy
+        assert m["eval_r_align"]["value"] <= 0.0 and -1.0 <= m["eval_similarity"]["value"] <= 1.0
+        assert {"eval_auroc", "eval_fid", "eval_kid", "eval_r_diag"} <= set(m)
+        assert m["judges"]["eval"]["aligner"]["independent"] and m["judges"]["eval"]["diag"]["reference"] == \
+            "exact labels (gt_*)"
         if v != "anchor":  # the variant's combined reward on held-out reports, with its own weights
             w = m["reward"]["weights"]
             assert m["reward"]["value"] == pytest.approx(w["l_align"] * m["r_align"]["value"] + w["l_diag"] * m[

@@ -210,3 +210,18 @@ def test_convention_matches_the_phantom_generator():
         assert err(warp_theta(obs, invert_theta(psi_to_theta(psi))[None]), can) < 0.25 * unaligned
         # the closest psi to that inverse aligns almost as well (the dropped shear is 2nd order)
         assert err(warp(obs, aligning_psi(psi)), can) < 0.25 * unaligned
+
+
+def test_aligner_width_is_a_narrower_resnet18_that_round_trips(tmp_path):
+    """The independent posture evaluator (classifiers.cxr_eval.posture_width) is a ResNet-18 of
+    another width; width 64 is torchvision's ResNet-18 itself."""
+    from medrl.models.posture import AlignerConfig, PostureAligner, load_aligner, save_aligner
+
+    wide, narrow = PostureAligner(AlignerConfig(size=32)), PostureAligner(AlignerConfig(size=32, width=16))
+    assert wide.net.layer4[0].conv1.out_channels == 512 and narrow.net.layer4[0].conv1.out_channels == 128
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters()) / 10
+    x = torch.rand(2, 1, 32, 32)
+    psi = narrow.eval()(x)
+    assert psi.shape == (2, 5) and torch.allclose(psi, torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]]).expand(2, -1), atol=1e-2)
+    save_aligner(narrow, tmp_path / "a")
+    assert torch.allclose(load_aligner(tmp_path / "a")(x), psi)

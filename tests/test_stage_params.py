@@ -19,6 +19,7 @@ from unittest.mock import MagicMock
 import pytest
 
 from medrl.config import validate_params
+from medrl.models.training import judge_pairs as REAL_JUDGE_PAIRS
 from medrl.rl.trainer import DDPOConfig as REAL_DDPO_CONFIG
 from medrl_testutil import REPO, small_params
 
@@ -188,3 +189,64 @@ def test_seed_wildcard_reaches_the_trainer(name, wildcards, stubbed_library, tmp
     assert cfg.seed == int(wildcards["seed"])
     if "variant" in wildcards:
         assert cfg.use_ace == params.rl.cxr.variants[wildcards["variant"]].ace
+
+
+# ============================================================================= (d) issue 21: independent CXR evaluators
+
+_NETS = {  # reward stage -> (its evaluator stage, trainer, width kwarg, width key of the reward / of cxr_eval)
+    "posture_cxr": ("posture_cxr_eval", "medrl.models.posture.train_posture_aligner", "width",
+                    "posture.width", "posture_width"),
+    "diag_cxr": ("diag_cxr_eval", "medrl.models.xrv_diag.train_diag", "growth_rate", "diag.growth_rate",
+                 "diag_growth_rate"),
+    "dualenc_cxr": ("dualenc_cxr_eval", "medrl.models.dual_encoder.train_dual_encoder", "embed_dim",
+                    "dualenc.embed_dim", "dualenc_embed_dim"),
+}
+
+
+@pytest.mark.parametrize("reward_stage", list(_NETS))
+def test_cxr_evaluator_never_trains_on_the_reward_nets_images(reward_stage, stubbed_library, tmp_path, monkeypatch):
+    """Each CXR reward net and its evaluator: disjoint training images that together are all the
+    train pairs, both evaluated on every test pair, another seed (+ seed_offset) and another width."""
+    import pandas as pd
+
+    import medrl.io as mio
+    import medrl.models.training as tr
+
+    pairs = pd.DataFrame({"image": [f"p{i:04d}" for i in range(80)], "path": [f"img/{i}.png" for i in range(80)],
+                          "split": ["train"] * 64 + ["test"] * 16, "impression": ["no finding"] * 80})
+    monkeypatch.setattr(mio, "read_table", lambda *a, **k: pairs.copy())
+    monkeypatch.setattr(tr, "judge_pairs", REAL_JUDGE_PAIRS)
+    params = validate_params(small_params(), check_paths=False)
+    eval_stage, trainer, width_kw, reward_width, eval_width = _NETS[reward_stage]
+    mod_name, fn = trainer.rsplit(".", 1)
+    calls = {}
+    for name in (reward_stage, eval_stage):
+        mock = MagicMock(name=trainer)
+        monkeypatch.setattr(importlib.import_module(mod_name), fn, mock)
+        STAGES[name].run(_ctx(STAGES[name], params, {}, stage_params(STAGES[name], params, {}), tmp_path))
+        (got,), kw = mock.call_args.args[:1], mock.call_args.kwargs
+        calls[name] = (got, kw)
+    train = {n: set(got.loc[got.split == "train", "image"]) for n, (got, _) in calls.items()}
+    assert train[reward_stage] and train[eval_stage], train
+    assert not train[reward_stage] & train[eval_stage], "an evaluator trains on a reward net's image"
+    assert train[reward_stage] | train[eval_stage] == set(pairs.loc[pairs.split == "train", "image"])
+    for got, _ in calls.values():
+        assert set(got.loc[got.split == "test", "image"]) == set(pairs.loc[pairs.split == "test", "image"])
+    k, e = params.classifiers, params.classifiers.cxr_eval
+    (_, kr), (_, ke) = calls[reward_stage], calls[eval_stage]
+    section, leaf = reward_width.split(".")
+    assert ke["seed"] == kr["seed"] + e.seed_offset != kr["seed"]
+    assert kr[width_kw] == getattr(getattr(k, section), leaf) and ke[width_kw] == getattr(e, eval_width)
+    assert ke[width_kw] != kr[width_kw]
+
+
+def test_cxr_judge_split_is_by_image_id_alone():
+    """The judge of an image does not depend on row order, the other rows or the dataset size."""
+    from medrl.models.training import judge_split
+
+    ids = [f"x{i}" for i in range(400)]
+    split = dict(zip(ids, judge_split(ids, 0.5)))
+    assert dict(zip(ids[::-1], judge_split(ids[::-1], 0.5))) == split
+    assert dict(zip(ids[:50], judge_split(ids[:50], 0.5))) == {i: split[i] for i in ids[:50]}
+    assert 0.4 < sum(v == "reward" for v in split.values()) / len(ids) < 0.6
+    assert sum(v == "reward" for v in judge_split(ids, 0.8)) > sum(v == "reward" for v in split.values())

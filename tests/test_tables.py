@@ -26,18 +26,41 @@ def _metric(rng: np.random.Generator, mean: float, sd: float, n: int = 40, seed:
     return bootstrap_ci(x, n_boot=N_BOOT, ci=0.95, seed=seed, keep_boot=True, items=[f"r{i}" for i in range(n)])
 
 
-def _cxr_json(rng: np.random.Generator, shift: float) -> dict:
+def _judged(rng: np.random.Generator, shift: float, prefix: str = "") -> dict:
+    """The metrics a network judges (reward nets: no prefix; independent evaluators: eval_)."""
     return {
-        "r_align": _metric(rng, -0.3 + shift, 0.05),
-        "auroc": {**{c: _metric(rng, 0.6 + shift, 0.05) for c in P.CXR_CLASSES},
-                  "avg": _metric(rng, 0.6 + shift, 0.02)},
-        "similarity": _metric(rng, 0.3 + shift, 0.05),
-        "fid": _metric(rng, 20 - 10 * shift, 1.0),
-        "kid": _metric(rng, 0.02, 0.001),
+        prefix + "r_align": _metric(rng, -0.3 + shift, 0.05),
+        prefix + "auroc": {**{c: _metric(rng, 0.6 + shift, 0.05) for c in P.CXR_CLASSES},
+                           "avg": _metric(rng, 0.6 + shift, 0.02)},
+        prefix + "similarity": _metric(rng, 0.3 + shift, 0.05),
+        prefix + "fid": _metric(rng, 20 - 10 * shift, 1.0),
+        prefix + "kid": _metric(rng, 0.02, 0.001),
+    }
+
+
+def _cxr_json(rng: np.random.Generator, shift: float, eval_shift: float | None = None) -> dict:
+    """One model's metrics; the evaluator sees ``eval_shift`` (default: the same shift)."""
+    return {
+        **_judged(rng, shift),
+        **_judged(rng, shift if eval_shift is None else eval_shift, "eval_"),
         "msssim": _metric(rng, 0.2, 0.01),
         "n_images": 40,
         "feature_extractor": "DenseNet-121 (phantom-trained) penultimate features",
     }
+
+
+def _judges(independent: bool = True) -> dict:
+    """The anchor's judge accuracies (medrl.metrics.cxr_eval.judge_accuracy) for both judges."""
+    def acc(mae: float, auroc: float, recall: float) -> dict:
+        return {"aligner": {"psi": {"psi_mae_mean": mae, "psi_mae_identity_mean": 0.08, "n": 8},
+                            "reference": "exact posture psi"},
+                "diag": {"reference": "exact labels (gt_*)", "n": 8, "auroc": {"avg": auroc}},
+                "dualenc": {"n": 8, "i2t_recall@1": recall, "i2t_auroc": 0.7}}
+    reward, ev = acc(0.011, 0.91, 0.5), acc(0.022, 0.87, 0.375)
+    for net in ev:
+        ev[net]["independent"] = independent or net == "aligner"
+        reward[net]["independent"] = False
+    return {"reward": reward, "eval": ev}
 
 
 @pytest.fixture()
@@ -45,8 +68,10 @@ def cxr_metrics():
     rng = np.random.default_rng(0)
     shifts = {"anchor": 0.0, "full": 0.1, "no_ace": 0.03, "no_rlcf": 0.05}
     metrics = {m: _cxr_json(rng, s) for m, s in shifts.items()}
+    metrics["anchor"]["judges"] = _judges()
     for m in ("align_only", "diag_only", "consist_only"):
-        metrics[m] = {"fid": _metric(rng, 18, 1.0), "n_images": 40, "feature_extractor": "DenseNet-121"}
+        metrics[m] = {"fid": _metric(rng, 18, 1.0), "eval_fid": _metric(rng, 19, 1.0), "n_images": 40,
+                      "feature_extractor": "DenseNet-121"}
     run_ids = {m: f"run{i:02d}abc" for i, m in enumerate(metrics)}
     return metrics, run_ids
 
@@ -107,7 +132,7 @@ def test_cxrl_tables_carry_our_numbers_and_the_papers(cxr_metrics, tmp_path):
     claims = pd.read_csv(out["cxrl_claims"]["csv"], dtype=str, keep_default_na=False)
     row = claims[claims.Claim == "CXRL beats RoentGen [3] (anchor) on AUROC (avg)"].iloc[0]
     # the data are shifted so that full beats anchor by ~0.1 AUROC (paired CI far from 0): exactly "supported"
-    assert row["Verdict (ours)"].split(" ")[0] == "supported", row["Verdict (ours)"]
+    assert row["Verdict (evaluator)"].split(" ")[0] == "supported", row["Verdict (evaluator)"]
     assert row["Paper difference"] == "0.160"
     # Table 3 states the AUROC's label convention (unmentioned = negative, as the diag model is trained)
     t3_md = Path(out["cxrl_table3"]["md"]).read_text()
@@ -474,11 +499,95 @@ def test_cxrl_seed_table(cxr_metrics, tmp_path):
     assert seed_comparisons(["full", "no_ace", "no_rlcf"]) == [
         ("full", "anchor"), ("no_ace", "anchor"), ("no_rlcf", "anchor"), ("full", "no_ace"), ("full", "no_rlcf")]
     assert list(dict.fromkeys(t["Comparison"])) == [f"{a} - {b}" for a, b in seed_comparisons(["full", "no_ace", "no_rlcf"])]
-    assert set(t["Metric"]) == {"r_align", "AUROC (avg)", "CXR-CLIP similarity", "FID", "MS-SSIM"}
-    row = t[(t["Comparison"] == "full - anchor") & (t["Metric"] == "r_align")].iloc[0]
-    assert row["seed 2 [CI]"] == fmt_ci(diff_from_boot(per_seed[2]["full"]["r_align"], metrics["anchor"]["r_align"]), 3)
+    judged = ("r_align", "AUROC (avg)", "CXR-CLIP similarity", "FID")
+    assert set(t["Metric"]) == {*(f"{h} [{j}]" for h in judged for j in ("evaluator", "reward judge")), "MS-SSIM"}
+    row = t[(t["Comparison"] == "full - anchor") & (t["Metric"] == "r_align [evaluator]")].iloc[0]
+    assert row["seed 2 [CI]"] == fmt_ci(diff_from_boot(per_seed[2]["full"]["eval_r_align"],
+                                                       metrics["anchor"]["eval_r_align"]), 3)
     assert row["Verdict"] == "better in every seed"
     # no_ace's shift is +0.03, +0.04, -0.05: its r_align against the anchor flips in seed 2
-    assert t[(t["Comparison"] == "no_ace - anchor") & (t["Metric"] == "r_align")].iloc[0]["Verdict"] == "seeds disagree"
+    assert t[(t["Comparison"] == "no_ace - anchor") & (t["Metric"] == "r_align [evaluator]")].iloc[0]["Verdict"] \
+        == "seeds disagree"
+    reward_rows = t[t["Metric"].str.endswith("[reward judge]")]
+    assert set(reward_rows["Verdict"]) == {"(reward judge: no verdict; see the evaluator row)"}
+    assert "verdicts are computed on the independent evaluator" in Path(out["md"]).read_text()
     values = pd.read_csv(out["values"])
     assert "full2 - anc" in set(values["run_id"])
+
+
+# ----------------------------------------------------------------------------- CXR: two judges (issue 21)
+
+
+def test_cxrl_tables_show_both_judges_and_their_accuracy(cxr_metrics, tmp_path):
+    metrics, run_ids = cxr_metrics
+    out = build_cxrl_tables(metrics, run_ids, tmp_path)
+    t1 = pd.read_csv(out["cxrl_table1"]["csv"], dtype=str, keep_default_na=False)
+    full = t1[t1["Model"] == "full"].iloc[0]
+    assert full["r_align (psi) \u2191 (ours, evaluator)"] == fmt_ci(metrics["full"]["eval_r_align"], 3)
+    assert full["AUROC \u2191 (ours, evaluator)"] == fmt_ci(metrics["full"]["eval_auroc"]["avg"], 3)
+    diff = t1[t1["Model"] == "full - anchor"].iloc[0]
+    assert diff["CXR-CLIP similarity \u2191 (ours, evaluator)"] == fmt_ci(
+        diff_from_boot(metrics["full"]["eval_similarity"], metrics["anchor"]["eval_similarity"]), 3)
+    t2a = pd.read_csv(out["cxrl_table2a"]["csv"], dtype=str, keep_default_na=False)
+    assert t2a.loc[t2a.Key == "no_ace", "FID \u2193 (ours, evaluator)"].iloc[0] == fmt_ci(metrics["no_ace"]["eval_fid"], 3)
+    t2b = pd.read_csv(out["cxrl_table2b"]["csv"], dtype=str, keep_default_na=False)
+    assert t2b.loc[t2b.Model == "diag_only", "FID \u2193 (ours, evaluator)"].iloc[0] == fmt_ci(
+        metrics["diag_only"]["eval_fid"], 3)
+    t3 = pd.read_csv(out["cxrl_table3"]["csv"], dtype=str, keep_default_na=False)
+    assert t3["CXRL (Ours) (ours, evaluator)"].iloc[3] == fmt_ci(metrics["full"]["eval_auroc"]["Edema"], 3)
+    md = Path(out["cxrl_table1"]["md"]).read_text()
+    assert "Claims are judged on the evaluator" in md and "never saw a reward net's training image" in md
+    # each judge's accuracy on the held-out test pairs: reward / evaluator
+    assert "0.011 / 0.022" in md and "0.910 / 0.870" in md and "0.500 / 0.375" in md
+    assert "Not independent" not in md
+
+
+def test_cxrl_tables_say_when_an_evaluator_is_the_released_reward_net(cxr_metrics, tmp_path):
+    metrics, run_ids = cxr_metrics
+    metrics["anchor"]["judges"] = _judges(independent=False)  # classifiers.diag.weights / dualenc.checkpoint set
+    out = build_cxrl_tables(metrics, run_ids, tmp_path)
+    md = Path(out["cxrl_claims"]["md"]).read_text()
+    assert "Not independent: the diag, dualenc evaluator is the released reward network itself" in md
+
+
+def test_cxrl_claims_are_judged_by_the_evaluator(cxr_metrics, tmp_path):
+    """The reward judge sees CXRL far ahead of the anchor; the independent evaluator sees it far
+    behind: the claim's verdict must follow the evaluator."""
+    metrics, run_ids = cxr_metrics
+    rng = np.random.default_rng(5)
+    metrics["full"] = _cxr_json(rng, 0.1, eval_shift=-0.1)
+    out = build_cxrl_tables(metrics, run_ids, tmp_path)
+    claims = pd.read_csv(out["cxrl_claims"]["csv"], dtype=str, keep_default_na=False)
+    row = claims[claims.Claim == "CXRL beats RoentGen [3] (anchor) on r_align"].iloc[0]
+    assert row["Verdict (reward judge)"].startswith("supported")
+    assert row["Verdict (evaluator)"].startswith("contradicted"), row["Verdict (evaluator)"]
+
+
+def test_cxrl_seed_verdict_is_the_evaluators(cxr_metrics, tmp_path):
+    from medrl.tables.cxrl import build_cxrl_seed_table
+
+    metrics, _ = cxr_metrics
+    rng = np.random.default_rng(4)
+    per_seed = {s: {"full": _cxr_json(rng, 0.1, eval_shift=-0.1)} for s in (0, 1)}
+    run_ids = {"anchor": "anc", **{f"full-s{s}": f"f{s}" for s in per_seed}}
+    t = pd.read_csv(build_cxrl_seed_table(metrics["anchor"], per_seed, run_ids, tmp_path)["csv"], dtype=str,
+                    keep_default_na=False)
+    sel = t[t["Comparison"] == "full - anchor"].set_index("Metric")["Verdict"]
+    assert sel["r_align [evaluator]"] == "worse in every seed"
+    assert sel["r_align [reward judge]"].startswith("(reward judge: no verdict")
+
+
+def test_cxrl_tables_need_the_evaluator_metrics(cxr_metrics, tmp_path):
+    from medrl.tables.cxrl import build_cxrl_seed_table
+
+    metrics, run_ids = cxr_metrics
+    for model, key in (("full", "eval_r_align"), ("no_rlcf", "eval_auroc"), ("diag_only", "eval_fid"),
+                       ("anchor", "judges")):
+        bad = copy.deepcopy(metrics)
+        del bad[model][key]
+        with pytest.raises(DataError, match=key):
+            build_cxrl_tables(bad, run_ids, tmp_path)
+    bad = copy.deepcopy(metrics["full"])
+    del bad["eval_similarity"]
+    with pytest.raises(DataError, match="eval_similarity"):
+        build_cxrl_seed_table(metrics["anchor"], {0: {"full": bad}}, {"anchor": "a", "full-s0": "f"}, tmp_path)

@@ -98,6 +98,20 @@ def test_drift_is_detected(tmp_path, victim, edit):
     assert _export(tmp_path, "--check").returncode == 0
 
 
+def test_cxr_metrics_read_both_judges_and_rl_only_the_reward():
+    """Issue 21: the CXR metrics stages score with the reward nets and with the independent
+    evaluators (*_cxr_eval); nothing that trains or steers RL reads an evaluator."""
+    evaluators = {STAGES[f"{n}_cxr_eval"].outs["model"] for n in ("posture", "diag", "dualenc")}
+    rewards = {STAGES[f"{n}_cxr"].outs["model"] for n in ("posture", "diag", "dualenc")}
+    assert evaluators.isdisjoint(rewards) and len(evaluators) == 3
+    for name in ("metrics_cxr", "metrics_cxr_anchor"):
+        deps = set(STAGES[name].deps.values())
+        assert evaluators <= deps and rewards <= deps, name
+    for s in STAGES.values():
+        if s.name.startswith(("rl_", "anchor_bank", "rlcf_modes")):
+            assert evaluators.isdisjoint(s.deps.values()), s.name
+
+
 # ============================================================================= (b) both engines agree
 
 

@@ -196,6 +196,7 @@ class IsicClassifier(TrainCfg):
 
 class Posture(TrainCfg):
     arch: Literal["resnet18"] = "resnet18"
+    width: int = Field(64, ge=8)  # ResNet-18 stem width (64 = ResNet-18 proper; the stages double it 3x)
 
 
 class Diag(TrainCfg):
@@ -210,11 +211,36 @@ class DualEnc(TrainCfg):
     weight_decay: float = Field(1e-4, ge=0)
 
 
+class CxrEval(_S):
+    """The independent CXR evaluators (stages *_cxr_eval): the reward nets' recipe (their
+    section's epochs, batch size, lr, ...) on the other half of the train pairs, with another seed
+    and another width. Which half a pair is in: ``medrl.models.training.judge_split``."""
+
+    reward_share: float = Field(0.5, gt=0, lt=1)  # share of the train pairs (by image-id hash) the reward nets get
+    seed_offset: int = Field(1, ge=1)  # evaluator seed = the reward net's seed + this
+    posture_width: int = Field(32, ge=8)  # the evaluator aligner's ResNet-18 stem width
+    diag_growth_rate: int = Field(16, ge=4)  # the evaluator DenseNet's growth rate
+    dualenc_embed_dim: int = Field(48, ge=8)  # the evaluator dual encoder's joint embedding width
+
+
 class Classifiers(_S):
     isic: IsicClassifier = IsicClassifier()
     posture: Posture = Posture()
     diag: Diag = Diag()
     dualenc: DualEnc = DualEnc()
+    cxr_eval: CxrEval = CxrEval()
+
+    @model_validator(mode="after")
+    def _eval_widths_differ(self) -> "Classifiers":
+        e = self.cxr_eval
+        for key, mine, reward in (("posture_width", e.posture_width, "posture.width"),
+                                  ("diag_growth_rate", e.diag_growth_rate, "diag.growth_rate"),
+                                  ("dualenc_embed_dim", e.dualenc_embed_dim, "dualenc.embed_dim")):
+            section, leaf = reward.split(".")
+            if mine == getattr(getattr(self, section), leaf):
+                raise ValueError(f"cxr_eval.{key}: {mine} equals classifiers.{reward}; the independent "
+                                 "evaluator needs another width than the reward net")
+        return self
 
 
 class RLCommon(_S):

@@ -80,45 +80,87 @@ rule finetune_base_cxr:
 
 
 rule posture_cxr:
-    """ResNet-18 posture aligner trained with L2 to the canonical CXR; psi error on phantoms."""
+    """ResNet-18 posture aligner trained with L2 to the canonical CXR on the reward half of the train pairs: r_align; psi error on phantoms."""
     input:
         prepared='data/prepared/cxr',
         medrl_params='data/.params/posture_cxr.json',
     output:
         model=directory('data/models/cxr/aligner'),
     params:
-        medrl=lambda wildcards: declared_keys(['classifiers.posture', 'cxr.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['classifiers.posture', 'cxr.prepare.size', 'classifiers.cxr_eval.reward_share'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py posture_cxr'
 
 
+rule posture_cxr_eval:
+    """The independent posture evaluator: the other half of the train pairs, seed + seed_offset, posture_width."""
+    input:
+        prepared='data/prepared/cxr',
+        medrl_params='data/.params/posture_cxr_eval.json',
+    output:
+        model=directory('data/models/cxr/aligner_eval'),
+    params:
+        medrl=lambda wildcards: declared_keys(['classifiers.posture', 'cxr.prepare.size', 'classifiers.cxr_eval.reward_share', 'classifiers.cxr_eval.seed_offset', 'classifiers.cxr_eval.posture_width'], wildcards),
+    resources:
+        **GPU_RESOURCES,
+    shell: 'python workflow/entry.py posture_cxr_eval'
+
+
 rule diag_cxr:
-    """torchxrayvision DenseNet-121 diagnostic model (local weights, or trained on the phantoms)."""
+    """torchxrayvision DenseNet-121 diagnostic model (local weights, or trained on the reward half of the phantoms)."""
     input:
         prepared='data/prepared/cxr',
         medrl_params='data/.params/diag_cxr.json',
     output:
         model=directory('data/models/cxr/diag'),
     params:
-        medrl=lambda wildcards: declared_keys(['classifiers.diag', 'cxr.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['classifiers.diag', 'cxr.prepare.size', 'classifiers.cxr_eval.reward_share'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py diag_cxr'
 
 
+rule diag_cxr_eval:
+    """The independent diagnostic evaluator: the other half, seed + seed_offset, diag_growth_rate (with released weights: those weights again, not independent)."""
+    input:
+        prepared='data/prepared/cxr',
+        medrl_params='data/.params/diag_cxr_eval.json',
+    output:
+        model=directory('data/models/cxr/diag_eval'),
+    params:
+        medrl=lambda wildcards: declared_keys(['classifiers.diag', 'cxr.prepare.size', 'classifiers.cxr_eval.reward_share', 'classifiers.cxr_eval.seed_offset', 'classifiers.cxr_eval.diag_growth_rate'], wildcards),
+    resources:
+        **GPU_RESOURCES,
+    shell: 'python workflow/entry.py diag_cxr_eval'
+
+
 rule dualenc_cxr:
-    """CXR-CLIP-style image-report dual encoder (checkpoint, or trained contrastively here)."""
+    """CXR-CLIP-style image-report dual encoder (checkpoint, or trained contrastively on the reward half)."""
     input:
         prepared='data/prepared/cxr',
         medrl_params='data/.params/dualenc_cxr.json',
     output:
         model=directory('data/models/cxr/dualenc'),
     params:
-        medrl=lambda wildcards: declared_keys(['classifiers.dualenc', 'cxr.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['classifiers.dualenc', 'cxr.prepare.size', 'classifiers.cxr_eval.reward_share'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py dualenc_cxr'
+
+
+rule dualenc_cxr_eval:
+    """The independent image-report evaluator: the other half, seed + seed_offset, dualenc_embed_dim (with a CXR-CLIP checkpoint: that checkpoint again, not independent)."""
+    input:
+        prepared='data/prepared/cxr',
+        medrl_params='data/.params/dualenc_cxr_eval.json',
+    output:
+        model=directory('data/models/cxr/dualenc_eval'),
+    params:
+        medrl=lambda wildcards: declared_keys(['classifiers.dualenc', 'cxr.prepare.size', 'classifiers.cxr_eval.reward_share', 'classifiers.cxr_eval.seed_offset', 'classifiers.cxr_eval.dualenc_embed_dim'], wildcards),
+    resources:
+        **GPU_RESOURCES,
+    shell: 'python workflow/entry.py dualenc_cxr_eval'
 
 
 rule anchor_bank_cxr:
@@ -209,18 +251,21 @@ rule generate_cxr:
 
 
 rule metrics_cxr_anchor:
-    """r_align, AUROC per pathology, r_diag, image-report similarity, FID (DenseNet features), MS-SSIM: anchor."""
+    """r_align, AUROC per pathology, r_diag, image-report similarity, FID (DenseNet features), MS-SSIM of the anchor, each judged by the reward nets and by the independent evaluators (eval_*), with each judge's accuracy on the held-out real test pairs."""
     input:
         samples='data/samples/cxr/anchor',
         prepared='data/prepared/cxr',
         aligner='data/models/cxr/aligner',
         diag='data/models/cxr/diag',
         dualenc='data/models/cxr/dualenc',
+        aligner_eval='data/models/cxr/aligner_eval',
+        diag_eval='data/models/cxr/diag_eval',
+        dualenc_eval='data/models/cxr/dualenc_eval',
         medrl_params='data/.params/metrics_cxr_anchor.json',
     output:
         metrics=directory('data/metrics/cxr/anchor'),
     params:
-        medrl=lambda wildcards: declared_keys(['metrics', 'rl.cxr.diag_unmentioned'], wildcards),
+        medrl=lambda wildcards: declared_keys(['metrics', 'rl.cxr.diag_unmentioned', 'classifiers.diag.weights', 'classifiers.dualenc.checkpoint'], wildcards),
     shell: 'python workflow/entry.py metrics_cxr_anchor'
 
 
@@ -232,11 +277,14 @@ rule metrics_cxr:
         aligner='data/models/cxr/aligner',
         diag='data/models/cxr/diag',
         dualenc='data/models/cxr/dualenc',
+        aligner_eval='data/models/cxr/aligner_eval',
+        diag_eval='data/models/cxr/diag_eval',
+        dualenc_eval='data/models/cxr/dualenc_eval',
         medrl_params='data/.params/metrics_cxr@{variant}-s{seed}.json',
     output:
         metrics=directory('data/metrics/cxr/{variant}/seed_{seed}'),
     params:
-        medrl=lambda wildcards: declared_keys(['metrics', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}'], wildcards),
+        medrl=lambda wildcards: declared_keys(['metrics', 'rl.cxr.diag_unmentioned', 'classifiers.diag.weights', 'classifiers.dualenc.checkpoint', 'rl.cxr.variants.{variant}'], wildcards),
     shell: 'python workflow/entry.py metrics_cxr --variant {wildcards.variant} --seed {wildcards.seed}'
 
 

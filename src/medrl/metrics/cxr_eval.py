@@ -5,7 +5,11 @@ images against the report labels, r_diag (the training reward's label accuracy, 
 ``rl.cxr.diag_unmentioned``), image-report cosine similarity (dual encoder, = r_consist), the
 variant's combined reward on the held-out reports when its weights are given, FID/KID with
 the CXR DenseNet-121's pooled features (always: ``metrics.inception_weights`` is ISIC's), and
-MS-SSIM between samples of the same report. Every metric carries a bootstrap CI; the samples of
+MS-SSIM between samples of the same report. Every metric that a network judges is computed
+twice: by the reward networks (the paper's protocol; keys as named) and by the independent
+evaluators (``eval_``-prefixed keys), trained on the other half of the train pairs with another
+seed and width; ``judges`` holds each network's accuracy on the held-out real test pairs against
+exact ground truth (phantoms: true posture psi and true findings). Every metric carries a bootstrap CI; the samples of
 one report are not independent, so the CIs resample *reports* (cluster bootstrap over
 ``prompt_id``), not images. Rows are ordered by a model-independent key and resampled with the
 same seed, so "CXRL - other" differences are paired.
@@ -57,60 +61,159 @@ def combined_reward(metrics: Mapping[str, Any], weights: Mapping[str, float], *,
     return out
 
 
+# Every judge-dependent metric is written twice: by the reward nets (the paper's protocol, keys as
+# named) and by the independent evaluators (the same keys prefixed "eval_"): networks of another
+# width, seed and half of the train pairs (workflow/graph.py, classifiers.cxr_eval). MS-SSIM uses
+# no network and is written once.
+JUDGE_PREFIX = {"reward": "", "eval": "eval_"}
+JUDGED_KEYS = ("r_align", "similarity", "auroc", "r_diag", "reward", "finding_recall", "positive_rate", "fid", "kid",
+               "feature_extractor")
+NETS = ("aligner", "diag", "dualenc")
+
+
 def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Path, diag_dir: Path, dualenc_dir: Path,
-                         out_dir: Path, *, metrics: dict[str, Any], device: str = "cpu", diag_unmentioned: str = "ignore",
-                         weights: Mapping[str, float] | None = None) -> dict[str, float]:
+                         out_dir: Path, *, evaluators: Mapping[str, Path], metrics: dict[str, Any],
+                         device: str = "cpu", diag_unmentioned: str = "ignore",
+                         weights: Mapping[str, float] | None = None,
+                         independent: Mapping[str, bool] | None = None) -> dict[str, float]:
     """Write ``out_dir/metrics.json`` (tables.cxrl schema) and ``out_dir/per_image.csv``.
+
+    ``evaluators``: {"aligner", "diag", "dualenc"} -> the independent evaluators' directories;
+    every judged metric (``JUDGED_KEYS``) is computed with the reward nets and again, prefixed
+    ``eval_``, with the evaluators. ``judges`` holds each judge's accuracy on the held-out real
+    test pairs (``judge_accuracy``) and, per evaluator, whether it is ``independent``
+    (default: all; false when it is the released reward network itself).
 
     ``weights`` ({"l_align", "l_diag", "l_consist"}, a variant's) adds ``reward``: the combined
     *direct* reward on the held-out reports. With RLCF the training reward subtracts the
     anchor's score for the same report, so ``reward(variant) - reward(anchor)`` (paired,
     ``medrl.metrics.bootstrap.linear_combination``) is the held-out RLCF reward."""
-    from medrl.data.reports import PATHOLOGIES
-    from medrl.metrics.auroc import auroc_with_ci
-    from medrl.metrics.bootstrap import bootstrap_ci
-    from medrl.metrics.fidelity import fid_kid
     from medrl.metrics.msssim import msssim_within_groups
     from medrl.models.xrv_diag import TRAIN_UNMENTIONED
 
     samples_dir, prepared_dir, out_dir = Path(samples_dir), Path(prepared_dir), Path(out_dir)
+    missing = [n for n in NETS if n not in evaluators]
+    if missing:
+        raise DataError(f"evaluators: no directory for {missing}; expected the independent {list(NETS)}")
     n_boot, ci, seed = int(metrics["bootstrap"]), float(metrics["ci"]), int(metrics["seed"])
     df, test, labels = _samples_with_labels(samples_dir, prepared_dir)
-    r_align, probs, sim, diag = _score_samples(df, aligner_dir, diag_dir, dualenc_dir, device)
-
-    items = df["item"].tolist()
-    reports = df["prompt_id"].astype(str).tolist()  # the cluster of each image: its report
-    boot = dict(n_boot=n_boot, ci=ci, seed=seed, keep_boot=True)
-    result: dict[str, Any] = {
-        "r_align": bootstrap_ci(r_align.astype(float), items=items, clusters=reports, **boot),
-        "similarity": bootstrap_ci(sim.astype(float), items=items, clusters=reports, **boot),
-        "auroc": auroc_with_ci(labels, probs, list(PATHOLOGIES), n_boot=n_boot, ci=ci, seed=seed, items=items,
-                               clusters=reports, nan_as_negative=TRAIN_UNMENTIONED == "negative"),
-        "auroc_unmentioned": TRAIN_UNMENTIONED,
-        "n_images": int(len(df)),
-        "n_reports": int(len(set(reports))),
-        "bootstrap_unit": "report",
-    }
-    r_diag = _diagnostic_metrics(result, probs, labels, items, reports, boot, diag_unmentioned=diag_unmentioned,
-                                 weights=weights, where=f"{out_dir}: reward")
-
-    real = [Path(p) for p in test["path"]]
-    # always the CXR DenseNet (CXRL Table 2a); metrics.inception_weights is for ISIC's FID only
-    fk = fid_kid(real, [Path(p) for p in df["path"]], extractor=cxr_fid_extractor(diag), weights_path=None,
-                 kid_subset_size=int(metrics["kid_subset_size"]), device=device, n_boot=n_boot, ci=ci, seed=seed,
-                 fake_clusters=dict(zip(items, reports)))
-    result.update(fid=fk["fid_metric"], kid=fk["kid_metric"], feature_extractor=fk["feature_extractor"])
+    images = torch.stack([load_image(p, mode="L") for p in progress(df["path"], desc="load samples")])
+    ctx = _Judging(df, test, labels, images, dict(n_boot=n_boot, ci=ci, seed=seed, keep_boot=True),
+                   int(metrics["kid_subset_size"]), device, diag_unmentioned, weights, str(out_dir))
+    indep = {n: bool((independent or {}).get(n, True)) for n in NETS}
+    result: dict[str, Any] = {"auroc_unmentioned": TRAIN_UNMENTIONED, "n_images": int(len(df)),
+                              "n_reports": int(df["prompt_id"].astype(str).nunique()), "bootstrap_unit": "report",
+                              "judges": {}}
+    per_image = df.copy()
+    for judge, dirs in (("reward", {"aligner": aligner_dir, "diag": diag_dir, "dualenc": dualenc_dir}),
+                        ("eval", evaluators)):
+        pre = JUDGE_PREFIX[judge]
+        part, cols, acc = _judge_metrics(ctx, {n: Path(dirs[n]) for n in NETS})
+        result.update({pre + k: v for k, v in part.items()})
+        per_image = per_image.assign(**{pre + k: v for k, v in cols.items()})
+        result["judges"][judge] = {n: {**acc[n], "independent": indep[n] if judge == "eval" else False}
+                                   for n in NETS}
 
     groups = {pid: [Path(p) for p in g["path"]] for pid, g in df.groupby("prompt_id", sort=True)}
     ms_pairs, ms = msssim_within_groups(groups, channels="L", device=device, n_boot=n_boot, ci=ci, seed=seed)
     result["msssim"] = {k: ms[k] for k in ("value", "lo", "hi", "n", "ci", "method", "boot", "boot_key") if k in ms}
 
-    per_image = df.assign(r_align=r_align, r_diag=r_diag, similarity=sim, **{f"prob_{c}": probs[:, i] for i, c in enumerate(PATHOLOGIES)})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(per_image, out_dir / "per_image.csv")
     write_table(ms_pairs, out_dir / "msssim_pairs.csv")
     write_json(out_dir / "metrics.json", result)
     return _summary(result, len(df))
+
+
+class _Judging:
+    """What scoring one model's samples with one judge needs (the same for both judges)."""
+
+    def __init__(self, df: pd.DataFrame, test: pd.DataFrame, labels: np.ndarray, images: torch.Tensor,
+                 boot: dict[str, Any], kid_subset_size: int, device: str, diag_unmentioned: str,
+                 weights: Mapping[str, float] | None, where: str) -> None:
+        self.df, self.test, self.labels, self.images, self.boot = df, test, labels, images, boot
+        self.kid_subset_size, self.device, self.diag_unmentioned = kid_subset_size, device, diag_unmentioned
+        self.weights, self.where = weights, where
+        self.items = df["item"].tolist()
+        self.reports = df["prompt_id"].astype(str).tolist()  # the cluster of each image: its report
+
+
+def _judge_metrics(j: _Judging, dirs: Mapping[str, Path]) -> tuple[dict[str, Any], dict[str, np.ndarray],
+                                                                   dict[str, dict[str, Any]]]:
+    """One judge's metrics of the samples (unprefixed JUDGED_KEYS), its per-image columns, and its
+    accuracy on the held-out real test pairs."""
+    from medrl.data.reports import PATHOLOGIES
+    from medrl.metrics.auroc import auroc_with_ci
+    from medrl.metrics.bootstrap import bootstrap_ci
+    from medrl.metrics.fidelity import fid_kid
+    from medrl.models.xrv_diag import TRAIN_UNMENTIONED
+
+    nets = _load_nets(dirs, j.device)
+    r_align, probs, sim = _score(nets, j.images, j.df["prompt"].tolist())
+    boot, items, reports = j.boot, j.items, j.reports
+    result: dict[str, Any] = {
+        "r_align": bootstrap_ci(r_align.astype(float), items=items, clusters=reports, **boot),
+        "similarity": bootstrap_ci(sim.astype(float), items=items, clusters=reports, **boot),
+        "auroc": auroc_with_ci(j.labels, probs, list(PATHOLOGIES), items=items, clusters=reports,
+                               nan_as_negative=TRAIN_UNMENTIONED == "negative",
+                               **{k: boot[k] for k in ("n_boot", "ci", "seed")}),
+    }
+    r_diag = _diagnostic_metrics(result, probs, j.labels, items, reports, boot, diag_unmentioned=j.diag_unmentioned,
+                                 weights=j.weights, where=f"{j.where}: reward")
+    # always the CXR DenseNet (CXRL Table 2a); metrics.inception_weights is for ISIC's FID only
+    fk = fid_kid([Path(p) for p in j.test["path"]], [Path(p) for p in j.df["path"]],
+                 extractor=cxr_fid_extractor(nets["diag"]), weights_path=None, kid_subset_size=j.kid_subset_size,
+                 device=j.device, fake_clusters=dict(zip(items, reports)),
+                 **{k: boot[k] for k in ("n_boot", "ci", "seed")})
+    result.update(fid=fk["fid_metric"], kid=fk["kid_metric"], feature_extractor=fk["feature_extractor"])
+    cols = {"r_align": r_align, "r_diag": r_diag, "similarity": sim,
+            **{f"prob_{c}": probs[:, i] for i, c in enumerate(PATHOLOGIES)}}
+    return result, cols, judge_accuracy(nets, j.test, size=int(j.images.shape[-1]))
+
+
+def _load_nets(dirs: Mapping[str, Path], device: str) -> dict[str, Any]:
+    from medrl.models.dual_encoder import load_dual_encoder
+    from medrl.models.posture import load_aligner
+    from medrl.models.xrv_diag import load_diag
+
+    return {"aligner": load_aligner(dirs["aligner"], device=device), "diag": load_diag(dirs["diag"], device=device),
+            "dualenc": load_dual_encoder(dirs["dualenc"], device=device)}
+
+
+def _score(nets: Mapping[str, Any], images: torch.Tensor, prompts: list[str]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(r_align, diagnostic probabilities, image-report similarity) per image."""
+    from medrl.models.dual_encoder import embed_images, embed_texts
+    from medrl.models.posture import predict_psi
+    from medrl.models.xrv_diag import predict_probs
+    from medrl.rewards.align import align_reward
+
+    with torch.no_grad():
+        r_align = align_reward(predict_psi(nets["aligner"], images)).cpu().numpy()
+        probs = predict_probs(nets["diag"], images).numpy()
+        sim = (embed_images(nets["dualenc"], images).cpu() * embed_texts(nets["dualenc"], prompts).cpu()).sum(-1).numpy()
+    return r_align, probs, sim
+
+
+def judge_accuracy(nets: Mapping[str, Any], test: pd.DataFrame, *, size: int) -> dict[str, dict[str, Any]]:
+    """Each network's accuracy on the held-out real test pairs, against exact ground truth where
+    the data has it: ``aligner``: psi error against the true posture (phantoms; ``None`` without
+    psi columns), ``diag``: AUROC per finding against ``gt_<class>`` (else the report labels, as
+    ``reference`` says), ``dualenc``: image<->report retrieval (recall@k, ``i2t_auroc``)."""
+    from medrl.models.dual_encoder import embed_images, embed_texts, retrieval_metrics
+    from medrl.models.posture import psi_accuracy, psi_columns
+    from medrl.models.xrv_diag import diag_accuracy, predict_probs
+
+    x = torch.stack([load_image(p, size=size, mode="L") for p in test["path"]])
+    cols = psi_columns(test)
+    aligner = psi_accuracy(nets["aligner"], x, torch.tensor(test[cols].to_numpy(np.float32))) if cols else None
+    with torch.no_grad():
+        diag = diag_accuracy(predict_probs(nets["diag"], x).numpy(), test)
+        texts = [str(t) for t in test["impression"]]
+        dualenc = {"n": int(len(test)), **retrieval_metrics(embed_images(nets["dualenc"], x).cpu(),
+                                                            embed_texts(nets["dualenc"], texts).cpu(), texts)}
+    return {"aligner": {"psi": aligner, "reference": "exact posture psi" if cols else "none (no psi columns)"},
+            "diag": diag, "dualenc": dualenc}
 
 
 def _samples_with_labels(samples_dir: Path, prepared_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
@@ -130,25 +233,6 @@ def _samples_with_labels(samples_dir: Path, prepared_dir: Path) -> tuple[pd.Data
                         f"{prepared_dir / 'pairs.csv'}; expected samples generated from the test reports")
     labels = test.loc[df["prompt_id"].astype(str), list(PATHOLOGIES)].to_numpy(np.float32)
     return df, test, labels
-
-
-def _score_samples(df: pd.DataFrame, aligner_dir: Path, diag_dir: Path, dualenc_dir: Path, device: str
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-    """(r_align, diagnostic probabilities, image-report similarity) per sample, and the diagnostic model."""
-    from medrl.models.dual_encoder import embed_images, embed_texts, load_dual_encoder
-    from medrl.models.posture import load_aligner, predict_psi
-    from medrl.models.xrv_diag import load_diag, predict_probs
-    from medrl.rewards.align import align_reward
-
-    images = torch.stack([load_image(p, mode="L") for p in progress(df["path"], desc="load samples")])
-    aligner = load_aligner(aligner_dir, device=device)
-    diag = load_diag(diag_dir, device=device)
-    dualenc = load_dual_encoder(dualenc_dir, device=device)
-    with torch.no_grad():
-        r_align = align_reward(predict_psi(aligner, images)).cpu().numpy()
-        probs = predict_probs(diag, images).numpy()
-        sim = (embed_images(dualenc, images).cpu() * embed_texts(dualenc, df["prompt"].tolist()).cpu()).sum(-1).numpy()
-    return r_align, probs, sim, diag
 
 
 def _diagnostic_metrics(result: dict[str, Any], probs: np.ndarray, labels: np.ndarray, items: list[str],
@@ -175,13 +259,14 @@ def _diagnostic_metrics(result: dict[str, Any], probs: np.ndarray, labels: np.nd
 
 
 def _summary(result: dict[str, Any], n_images: int) -> dict[str, float]:
-    """The point estimates evaluate_cxr_samples returns (for MLflow)."""
-    summary = {"r_align": result["r_align"]["value"], "r_diag": result["r_diag"]["value"],
-               "similarity": result["similarity"]["value"],
-               "auroc_avg": result["auroc"]["avg"]["value"], "fid": result["fid"]["value"], "kid": result["kid"]["value"],
-               "msssim": result["msssim"]["value"], "n_images": float(n_images),
-               "finding_recall": result["finding_recall"]["value"] if "finding_recall" in result else float("nan"),
-               "positive_rate": result["positive_rate"]["value"]}
-    if "reward" in result:
-        summary["reward"] = result["reward"]["value"]
+    """The point estimates evaluate_cxr_samples returns (for MLflow), for both judges."""
+    summary = {"msssim": result["msssim"]["value"], "n_images": float(n_images)}
+    for pre in JUDGE_PREFIX.values():
+        summary.update({pre + k: result[pre + k]["value"] for k in ("r_align", "r_diag", "similarity", "fid", "kid",
+                                                                    "positive_rate")})
+        summary[pre + "auroc_avg"] = result[pre + "auroc"]["avg"]["value"]
+        fr = result.get(pre + "finding_recall")
+        summary[pre + "finding_recall"] = fr["value"] if fr else float("nan")
+        if pre + "reward" in result:
+            summary[pre + "reward"] = result[pre + "reward"]["value"]
     return summary

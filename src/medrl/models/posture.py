@@ -66,6 +66,8 @@ __all__ = [
     "load_aligner",
     "load_train_state",
     "predict_psi",
+    "psi_accuracy",
+    "psi_columns",
     "psi_to_theta",
     "recalibrate_bn",
     "resolve_image_path",
@@ -164,6 +166,7 @@ class AlignerConfig:
     size: int = 64          # input resolution; other sizes are resized (psi is resolution-free)
     in_channels: int = 1
     arch: str = "resnet18"
+    width: int = 64         # stem width; the four stages are width x (1, 2, 4, 8) (64 = ResNet-18 proper)
 
 
 class PostureAligner(nn.Module):
@@ -184,6 +187,8 @@ class PostureAligner(nn.Module):
         self.config = config or AlignerConfig()
         net = resnet18(weights=None, num_classes=5)
         net.conv1 = nn.Conv2d(self.config.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        if self.config.width != 64:
+            _rewiden(net, self.config.width)
         nn.init.normal_(net.fc.weight, std=1e-4)
         nn.init.zeros_(net.fc.bias)
         self.net = net
@@ -195,6 +200,25 @@ class PostureAligner(nn.Module):
             x = F.interpolate(x, size=(self.config.size, self.config.size), mode="bilinear", antialias=True, align_corners=False)
         r = self.net(x * 2.0 - 1.0) * self.OUT_SCALE
         return torch.stack([r[:, 0].exp(), r[:, 1].exp(), r[:, 2], r[:, 3], r[:, 4]], -1)
+
+
+def _rewiden(net: nn.Module, width: int) -> None:
+    """Rebuild a torchvision ResNet-18's stem, stages and head at stem width ``width`` (stages
+    width x 1, 2, 4, 8), initialised as torchvision initialises ResNets."""
+    from torchvision.models.resnet import BasicBlock
+
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(net.conv1.in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    for i, mult in enumerate((1, 2, 4, 8)):
+        setattr(net, f"layer{i + 1}", net._make_layer(BasicBlock, width * mult, 2, stride=1 if i == 0 else 2))
+    net.fc = nn.Linear(width * 8, 5)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
@@ -221,7 +245,7 @@ def predict_psi(model: PostureAligner, images: torch.Tensor, batch_size: int = 2
 # ----------------------------------------------------------------------------- data helpers
 
 
-def _psi_columns(pairs: pd.DataFrame) -> list[str] | None:
+def psi_columns(pairs: pd.DataFrame) -> list[str] | None:
     """Ground-truth posture columns (phantoms): ``gt_sx..`` preferred, else ``sx..``."""
     for prefix in ("gt_", ""):
         cols = [prefix + n for n in PSI_NAMES]
@@ -270,6 +294,26 @@ def _evaluate(model: PostureAligner, images: torch.Tensor, canonical: torch.Tens
     return m
 
 
+def psi_accuracy(model: PostureAligner, images: torch.Tensor, psi_true: torch.Tensor) -> dict[str, float]:
+    """How well ``model`` recovers exact postures: images (B, 1, H, W) in [0, 1] whose true
+    posture psi is ``psi_true`` (B, 5). Per psi parameter the MAE of the predicted aligning psi
+    (``psi_mae_*``) and of the untrained identity (``psi_mae_identity_*``), the mean of both over
+    the parameters, and the error / correlation of r_align against the exact r_align."""
+    psi = predict_psi(model, images).float()
+    target = aligning_psi(psi_true.float())
+    identity = torch.tensor(IDENTITY_PSI).expand_as(target)
+    m: dict[str, float] = {"n": float(len(psi))}
+    for j, n in enumerate(PSI_NAMES):
+        m[f"psi_mae_{n}"] = float((psi[:, j] - target[:, j]).abs().mean())
+        m[f"psi_mae_identity_{n}"] = float((identity[:, j] - target[:, j]).abs().mean())
+    m["psi_mae_mean"] = float(np.mean([m[f"psi_mae_{n}"] for n in PSI_NAMES]))
+    m["psi_mae_identity_mean"] = float(np.mean([m[f"psi_mae_identity_{n}"] for n in PSI_NAMES]))
+    pred_r, true_r = align_reward(psi), align_reward(target)
+    m["r_align_mae"] = float((pred_r - true_r).abs().mean())
+    m["r_align_corr"] = _corr(pred_r, true_r)
+    return m
+
+
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     if len(a) < 2 or float(a.std()) == 0.0 or float(b.std()) == 0.0:
         return 0.0
@@ -289,6 +333,7 @@ def train_posture_aligner(
     ckpt_dir: str | Path,
     device: str = "cpu",
     base: str | Path | None = None,
+    width: int = 64,
 ) -> dict[str, float]:
     """Self-supervised training as in CXRL: minimise L2(warp(x, aligner(x)), canonical) on
     the train split (no psi labels). Evaluates on the test split (psi error when the pairs
@@ -306,15 +351,16 @@ def train_posture_aligner(
         raise DataError("pairs: no rows with split == 'train'; expected training images")
     x_train = images_from_pairs(train, size, base=base, desc="posture: load train")
     x_test = images_from_pairs(test, size, base=base, desc="posture: load test") if len(test) else x_train[:0]
-    cols = _psi_columns(test) if len(test) else None
+    cols = psi_columns(test) if len(test) else None
     psi_true = torch.tensor(test[cols].to_numpy(np.float32)) if cols else None
 
     torch.manual_seed(seed)
-    config = AlignerConfig(size=size)
+    config = AlignerConfig(size=size, width=width)
     model = PostureAligner(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     ckpt = ckpt_dir / "posture_state.pt"
-    fp = fingerprint(n=len(train), size=size, batch_size=batch_size, lr=lr, seed=seed, images=list(train["path"]))
+    fp = fingerprint(n=len(train), size=size, batch_size=batch_size, lr=lr, seed=seed, width=width,
+                     images=list(train["path"]))
     state = load_train_state(ckpt, fp)
     start, history = 0, []
     if state is not None:
@@ -323,7 +369,8 @@ def train_posture_aligner(
         start, history = int(state["epoch"]), list(state["history"])
 
     n = len(x_train)
-    steps = max(1, math.ceil(n / batch_size))
+    # a trailing batch of one image is dropped: BatchNorm cannot train on it (e.g. a judge's half of the pairs)
+    steps = max(1, n // batch_size + int(n % batch_size > 1))
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         model.train()

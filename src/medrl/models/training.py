@@ -24,6 +24,8 @@ __all__ = [
     "warmup_lr",
     "fingerprint",
     "images_from_pairs",
+    "judge_pairs",
+    "judge_split",
     "load_train_state",
     "recalibrate_bn",
     "resolve_image_path",
@@ -63,6 +65,39 @@ def images_from_pairs(pairs: pd.DataFrame, size: int, *, column: str = "path", b
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """uint8 images (as stored by ``images_from_pairs``) to float in [0, 1]."""
     return x.float() / 255.0
+
+
+JUDGES = ("reward", "eval")
+
+
+def judge_split(image_ids: Iterable[Any], reward_share: float) -> list[str]:
+    """Which judge trains on each image: ``"reward"`` (the RL reward nets) or ``"eval"`` (the
+    independent evaluators), by a hash of the image id alone: deterministic, independent of row
+    order, of the other rows and of any seed, so the two sets never share an image (and a grown
+    dataset keeps every image's judge)."""
+    import hashlib
+
+    out = []
+    for image in image_ids:
+        h = int.from_bytes(hashlib.sha256(f"medrl-judge:{image}".encode()).digest()[:8], "big")
+        out.append("reward" if h / 2.0**64 < reward_share else "eval")
+    return out
+
+
+def judge_pairs(pairs: pd.DataFrame, judge: str, reward_share: float) -> pd.DataFrame:
+    """``pairs`` without the train rows of the other judge (``judge_split`` on the ``image``
+    column); test rows are kept (every judge is evaluated on the same held-out pairs)."""
+    if judge not in JUDGES:
+        raise ValueError(f"judge: {judge!r}; expected one of {JUDGES}")
+    for col in ("image", "split"):
+        if col not in pairs.columns:
+            raise DataError(f"pairs: missing column '{col}'; expected the pairs.csv format")
+    mine = pd.Series(judge_split(pairs["image"].astype(str), reward_share), index=pairs.index) == judge
+    train = pairs["split"] == "train"
+    if train.any() and not (train & mine).any():
+        raise DataError(f"pairs: none of the {int(train.sum())} train pairs falls to the {judge} judge "
+                        f"(reward_share={reward_share}); expected more train pairs or a share further from 0/1")
+    return pairs[~train | mine].reset_index(drop=True)
 
 
 def split_rows(pairs: pd.DataFrame, name: str) -> pd.DataFrame:

@@ -11,7 +11,8 @@ from medrl.errors import DataError
 from medrl.metrics.bootstrap import diff_from_boot
 from medrl.metrics.rlcf_modes import MODES, PAIRED_MODES
 from medrl.tables import paper as P
-from medrl.tables.render import NA, Recorder, need, need_metric, resolve_run_ids, verdict, write_with_values
+from medrl.tables.render import (NA, Recorder, fmt_num, need, need_metric, resolve_run_ids, verdict,
+                                 write_with_values)
 from medrl.tables.seeds import SeedRow, build_seed_table
 
 # Models of Tables 1, 2a and 3 (full schema) and the reward ablations of Table 2b (FID only).
@@ -31,13 +32,19 @@ CXR_SCHEMA_DOC = """
           "kid":        Metric,   # fidelity.fid_kid(...)["kid_metric"]
           "msssim":     Metric,   # msssim.msssim_within_groups(...)[1] (samples of one report)
           "n_images":   int,
-          "feature_extractor": str   # fid_kid(...)["feature_extractor"]
+          "feature_extractor": str,  # fid_kid(...)["feature_extractor"]
+          "eval_r_align", "eval_auroc", "eval_similarity", "eval_fid", "eval_kid": the same metrics
+                        # judged by the independent evaluators (medrl.metrics.cxr_eval.JUDGE_PREFIX)
+          "judges":     {"reward"|"eval": {"aligner"|"diag"|"dualenc": accuracy on the held-out
+                        # real test pairs (cxr_eval.judge_accuracy), "independent": bool}}
         }
 
     Metric = {"value", "lo", "hi", "n"[, "ci", "method", "boot", "boot_key"]}
     (medrl.metrics.bootstrap). Models ``anchor``, ``full``, ``no_ace``, ``no_rlcf`` need the
     full schema; ``align_only``, ``diag_only``, ``consist_only`` (Table 2b) need ``fid``,
-    ``n_images``, ``feature_extractor``. ``anchor`` and ``full`` are required; other models
+    ``n_images``, ``feature_extractor`` and ``eval_fid``; ``anchor`` also needs ``judges``.
+    ``(ours)`` columns are the reward networks' numbers (the paper's protocol), ``(evaluator)``
+    columns the independent evaluators'; claims are judged on the evaluator. ``anchor`` and ``full`` are required; other models
     that are absent leave their rows out (noted). Paired differences (CXRL - other) are shown
     when both Metrics carry replicates with the same ``boot_key`` (same reports, same
     sampling seeds, same bootstrap seed); otherwise they are n/a (noted).
@@ -57,13 +64,68 @@ def _validate(metrics: Mapping[str, Any], run_ids: Mapping[str, str], sources: M
             raise DataError(f"{where}: expected a metrics JSON object, got {type(d).__name__}")
         need(d, ["n_images"], where=where, expected="int")
         need(d, ["feature_extractor"], where=where, expected="str")
-        need_metric(d, ["fid"], where=where)
-        if model in MAIN_MODELS:
-            for k in FULL_KEYS:
-                need_metric(d, [k], where=where)
-            for c in (*P.CXR_CLASSES, "avg"):
-                need_metric(d, ["auroc", c], where=where)
+        for judge in (False, True):
+            need_metric(d, ev(["fid"], judge), where=where)
+            if model in MAIN_MODELS:
+                for k in FULL_KEYS:
+                    need_metric(d, ev([k], judge), where=where)
+                for c in (*P.CXR_CLASSES, "avg"):
+                    need_metric(d, ev(["auroc", c], judge), where=where)
+    for judge in ("reward", "eval"):
+        for net in ("aligner", "diag", "dualenc"):
+            need(metrics["anchor"], ["judges", judge, net], where=sources.get("anchor", "metrics['anchor']"),
+                 expected="each judge's accuracy on the held-out test pairs (medrl.metrics.cxr_eval)")
     return sorted(m for m in metrics if m not in MAIN_MODELS + REWARD_MODELS)
+
+
+# Metrics a network judges (the others, MS-SSIM, use no network); their evaluator keys carry this prefix
+JUDGED = ("r_align", "similarity", "auroc", "fid", "kid")
+EVAL_PREFIX = "eval_"
+EVALUATOR = "(ours, evaluator)"
+CLAIM_VERDICT = "Verdict (evaluator)"  # the claims' verdict column: judged on the independent evaluator
+
+
+def ev(path: Sequence[str], evaluator: bool = True) -> list[str]:
+    """The metrics-JSON path of ``path`` as judged by the independent evaluator (``evaluator``)
+    or by the reward networks; a metric no network judges has one path."""
+    path = list(path)
+    return [EVAL_PREFIX + path[0], *path[1:]] if evaluator and path[0] in JUDGED else path
+
+
+def judge_notes(anchor: Mapping[str, Any]) -> list[str]:
+    """What the two judges are, each one's accuracy on the held-out real test pairs, and whether an
+    evaluator is not independent (released weights: the reward net itself)."""
+    j = anchor["judges"]
+
+    def both(f) -> str:
+        vals = []
+        for judge in ("reward", "eval"):
+            try:
+                vals.append(fmt_num(float(f(j[judge])), 3))
+            except (KeyError, TypeError, ValueError):
+                vals.append(NA)
+        return " / ".join(vals)
+
+    n = j["eval"]["diag"].get("n", NA)
+    acc = (f"Judge accuracy on the {n} held-out real test pairs (reward net / evaluator): posture psi MAE (mean over "
+           f"sx, sy, tx, ty, theta; {j['eval']['aligner'].get('reference', NA)}) "
+           f"{both(lambda d: d['aligner']['psi']['psi_mae_mean'])} (identity "
+           f"{both(lambda d: d['aligner']['psi']['psi_mae_identity_mean'])}); diagnostic AUROC (macro, against "
+           f"{j['eval']['diag'].get('reference', NA)}) {both(lambda d: d['diag']['auroc']['avg'])}; dual encoder "
+           f"image->report recall@1 {both(lambda d: d['dualenc']['i2t_recall@1'])}, own-report AUROC "
+           f"{both(lambda d: d['dualenc']['i2t_auroc'])}.")
+    notes = [
+        "Two judges: (ours) = the reward networks (the paper's protocol: the networks RL optimised score its "
+        f"samples); {EVALUATOR} = independent evaluators trained on the other half of the train pairs (split by "
+        "image-id hash: they never saw a reward net's training image), with another seed and width. Claims are "
+        "judged on the evaluator. MS-SSIM uses no network (one judge).",
+        acc,
+    ]
+    shared = [net for net in ("aligner", "diag", "dualenc") if not j["eval"][net].get("independent", False)]
+    if shared:
+        notes.append(f"Not independent: the {', '.join(shared)} evaluator is the released reward network itself "
+                     "(real weights); its evaluator numbers repeat the reward judge's.")
+    return notes
 
 
 def _diff(metrics: Mapping[str, Any], a: str, b: str, path: Sequence[str], problems: list[str]) -> dict | None:
@@ -150,6 +212,7 @@ def _common_notes(metrics: Mapping[str, Any], ignored: list[str], notes: Sequenc
         "one report are not independent; FID: basic and KID: percentile bootstrap over real images and generated "
         "reports; MS-SSIM: over reports). Differences are paired bootstraps on the same reports and seeds.",
         P.CXRL_SOURCE_NOTE,
+        *judge_notes(metrics["anchor"]),
         *notes,
         *run_notes,
     ]
@@ -176,6 +239,9 @@ def _table1(b: _Build) -> dict[str, str]:
             d = P.CXRL_TABLE1_DIGITS[key]
             row[f"{head} (ours)"] = NA if m == "llm_cxr" else rec.ours(
                 label, head, need_metric(metrics[m], path, where=m), model=m, run_id=rid(m), digits=3)
+            row[f"{head} {EVALUATOR}"] = NA if m == "llm_cxr" else rec.ours(
+                label, f"{head} {EVALUATOR}", need_metric(metrics[m], ev(path), where=m), model=m, run_id=rid(m),
+                digits=3)
             row[f"{head} (paper)"] = rec.paper(label, head, P.CXRL_TABLE1.get(m, {}).get(key), model=m, digits=d)
         row["n images"] = "" if m == "llm_cxr" else str(metrics[m]["n_images"])
         row["MLflow run"] = "" if m == "llm_cxr" else rid(m)
@@ -186,6 +252,9 @@ def _table1(b: _Build) -> dict[str, str]:
         for key, path, head in cols:
             row[f"{head} (ours)"] = rec.ours(label, head, b.diff(a, b_, path), model=f"{a}-{b_}",
                                              run_id=f"{rid(a)} - {rid(b_)}", digits=3, source="diff")
+            row[f"{head} {EVALUATOR}"] = rec.ours(label, f"{head} {EVALUATOR}", b.diff(a, b_, ev(path)),
+                                                  model=f"{a}-{b_}", run_id=f"{rid(a)} - {rid(b_)}", digits=3,
+                                                  source="diff")
             row[f"{head} (paper)"] = rec.paper(label, head, _paper_diff(P.CXRL_TABLE1, a, b_, key), model=f"{a}-{b_}",
                                                digits=P.CXRL_TABLE1_DIGITS[key])
         row["n images"] = ""
@@ -217,9 +286,15 @@ def _table2a(b: _Build) -> dict[str, str]:
         for key, head, d in cols2:
             row[f"{head} (ours)"] = NA if m == "llm_cxr" else rec.ours(label, head, metrics[m][key], model=m,
                                                                          run_id=rid(m), digits=max(d, 3))
+            if key in JUDGED:
+                row[f"{head} {EVALUATOR}"] = NA if m == "llm_cxr" else rec.ours(
+                    label, f"{head} {EVALUATOR}", metrics[m][EVAL_PREFIX + key], model=m, run_id=rid(m),
+                    digits=max(d, 3))
             row[f"{head} (paper)"] = rec.paper(label, head, P.CXRL_TABLE2A.get(m, {}).get(key), model=m, digits=d)
         row["KID (ours, not in paper)"] = NA if m == "llm_cxr" else rec.ours(label, "KID", metrics[m]["kid"], model=m,
                                                                                run_id=rid(m), digits=4)
+        row[f"KID {EVALUATOR}"] = NA if m == "llm_cxr" else rec.ours(label, f"KID {EVALUATOR}", metrics[m]["eval_kid"],
+                                                                       model=m, run_id=rid(m), digits=4)
         row["n images"] = "" if m == "llm_cxr" else str(metrics[m]["n_images"])
         row["MLflow run"] = "" if m == "llm_cxr" else rid(m)
         rows.append(row)
@@ -229,11 +304,18 @@ def _table2a(b: _Build) -> dict[str, str]:
         for key, head, d in cols2:
             row[f"{head} (ours)"] = rec.ours(label, head, b.diff(a, b_, [key]), model=f"{a}-{b_}",
                                              run_id=f"{rid(a)} - {rid(b_)}", digits=max(d, 3), source="diff")
+            if key in JUDGED:
+                row[f"{head} {EVALUATOR}"] = rec.ours(label, f"{head} {EVALUATOR}", b.diff(a, b_, ev([key])),
+                                                      model=f"{a}-{b_}", run_id=f"{rid(a)} - {rid(b_)}",
+                                                      digits=max(d, 3), source="diff")
             row[f"{head} (paper)"] = rec.paper(label, head, _paper_diff(P.CXRL_TABLE2A, a, b_, key), model=f"{a}-{b_}",
                                                digits=d)
         row["KID (ours, not in paper)"] = rec.ours(label, "KID", b.diff(a, b_, ["kid"]),
                                                    model=f"{a}-{b_}", run_id=f"{rid(a)} - {rid(b_)}", digits=4,
                                                    source="diff")
+        row[f"KID {EVALUATOR}"] = rec.ours(label, f"KID {EVALUATOR}", b.diff(a, b_, ["eval_kid"]),
+                                           model=f"{a}-{b_}", run_id=f"{rid(a)} - {rid(b_)}", digits=4,
+                                           source="diff")
         row["n images"] = ""
         row["MLflow run"] = f"{rid(a)} - {rid(b_)}"
         rows.append(row)
@@ -258,6 +340,8 @@ def _table2b(b: _Build) -> dict[str, str]:
             continue
         row = {"Exp. #": exp, "Reward": reward, "Model": m,
                "FID \u2193 (ours)": rec.ours(reward, "FID", metrics[m]["fid"], model=m, run_id=rid(m), digits=3),
+               f"FID \u2193 {EVALUATOR}": rec.ours(reward, f"FID {EVALUATOR}", metrics[m]["eval_fid"], model=m,
+                                                   run_id=rid(m), digits=3),
                "FID \u2193 (paper)": rec.paper(reward, "FID", pfid, model=m, digits=P.CXRL_TABLE2B_DIGITS)}
         if m != "anchor":
             d = b.diff(m, "anchor", ["fid"])
@@ -265,9 +349,13 @@ def _table2b(b: _Build) -> dict[str, str]:
                                                   run_id=f"{rid(m)} - {rid('anchor')}", digits=3, source="diff")
             row["FID - anchor (paper)"] = rec.paper(reward, "FID - anchor", pfid - P.CXRL_TABLE2B["anchor"][2],
                                                     model=f"{m}-anchor", digits=P.CXRL_TABLE2B_DIGITS)
+            row[f"FID - anchor {EVALUATOR}"] = rec.ours(reward, f"FID - anchor {EVALUATOR}",
+                                                        b.diff(m, "anchor", ["eval_fid"]), model=f"{m}-anchor",
+                                                        run_id=f"{rid(m)} - {rid('anchor')}", digits=3, source="diff")
         else:
             row["FID - anchor (ours)"] = ""
             row["FID - anchor (paper)"] = ""
+            row[f"FID - anchor {EVALUATOR}"] = ""
         row["MLflow run"] = rid(m)
         rows.append(row)
     return write_with_values(pd.DataFrame(rows), b.out_dir / "cxrl_table2b", rec,
@@ -289,6 +377,8 @@ def _table3(b: _Build) -> dict[str, str]:
             if m != "llm_cxr":
                 row[f"{label} (ours)"] = rec.ours(abbrev, label, metrics[m]["auroc"][c], model=m, run_id=rid(m),
                                                   digits=3)
+                row[f"{label} {EVALUATOR}"] = rec.ours(abbrev, f"{label} {EVALUATOR}", metrics[m]["eval_auroc"][c],
+                                                       model=m, run_id=rid(m), digits=3)
             pv = P.CXRL_TABLE3.get(m, {}).get(c)
             if m in P.CXRL_TABLE3:
                 row[f"{label} (paper)"] = rec.paper(abbrev, label, pv, model=m, digits=P.CXRL_TABLE3_DIGITS)
@@ -298,6 +388,9 @@ def _table3(b: _Build) -> dict[str, str]:
         row["CXRL - anchor (paper)"] = rec.paper(abbrev, "CXRL - anchor",
                                                  P.CXRL_TABLE3["full"][c] - P.CXRL_TABLE3["anchor"][c],
                                                  model="full-anchor", digits=P.CXRL_TABLE3_DIGITS)
+        row[f"CXRL - anchor {EVALUATOR}"] = rec.ours(abbrev, f"CXRL - anchor {EVALUATOR}",
+                                                     b.diff("full", "anchor", ["eval_auroc", c]), model="full-anchor",
+                                                     run_id=f"{rid('full')} - {rid('anchor')}", digits=3, source="diff")
         rows.append(row)
     rows.append(_table3_run_row(b, t3_models))
     n_valid = {c: metrics["full"]["auroc"][c].get("n") for c in P.CXR_CLASSES}
@@ -321,10 +414,12 @@ def _table3_run_row(b: _Build, t3_models: list[str]) -> dict[str, str]:
         label = P.CXRL_LABELS[m]
         if m != "llm_cxr":
             run_row[f"{label} (ours)"] = b.rid(m)
+            run_row[f"{label} {EVALUATOR}"] = b.rid(m)
         if m in P.CXRL_TABLE3:
             run_row[f"{label} (paper)"] = ""
     run_row["CXRL - anchor (ours)"] = f"{b.rid('full')} - {b.rid('anchor')}"
     run_row["CXRL - anchor (paper)"] = ""
+    run_row[f"CXRL - anchor {EVALUATOR}"] = f"{b.rid('full')} - {b.rid('anchor')}"
     return run_row
 
 
@@ -355,17 +450,23 @@ def _claims(metrics: Mapping[str, Any], run_ids: Mapping[str, str], out_dir: Pat
         if a not in metrics or b not in metrics:
             continue
         d = _diff(metrics, a, b, list(path), problems)
+        d_eval = _diff(metrics, a, b, ev(path), problems)
         pd_ = _paper_diff(ptable, a, b, pkey) if ptable is not None else None
-        digits = 3
+        digits, runs = 3, f"{run_ids[a]} - {run_ids[b]}"
         rows.append({
             "Claim": claim, "Difference": f"{a} - {b}", "Better": "higher" if hib else "lower",
             "Paper difference": rec.paper(claim, "paper", pd_, model=f"{a}-{b}", digits=3) if pd_ is not None else "",
-            "Ours difference [CI]": rec.ours(claim, "ours", d, model=f"{a}-{b}",
-                                             run_id=f"{run_ids[a]} - {run_ids[b]}", digits=digits, source="diff"),
-            "Verdict (ours)": verdict(d, hib, digits),
-            "MLflow runs": f"{run_ids[a]} - {run_ids[b]}",
+            "Reward judge difference [CI]": rec.ours(claim, "reward judge", d, model=f"{a}-{b}", run_id=runs,
+                                                     digits=digits, source="diff"),
+            "Verdict (reward judge)": verdict(d, hib, digits),
+            "Evaluator difference [CI]": rec.ours(claim, "evaluator", d_eval, model=f"{a}-{b}", run_id=runs,
+                                                  digits=digits, source="diff"),
+            CLAIM_VERDICT: verdict(d_eval, hib, digits),
+            "MLflow runs": runs,
         })
-    notes = common + ["Verdict: the paired-bootstrap CI of the difference lies on the claimed side of 0 "
+    notes = common + [f"'{CLAIM_VERDICT}' is the claim's verdict: it is taken on the independent evaluator's "
+                      "difference; the reward judge's (the paper's protocol) is shown beside it.",
+                      "Verdict: the paired-bootstrap CI of the difference lies on the claimed side of 0 "
                       "(supported), on the other side (contradicted), or includes 0 (inconclusive); a CI within rounding of 0 "
                       "at the shown precision is no difference.",
                       "Paper difference: computed from the published numbers (Tables 1, 2a, 2b)."]
@@ -422,22 +523,42 @@ def build_cxrl_seed_table(
             raise DataError(f"per_seed[{s}]: variants {list(per_seed[s])}; expected {variants} as in seed {seeds[0]}")
         for v in variants:
             for path, _, _ in SEED_METRICS:
-                need_metric(per_seed[s][v], list(path), where=f"{v} seed {s}")
+                for evaluator in (False, True):
+                    need_metric(per_seed[s][v], ev(path, evaluator), where=f"{v} seed {s}")
     rid, run_notes = resolve_run_ids(run_ids, ["anchor", *(f"{v}-s{s}" for s in seeds for v in variants)])
     problems: list[str] = []
 
     def run_of(m: str, s: int) -> str:
         return rid["anchor"] if m == "anchor" else rid[f"{m}-s{s}"]
 
-    rows = [SeedRow(f"{a} - {b}", head, hib, 3,
-                    diffs={s: _diff({"anchor": anchor, **per_seed[s]}, a, b, list(path), problems) for s in seeds},
-                    run_ids={s: f"{run_of(a, s)} - {run_of(b, s)}" for s in seeds})
-            for a, b in seed_comparisons(variants) for path, head, hib in SEED_METRICS]
+    rows = [SeedRow(f"{a} - {b}", name, hib, 3,
+                    diffs={s: _diff({"anchor": anchor, **per_seed[s]}, a, b, p, problems) for s in seeds},
+                    run_ids={s: f"{run_of(a, s)} - {run_of(b, s)}" for s in seeds}, no_verdict=no_verdict)
+            for a, b in seed_comparisons(variants) for path, head, hib in SEED_METRICS
+            for name, p, no_verdict in _seed_judges(path, head)]
     notes = ["Anchor: one base model (no RL seed), the same in every column; every other model: one CXRL run per "
              "seed. Differences resample whole reports (paired, same reports and sampling seeds).",
+             f"Every metric a network judges has two rows: {SEED_EVALUATOR} (independent evaluators: the other half "
+             f"of the train pairs, another seed and width) and {SEED_REWARD} (the reward networks, the paper's "
+             "protocol). The verdicts are computed on the independent evaluator's differences only; the reward "
+             "judge's rows are shown for reference.",
+             *(judge_notes(anchor) if "judges" in anchor else []),
              P.CXRL_SOURCE_NOTE, *run_notes, *_unpaired(problems)]
     return build_seed_table(rows, seeds, Path(out_dir) / "cxrl_seeds",
-                            caption="CXRL: headline differences in every RL seed", label="tab:cxrl-seeds", notes=notes)
+                            caption="CXRL: headline differences in every RL seed (verdicts on the independent "
+                                    "evaluator)", label="tab:cxrl-seeds", notes=notes)
+
+
+SEED_EVALUATOR, SEED_REWARD = "[evaluator]", "[reward judge]"
+SEED_NO_VERDICT = "(reward judge: no verdict; see the evaluator row)"
+
+
+def _seed_judges(path: Sequence[str], head: str) -> list[tuple[str, list[str], str | None]]:
+    """The seeds-table rows of one metric: (name, metrics path, no_verdict) -- the evaluator's row
+    (with the verdict), then the reward judge's (for reference); one row for MS-SSIM (no judge)."""
+    if path[0] not in JUDGED:
+        return [(head, list(path), None)]
+    return [(f"{head} {SEED_EVALUATOR}", ev(path), None), (f"{head} {SEED_REWARD}", list(path), SEED_NO_VERDICT)]
 
 
 def build_rlcf_modes_table(m: Mapping[str, Any], run_id: str, out_dir: str | Path) -> dict[str, str]:

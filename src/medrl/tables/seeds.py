@@ -34,6 +34,7 @@ class SeedRow:
     digits: int
     diffs: Mapping[int, Mapping[str, Any] | None]  # seed -> paired difference Metric (None: not pairable)
     run_ids: Mapping[int, str]  # seed -> "<run a> - <run b>"
+    no_verdict: str | None = None  # set: a row shown for reference only; its Verdict cell says this instead
 
 
 def _words(higher_is_better: bool | None) -> tuple[str, str]:
@@ -95,7 +96,8 @@ def build_seed_table(rows: Sequence[SeedRow], seeds: Sequence[int], out_stem: st
                                              run_id=r.run_ids.get(s, NA), digits=r.digits, source="diff")
         values = [float(d["value"]) for d in (r.diffs.get(s) for s in seeds) if d is not None and _finite(d.get("value"))]
         row["mean over seeds"], row["s.d. over seeds"], row["range (min .. max)"] = _spread(values, r.digits)
-        row["Verdict"] = seed_verdict([r.diffs.get(s) for s in seeds], r.higher_is_better, r.digits)
+        row["Verdict"] = r.no_verdict if r.no_verdict is not None else seed_verdict(
+            [r.diffs.get(s) for s in seeds], r.higher_is_better, r.digits)
         out.append(row)
     all_notes = [f"Seeds: {', '.join(map(str, seeds))} (rl.seeds): one RL run per seed, evaluated on the same "
                  "held-out prompts and sampling seeds; each cell is the paired-bootstrap difference [CI] of that "
