@@ -39,8 +39,8 @@ from torch import nn
 
 from medrl.errors import DataError
 from medrl.io import atomic_dir, read_json, write_json
+from medrl.lr_schedule import cosine_lr
 from medrl.models.training import (
-    cosine_lr,
     fingerprint,
     images_from_pairs,
     load_train_state,

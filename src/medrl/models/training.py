@@ -1,13 +1,12 @@
 """Training helpers shared by the reward/evaluator networks (posture aligner, XRV diagnostic
 classifier, dual encoder, artifact classifiers): image loading from pairs tables, train/test
-splits, resumable training state with a configuration fingerprint, BatchNorm recalibration and
-the cosine learning-rate schedule."""
+splits, resumable training state with a configuration fingerprint and BatchNorm recalibration.
+The learning-rate schedule they share with the diffusion trainers is medrl.lr_schedule."""
 from __future__ import annotations
 
-import math
 import pickle
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 import pandas as pd
 import torch
@@ -19,9 +18,6 @@ from medrl.progress import progress
 
 __all__ = [
     "TORCH_LOAD_ERRORS",
-    "cosine_lr",
-    "default_warmup",
-    "warmup_lr",
     "fingerprint",
     "images_from_pairs",
     "load_train_state",
@@ -123,29 +119,3 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], device: st
     for bn, mom in zip(bns, momenta):
         bn.momentum = mom
     model.train(was_training)
-
-
-def default_warmup(steps: int) -> int:
-    """Warm-up length of the step-based trainers: 5 % of the steps, at least 1, at most 100."""
-    return min(100, max(1, steps // 20))
-
-
-def warmup_lr(base_lr: float, step: int, total: int, *, warmup: int = 0, floor: float = 0.0,
-              decay: Literal["cosine", "constant"] = "cosine") -> float:
-    """The one learning-rate schedule of the library's trainers (stateless: resuming needs only
-    the step). Linear warm-up over ``warmup`` steps, then either a cosine decay from ``base_lr``
-    to ``floor * base_lr`` over the remaining steps, or ``base_lr`` held constant."""
-    if decay == "constant":
-        return base_lr * min(1.0, (step + 1) / warmup) if warmup else base_lr
-    if warmup and step < warmup:
-        return base_lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    cos = 1.0 + math.cos(math.pi * min(1.0, t))
-    if not floor:
-        return base_lr * 0.5 * cos
-    return base_lr * (floor + (1 - floor) * 0.5 * cos)
-
-
-def cosine_lr(base_lr: float, step: int, total: int, warmup: int = 0) -> float:
-    """Linear warmup then cosine decay to 0 (``warmup_lr`` with its defaults)."""
-    return warmup_lr(base_lr, step, total, warmup=warmup)

@@ -53,9 +53,9 @@ from torch import nn
 from medrl.data.reports import PATHOLOGIES
 from medrl.errors import DataError
 from medrl.io import atomic_dir, read_json, write_json
+from medrl.lr_schedule import cosine_lr
 from medrl.models.training import (
     TORCH_LOAD_ERRORS,
-    cosine_lr,
     fingerprint,
     images_from_pairs,
     load_train_state,

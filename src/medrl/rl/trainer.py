@@ -9,7 +9,7 @@ policy against the frozen base on a fixed set of prompts and noises. Runs in one
 
 Randomness: every random draw of an epoch comes from generators seeded by
 (seed, epoch, process index, purpose[, batch]) -- prompts, shuffles, initial and per-step noise
-(medrl.rl.sampler's seed policy; the purposes are the ``_P_*`` constants). A resumed run
+(medrl.diffusion.sampler's seed policy; the purposes are the ``_P_*`` constants). A resumed run
 therefore needs only weights, optimizer and stat-tracker state to continue exactly; the global
 torch RNG is saved too, for library code that draws from it.
 """
@@ -37,13 +37,13 @@ from medrl.config import RLCommon, RLCxr, RLTrack, Run, rl_track_settings
 from medrl.errors import DataError
 from medrl.io import image_grid, save_image, write_table
 from medrl.progress import progress
-from medrl.rl.ace import ACE
-from medrl.rl.ddim import ddim_step_gaussian, gaussian_kl, gaussian_logprob
-from medrl.rl.lora import DEFAULT_TARGETS, add_lora, save_adapter
+from medrl.diffusion.ace import ACE
+from medrl.diffusion.ddim import ddim_step_gaussian, gaussian_kl, gaussian_logprob
+from medrl.diffusion.lora import DEFAULT_TARGETS, add_lora, save_adapter
 from medrl.rl.curves import plot_reward_curve
 from medrl.rl.ppo import PerPromptStatTracker, ppo_loss
-from medrl.rl.sampler import Noise, Sampler, derive_seed, paired_anchor_noise
-from medrl.rl.sampling import guided_eps
+from medrl.diffusion.sampler import Noise, Sampler, derive_seed, paired_anchor_noise
+from medrl.diffusion.rollout import guided_eps
 
 RewardFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 PromptFn = Callable[[np.random.Generator, int], list[str]]
@@ -326,7 +326,7 @@ class _Setup:
 
     cfg: DDPOConfig
     accelerator: Any
-    c: Any  # the stack's components (medrl.models.tiny_sd.load_components)
+    c: Any  # the stack's components (medrl.diffusion.stack.load_components)
     policy: Policy
     model: nn.Module  # the policy as prepared by accelerate (DDP-wrapped with several processes)
     optimizer: Any
@@ -358,7 +358,7 @@ class _Setup:
 def _setup(base_dir: Path, cfg: DDPOConfig, reward_fn: RewardFn, anchor: bool) -> _Setup:
     from accelerate import Accelerator
 
-    from medrl.models.tiny_sd import load_components
+    from medrl.diffusion.stack import load_components
 
     # Accumulation is done explicitly in _ppo_update (reset every inner epoch, trailing partial
     # group stepped), so accelerate's own counter stays at 1; it would otherwise rescale the loss.
@@ -439,7 +439,7 @@ def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn
     rank, batch)), score them, and turn the gathered rewards into per-prompt advantages."""
     from accelerate.utils import gather_object
 
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.stack import encode_prompts
 
     cfg, acc = s.cfg, s.accelerator
     s.policy.eval()
@@ -550,7 +550,7 @@ def _compare_with_base(s: _Setup, reward_fn: RewardFn, prompt_fn: PromptFn) -> d
     """Policy vs frozen base on a fixed set of base_reward_samples prompts and noises (split over
     processes; exactly paired: the same x_T and per-step noise). The base's images and rewards
     are computed once per run; each call samples the policy on the set again."""
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.stack import encode_prompts
 
     cfg, acc = s.cfg, s.accelerator
     n = -(-cfg.base_reward_samples // acc.num_processes)
@@ -672,7 +672,7 @@ def train_ddpo(
     set of prompts and noises. With ``cfg.kl_coef > 0``: kl_to_base, the mean per-step
     KL(pi_theta || pi_base) over the epoch's updates; ``loss`` then includes the penalty.
     """
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.stack import encode_prompts
 
     base_dir, out_dir, ckpt_dir = Path(base_dir), Path(out_dir), Path(ckpt_dir)
     s = _setup(base_dir, cfg, reward_fn, anchor)

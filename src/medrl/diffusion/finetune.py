@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from medrl.errors import DataError
 from medrl.io import hash_path, write_table
-from medrl.models.training import default_warmup, warmup_lr
+from medrl.lr_schedule import default_warmup, warmup_lr
 from medrl.progress import progress
 
 # Step / epoch generators are seeded by seed * _MIX + counter: distinct streams per step.
@@ -99,7 +99,7 @@ def finetune_base(
     process). Under ``accelerate launch`` each process draws its own slice of the batch
     and only the main process writes checkpoints and outputs. Resumes from ``ckpt_dir``
     when it holds a checkpoint of the same settings, and deletes ``ckpt_dir`` on success."""
-    from medrl.models.tiny_sd import load_components
+    from medrl.diffusion.stack import load_components
 
     stack_dir, latents_dir, out_dir, ckpt_dir = Path(stack_dir), Path(latents_dir), Path(out_dir), Path(ckpt_dir)
     if not 0.0 <= cond_dropout < 1.0:
@@ -182,7 +182,7 @@ def _optimizer_step(accelerator, unet, opt, loss: torch.Tensor, step: int) -> fl
 
 def _checkpoint(accelerator, unet, opt, ckpt_dir: Path, done: int, losses: list[float], config: dict) -> None:
     """Main process: save model, optimiser, step and losses to ``ckpt_dir``; every process waits for it."""
-    from medrl.models.vae_train import save_train_state
+    from medrl.diffusion.vae_train import save_train_state
 
     if accelerator.is_main_process:
         save_train_state(ckpt_dir, accelerator.unwrap_model(unet).state_dict(),
@@ -203,7 +203,7 @@ def _install_given_unet(accelerator, unet, stack_dir: Path, out_dir: Path, ckpt_
 
 def _train_latents(latents_dir: Path, stack_dir: Path, unet) -> tuple[torch.Tensor, list[str]]:
     """The latents and texts of the ``split == "train"`` rows of the latent store (checked against the UNet)."""
-    from medrl.models.latents import load_latents
+    from medrl.diffusion.latents import load_latents
 
     latents, index = load_latents(latents_dir, expect_vae=stack_dir)
     train = (index["split"] == "train").to_numpy()
@@ -220,7 +220,7 @@ def _train_latents(latents_dir: Path, stack_dir: Path, unet) -> tuple[torch.Tens
 def _prompt_embeddings(c, texts: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(prompts, index of each text's prompt, prompt embeddings); row 0 is the unconditional ("")
     embedding used for dropped prompts."""
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.stack import encode_prompts
 
     prompts = [""] + sorted(set(texts))
     pos = {p: i for i, p in enumerate(prompts)}
@@ -242,7 +242,7 @@ def _noise_target(sched, stack_dir: Path) -> tuple[int, str]:
 def _prepare_or_resume(accelerator, unet, opt, ckpt_dir: Path, config: dict) -> tuple[Any, Any, int, list[float]]:
     """Load the checkpoint of the same ``config`` if any, then hand model and optimiser to accelerate;
     returns (unet, optimiser, first step, losses so far)."""
-    from medrl.models.vae_train import load_train_state
+    from medrl.diffusion.vae_train import load_train_state
 
     start, losses = 0, []
     resumed = load_train_state(ckpt_dir, config)

@@ -7,7 +7,7 @@ value; both are divided by the number of pixel values to keep the loss O(1).
 
 Training checkpoints to ``ckpt_dir`` and resumes from it bit-exactly (model, optimizer, step
 and the data/noise generator state); the checkpoint is deleted on success. The checkpoint
-helpers here are shared with ``medrl.models.finetune``.
+helpers here are shared with ``medrl.diffusion.finetune``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 
 from medrl.errors import DataError
 from medrl.io import load_image
-from medrl.models.training import default_warmup, warmup_lr
+from medrl.lr_schedule import default_warmup, warmup_lr
 from medrl.progress import progress
 
 _CKPT = "latest"
