@@ -335,7 +335,7 @@ def test_finetune_resume_after_kill_matches_uninterrupted(data, tmp_path: Path):
 
     with pytest.raises(KeyboardInterrupt):
         finetune_base(data["stack"], data["latents"], tmp_path / "b", ckpt_dir=tmp_path / "cb", callback=kill, **kw)
-    assert (tmp_path / "cb" / "latest" / "state.pt").is_file() and not (tmp_path / "b" / "unet").exists()
+    assert (tmp_path / "cb" / "latest" / "state.json").is_file() and not (tmp_path / "b" / "unet").exists()
     m = finetune_base(data["stack"], data["latents"], tmp_path / "b", ckpt_dir=tmp_path / "cb", **kw)
     assert m["finetune_resumed_from"] == 4
     ua, ub = load_components(str(tmp_path / "a")).unet, load_components(str(tmp_path / "b")).unet

@@ -182,7 +182,7 @@ def test_resume_after_kill_matches_uninterrupted(stack_eps, tmp_path):
     assert part["finished"] == 0.0 and part["epochs_done"] == 1.0
     assert (ckpt / "latest" / "policy.safetensors").is_file()
     state = json.loads((ckpt / "latest" / "state.json").read_text())
-    assert state["next_epoch"] == 1
+    assert state["meta"]["next_epoch"] == 1
     # The optimizer state is loadable without unpickling arbitrary objects.
     torch.load(ckpt / "latest" / "optimizer.pt", weights_only=True)
     rest, logs2 = _run(stack_eps, tmp_path / "b", cfg, ckpt)
@@ -226,7 +226,7 @@ def test_corrupt_checkpoint_is_set_aside_and_training_resumes(stack_eps, tmp_pat
         part, logs = _run(stack_eps, tmp_path / "b", cfg, ckpt, max_epochs=1)
     assert (ckpt / "latest.corrupt" / "policy.safetensors").is_file()
     assert [s for s, _ in logs] == [0, 1], "resumed from the previous checkpoint (next epoch 1)"
-    assert json.loads((ckpt / "latest" / "state.json").read_text())["next_epoch"] == 2
+    assert json.loads((ckpt / "latest" / "state.json").read_text())["meta"]["next_epoch"] == 2
     rest, _ = _run(stack_eps, tmp_path / "b", cfg, ckpt)
     assert rest["finished"] == 1.0 and not ckpt.exists()
     wa = load_file(str(tmp_path / "a" / "out" / "adapter" / "adapter_model.safetensors"))

@@ -182,12 +182,12 @@ def _optimizer_step(accelerator, unet, opt, loss: torch.Tensor, step: int) -> fl
 
 def _checkpoint(accelerator, unet, opt, ckpt_dir: Path, done: int, losses: list[float], config: dict) -> None:
     """Main process: save model, optimiser, step and losses to ``ckpt_dir``; every process waits for it."""
-    from medrl.diffusion.vae_train import save_train_state
+    from medrl.checkpoints import TrainState, save_train_state
 
     if accelerator.is_main_process:
-        save_train_state(ckpt_dir, accelerator.unwrap_model(unet).state_dict(),
-                         {"optimizer": opt.state_dict(), "step": done,
-                          "losses": torch.tensor(losses, dtype=torch.float64)}, config)
+        save_train_state(ckpt_dir, TrainState(tensors={"model": accelerator.unwrap_model(unet).state_dict()},
+                                              objects={"optimizer": opt.state_dict()},
+                                              meta={"step": done, "losses": losses}), config)
     accelerator.wait_for_everyone()
 
 
@@ -242,17 +242,16 @@ def _noise_target(sched, stack_dir: Path) -> tuple[int, str]:
 def _prepare_or_resume(accelerator, unet, opt, ckpt_dir: Path, config: dict) -> tuple[Any, Any, int, list[float]]:
     """Load the checkpoint of the same ``config`` if any, then hand model and optimiser to accelerate;
     returns (unet, optimiser, first step, losses so far)."""
-    from medrl.diffusion.vae_train import load_train_state
+    from medrl.checkpoints import load_train_state
 
     start, losses = 0, []
     resumed = load_train_state(ckpt_dir, config)
     if resumed is not None:
-        model_sd, state = resumed
-        unet.load_state_dict(model_sd)
-        start, losses = int(state["step"]), state["losses"].tolist()
+        unet.load_state_dict(resumed.tensors["model"])
+        start, losses = int(resumed.meta["step"]), [float(x) for x in resumed.meta["losses"]]
     unet, opt = accelerator.prepare(unet, opt)
     if resumed is not None:
-        opt.load_state_dict(resumed[1]["optimizer"])
+        opt.load_state_dict(resumed.objects["optimizer"])
     return unet, opt, start, losses
 
 

@@ -26,7 +26,6 @@ On-disk format of a trained classifier directory: ``model.safetensors`` (the sta
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -38,9 +37,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from medrl.checkpoints import TrainState, discard_train_state, fingerprint, load_train_state, save_train_state
 from medrl.errors import DataError
 from medrl.io import atomic_path, read_json, write_json
-from medrl.models.training import fingerprint
 from medrl.progress import progress
 
 __all__ = [
@@ -62,7 +61,7 @@ ARCHS = ("efficientnet_b0",)
 _FEATURES = {"efficientnet_b0": 1280}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CKPT_NAME = "classifier_last.safetensors"
+_CKPT_NAME = "classifier"
 
 
 class ArtifactClassifier(nn.Module):
@@ -406,56 +405,25 @@ def recalibrate_bn_loader(model: nn.Module, loader: Any, device: torch.device) -
     recalibrate_bn(model, (_split_batch(b)[0].float() for b in progress(loader, desc="recalibrate BatchNorm", total=len(loader))), device)
 
 
-def _save_ckpt(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, meta: dict[str, Any]) -> None:
-    """Model + AdamW state in one safetensors file; non-tensor state as JSON metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    osd = opt.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in osd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[k] = v
-    info = dict(meta, param_groups=osd["param_groups"], optim_scalars=scalars, scheduler=sched.state_dict())
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"info": json.dumps(info, default=float)})
+def _save_ckpt(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, meta: dict[str, Any]) -> None:
+    """Checkpoint (medrl.checkpoints) model, AdamW and scheduler after an epoch; ``meta`` holds the
+    run's fingerprint, the epoch and the losses so far."""
+    save_train_state(ckpt, TrainState(tensors={"model": model.state_dict()},
+                                      objects={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                                      meta={"epoch": meta["epoch"], "losses": meta["losses"]}),
+                     {"fingerprint": meta["fingerprint"]})
 
 
-def _load_ckpt(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, fingerprint: str) -> dict[str, Any] | None:
-    """Restore a checkpoint written by ``_save_ckpt`` if it belongs to this run, else None."""
-    from safetensors import safe_open
-
-    from medrl.checkpoints import read_or_set_aside
-
-    if not path.is_file():
+def _load_ckpt(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, fingerprint: str) -> dict[str, Any] | None:
+    """Restore the checkpoint written by ``_save_ckpt`` if it belongs to this run; returns its
+    epoch and losses, else None."""
+    state = load_train_state(ckpt, {"fingerprint": fingerprint})
+    if state is None:
         return None
-
-    def read(p: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | bool:
-        with safe_open(str(p), framework="pt") as f:
-            info = json.loads(f.metadata()["info"])
-            if info.get("fingerprint") != fingerprint:
-                return False  # another configuration's checkpoint: start over
-            return info, {k: f.get_tensor(k) for k in f.keys()}
-
-    # a truncated/corrupt checkpoint is reported and set aside (<name>.corrupt), not fatal
-    got = read_or_set_aside(path, read)
-    if not got:
-        return None
-    info, tensors = got
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    for idx, sc in info["optim_scalars"].items():
-        state.setdefault(int(idx), {}).update(sc)
-    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-    sched.load_state_dict(info["scheduler"])
-    return info
+    model.load_state_dict(state.tensors["model"])
+    opt.load_state_dict(state.objects["optimizer"])
+    sched.load_state_dict(state.objects["scheduler"])
+    return state.meta
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -536,7 +504,7 @@ def train_classifier(
         }),
     )
     # The model is safely written: the checkpoint is no longer needed.
-    ckpt.unlink(missing_ok=True)
+    discard_train_state(ckpt)
     if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
@@ -568,7 +536,6 @@ def _fit_classifier(ds: Any, heads: list[str], dev: torch.device, ckpt: Path, fi
                 num_workers=num_workers, pin_memory=dev.type == "cuda",
             )
             losses.append(_train_epoch(model, opt, sched, loader, gen, len(heads), dev, blur_prob))
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
             _save_ckpt(ckpt, model, opt, sched, {"fingerprint": fingerprint, "epoch": epoch, "losses": losses})
         # Inside fork_rng for a clean global RNG; deterministic, so a resumed run agrees.
         bn_loader = torch.utils.data.DataLoader(ds, batch_size=max(batch_size, 64), shuffle=False, num_workers=num_workers)
