@@ -449,7 +449,7 @@ def _classifier(c: Ctx, heads_name: str) -> dict:
     metrics = train_classifier(items, heads, c.outs["clf"], train_split=split, eval_split="test", size=size,
                                epochs=k.epochs, batch_size=k.batch_size, lr=k.lr, seed=seed,
                                imagenet_weights=k.imagenet_weights, ckpt_dir=c.ckpt, device=c.device,
-                               pixel_branch=k.pixel_branch, blur_prob=k.blur_prob)
+                               pixel_branch=k.pixel_branch)
     shutil.rmtree(roundtrips, ignore_errors=True)
     return metrics
 
