@@ -2,18 +2,18 @@
 
 Layer order (lowest first); a module may import from its own layer or any lower one, never a higher one:
 
-0. ``base``     -- errors, io, config, environment, redact, checkpoints, progress (and the package root).
-1. ``data``     -- ingest, phantoms, prompts, reports, tokenizer, prepare.
-2. ``models``   -- the diffusion stack (tiny_sd, vae_train, latents, finetune) and the reward/evaluator
-                   networks (classifiers, posture, xrv_diag, dual_encoder) with their shared training helpers.
-3. ``rl``       -- DDIM with log-probs, LoRA, ACE, PPO, rollout sampling, the DDPO trainer.
-4. ``rewards``  -- reward functions; they sit above ``rl`` because the CXR reward's RLCF anchors are
-                   sampled with ``rl.sampling`` (the trainer gets its reward as an argument, never imports it).
-5. ``sampling`` -- image generation from a (fine-tuned) stack.
-6. ``metrics``  -- evaluation and analyses (they score samples with the reward/evaluator networks; the
-                   RLCF mode comparison lives here).
-7. ``tables``   -- paper tables built from the metrics.
-8. ``app``      -- cli, bench, lineage, mlflow_view, __main__: entry points and run bookkeeping.
+0. ``base``      -- errors, io, config, environment, redact, checkpoints, lr_schedule, progress (and the package root).
+1. ``data``      -- ingest, phantoms, prompts, reports, tokenizer, prepare.
+2. ``diffusion`` -- the SD stack (load/build, VAE and UNet training, latents), DDIM with log-probs, rollouts,
+                    the Sampler and its seed policy, LoRA, ACE, image generation.
+3. ``models``    -- the reward/evaluator networks (classifiers, posture, xrv_diag, dual_encoder) with their
+                    shared training helpers.
+4. ``rewards``   -- reward functions; the CXR reward's RLCF anchors are sampled with ``diffusion.sampler``.
+5. ``rl``        -- PPO and the DDPO trainer (it gets its reward as an argument, never imports one).
+6. ``metrics``   -- evaluation and analyses (they score samples with the reward/evaluator networks; the
+                    RLCF mode comparison lives here).
+7. ``tables``    -- paper tables built from the metrics.
+8. ``app``       -- cli, bench, lineage, mlflow_view, __main__: entry points and run bookkeeping.
 
 Lazy imports inside functions count like top-level ones.
 """
@@ -27,12 +27,12 @@ import medrl
 PKG = Path(medrl.__file__).resolve().parent
 SRC = PKG.parent
 
-LAYERS = ["base", "data", "models", "rl", "rewards", "sampling", "metrics", "tables", "app"]
+LAYERS = ["base", "data", "diffusion", "models", "rewards", "rl", "metrics", "tables", "app"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
-PACKAGE_LAYER = {"data": "data", "models": "models", "rl": "rl", "rewards": "rewards", "sampling": "sampling",
+PACKAGE_LAYER = {"data": "data", "diffusion": "diffusion", "models": "models", "rewards": "rewards", "rl": "rl",
                  "metrics": "metrics", "tables": "tables"}
 TOP_LEVEL = {"errors": "base", "io": "base", "config": "base", "environment": "base", "redact": "base",
-             "checkpoints": "base", "progress": "base", "__init__": "base",
+             "checkpoints": "base", "lr_schedule": "base", "progress": "base", "__init__": "base",
              "cli": "app", "bench": "app", "lineage": "app", "mlflow_view": "app", "__main__": "app"}
 
 # Private names crossing a module that sit in files owned by another engineer; they fix them and

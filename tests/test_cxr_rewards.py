@@ -55,7 +55,7 @@ def models(tmp_path_factory):
         save_dual_encoder,
     )
     from medrl.models.posture import AlignerConfig, PostureAligner, save_aligner
-    from medrl.models.tiny_sd import build_tiny_stack
+    from medrl.diffusion.stack import build_tiny_stack
     from medrl.models.xrv_diag import build_diag, save_diag
 
     root = tmp_path_factory.mktemp("reward_models")
@@ -146,7 +146,7 @@ def test_paired_rlcf_is_zero_against_itself_and_a_difference_otherwise(models):
 
 
 def test_bank_built_from_the_same_model_and_seed_gives_zero(models, tmp_path):
-    from medrl.models.tiny_sd import load_components
+    from medrl.diffusion.stack import load_components
     from medrl.rewards.cxr import anchor_sample_seed, build_anchor_bank, sample_images
 
     bank = tmp_path / "bank.csv"
@@ -187,7 +187,7 @@ def test_bank_and_paired_agree_in_expectation(models, tmp_path):
     """Fixed policy (the base UNet perturbed): mean paired RLCF reward (anchor drawn with the
     same noise) and mean bank RLCF reward (anchor mean over K other samples) estimate the same
     E[score(policy)] - E[score(anchor)]; they must agree within the sampling error."""
-    from medrl.models.tiny_sd import load_components
+    from medrl.diffusion.stack import load_components
     from medrl.rewards.cxr import build_anchor_bank, sample_images
 
     k, per_report = 12, 12
@@ -253,10 +253,10 @@ def test_bank_errors(models, tmp_path):
 
 
 def test_compare_rlcf_modes_on_the_same_samples(models, tmp_path):
-    from medrl.models.tiny_sd import load_components
+    from medrl.diffusion.stack import load_components
     from medrl.rewards.cxr import build_anchor_bank
     from medrl.metrics.rlcf_modes import compare_rlcf_modes
-    from medrl.rl.lora import add_lora, save_adapter
+    from medrl.diffusion.lora import add_lora, save_adapter
 
     bank = tmp_path / "bank.csv"
     build_anchor_bank(models / "stack", REPORTS, bank, k=2, seed=3, diag_dir=models / "diag",

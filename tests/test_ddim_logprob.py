@@ -1,4 +1,4 @@
-"""DDIM step + log-prob (medrl.rl.ddim) and trajectory sampling (medrl.rl.sampling)."""
+"""DDIM step + log-prob (medrl.diffusion.ddim) and trajectory sampling (medrl.diffusion.rollout)."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from medrl.rl.ddim import ddim_step_gaussian, ddim_step_with_logprob, gaussian_kl
-from medrl.rl.sampling import guided_eps, pad_uncond, sample_with_logprob
+from medrl.diffusion.ddim import ddim_step_gaussian, ddim_step_with_logprob, gaussian_kl
+from medrl.diffusion.rollout import guided_eps, pad_uncond, sample_with_logprob
 
 torch.set_num_threads(1)
 

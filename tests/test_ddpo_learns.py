@@ -42,16 +42,16 @@ def stack(tmp_path_factory):
 
 
 def held_out_rate(stack, adapter) -> float:
-    from medrl.models import tiny_sd
-    from medrl.rl.lora import load_adapter
-    from medrl.rl.sampling import sample_with_logprob
+    from medrl.diffusion import stack as sd_stack
+    from medrl.diffusion.lora import load_adapter
+    from medrl.diffusion.rollout import sample_with_logprob
 
-    c = tiny_sd.load_components(str(stack))
+    c = sd_stack.load_components(str(stack))
     if adapter is not None:
         load_adapter(c.unet, adapter)
     with torch.no_grad():
-        tr = sample_with_logprob(c.unet, c.vae, c.scheduler, tiny_sd.encode_prompts(c, [PLANTED] * HELD_OUT),
-                                 tiny_sd.encode_prompts(c, [""] * HELD_OUT), num_steps=4, guidance_scale=2.0, eta=1.0,
+        tr = sample_with_logprob(c.unet, c.vae, c.scheduler, sd_stack.encode_prompts(c, [PLANTED] * HELD_OUT),
+                                 sd_stack.encode_prompts(c, [""] * HELD_OUT), num_steps=4, guidance_scale=2.0, eta=1.0,
                                  generator=torch.Generator().manual_seed(123))
     return float(has_feature(tr.images).float().mean())
 

@@ -218,7 +218,7 @@ def test_train_dual_encoder_aligns_images_and_reports(tmp_path):
     assert m["test_cosine_matched"] > m["test_cosine_unmatched"] + 0.2
     model = load_dual_encoder(tmp_path / "de")
     assert (tmp_path / "de" / "tokenizer").is_dir() and model.config.embed_dim == 16
-    assert not (tmp_path / "ckpt" / "dualenc_state.pt").exists()
+    assert not (tmp_path / "ckpt" / "dualenc").exists()
 
 
 def test_augment_cxr_is_a_small_reproducible_warp():

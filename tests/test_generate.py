@@ -10,7 +10,7 @@ import torch
 
 from medrl.errors import DataError
 from medrl.io import load_image
-from medrl.sampling.generate import MANIFEST_COLUMNS, generate, image_seed, slugify
+from medrl.diffusion.generate import MANIFEST_COLUMNS, generate, image_seed, slugify
 
 torch.set_num_threads(1)
 
@@ -34,9 +34,9 @@ def _images(out: Path) -> dict[str, np.ndarray]:
 
 
 def _adapter(stack: Path, out: Path, *, perturb: float = 0.0, ace: bool = False, full: bool = False) -> Path:
-    from medrl.models.tiny_sd import load_components
-    from medrl.rl.ace import ACE
-    from medrl.rl.lora import add_lora, save_adapter
+    from medrl.diffusion.stack import load_components
+    from medrl.diffusion.ace import ACE
+    from medrl.diffusion.lora import add_lora, save_adapter
 
     c = load_components(str(stack))
     if full:

@@ -238,7 +238,8 @@ def test_vae_ceiling_scores_the_reconstruction(tmp_path, monkeypatch):
     the image brightness: white ruler images are found as they are (APR 1) and lost after the
     round trip (APR 0)."""
     from medrl.metrics.isic_eval import vae_artifact_ceiling
-    from medrl.models import classifiers, tiny_sd
+    from medrl.diffusion import stack as sd_stack
+    from medrl.models import classifiers
 
     class EraseVAE:
         dtype = torch.float32
@@ -264,7 +265,7 @@ def test_vae_ceiling_scores_the_reconstruction(tmp_path, monkeypatch):
         return m
 
     monkeypatch.setattr(classifiers, "load_classifier", load_bright)
-    monkeypatch.setattr(tiny_sd, "load_vae", lambda *a, **k: EraseVAE())
+    monkeypatch.setattr(sd_stack, "load_vae", lambda *a, **k: EraseVAE())
     rows = []
     for i in range(4):
         path = tmp_path / "prepared" / f"{i}.png"

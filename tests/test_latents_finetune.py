@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 from medrl.data.tokenizer import build_tokenizer
 from medrl.errors import DataError
 from medrl.io import read_json
-from medrl.models.finetune import finetune_base
-from medrl.models.latents import extract_latents, load_latents
-from medrl.models.tiny_sd import build_stack, build_tiny_stack, encode_prompts, load_components
-from medrl.models.vae_train import chroma_loss, colour_focus_loss, edge_loss, load_images, recon_metrics, train_vae
+from medrl.diffusion.finetune import finetune_base
+from medrl.diffusion.latents import extract_latents, load_latents
+from medrl.diffusion.stack import build_stack, build_tiny_stack, encode_prompts, load_components
+from medrl.diffusion.vae_train import chroma_loss, colour_focus_loss, edge_loss, load_images, recon_metrics, train_vae
 
 PROMPTS = ["melanoma", "nevus", "melanoma with hair", "nevus with hair"]
 TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
@@ -257,7 +257,7 @@ def test_latent_store_contents_and_hash_checks(data, tmp_path: Path):
 
 
 def test_vae_roundtrips_are_added_for_the_training_split(data, tmp_path: Path):
-    from medrl.models.latents import add_vae_roundtrips
+    from medrl.diffusion.latents import add_vae_roundtrips
 
     items = data["items"]
     out = add_vae_roundtrips(data["stack"], items, "train", tmp_path / "rt", size=SIZE, batch_size=5)
@@ -359,7 +359,7 @@ def test_finetune_resume_after_kill_matches_uninterrupted(data, tmp_path: Path):
 
     with pytest.raises(KeyboardInterrupt):
         finetune_base(data["stack"], data["latents"], tmp_path / "b", ckpt_dir=tmp_path / "cb", callback=kill, **kw)
-    assert (tmp_path / "cb" / "latest" / "state.pt").is_file() and not (tmp_path / "b" / "unet").exists()
+    assert (tmp_path / "cb" / "latest" / "state.json").is_file() and not (tmp_path / "b" / "unet").exists()
     m = finetune_base(data["stack"], data["latents"], tmp_path / "b", ckpt_dir=tmp_path / "cb", **kw)
     assert m["finetune_resumed_from"] == 4
     ua, ub = load_components(str(tmp_path / "a")).unet, load_components(str(tmp_path / "b")).unet
@@ -391,7 +391,7 @@ def test_finetune_with_unet_weights_skips_training(data, tmp_path: Path):
 
 def test_the_one_lr_schedule_of_the_step_based_trainers():
     """vae_train: warm-up then cosine to lr/10; finetune: warm-up then constant; both from warmup_lr."""
-    from medrl.models.training import cosine_lr, default_warmup, warmup_lr
+    from medrl.lr_schedule import cosine_lr, default_warmup, warmup_lr
 
     steps, lr = 800, 1e-3
     w = default_warmup(steps)

@@ -147,7 +147,7 @@ def test_aligner_recovers_known_warps(tmp_path):
         assert m[f"psi_mae_{n}"] < 0.5 * m[f"psi_mae_identity_{n}"], (n, m)
     assert m["test_l2_after"] < 0.5 * m["test_l2_before"]
     assert m["test_r_align_pred"] < -0.05  # the test images are misaligned: reward sees it
-    assert (out / "model.safetensors").is_file() and not (tmp_path / "ckpt" / "posture_state.pt").exists()
+    assert (out / "model.safetensors").is_file() and not (tmp_path / "ckpt" / "posture").exists()
     saved = json.loads((out / "eval.json").read_text())
     assert saved["psi_columns"] == [f"gt_{n}" for n in posture.PSI_NAMES]
     # the loaded model predicts what the metrics were computed from
@@ -170,7 +170,7 @@ def test_training_resumes_from_epoch_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(posture, "_evaluate", boom)
     with pytest.raises(RuntimeError):
         train_posture_aligner(pairs, can, tmp_path / "a", size=32, epochs=1, batch_size=16, lr=1e-3, seed=0, ckpt_dir=ckpt)
-    state = torch.load(ckpt / "posture_state.pt", weights_only=True)
+    state = json.loads((ckpt / "posture" / "latest" / "state.json").read_text())["meta"]
     assert state["epoch"] == 1
     monkeypatch.undo()
     train_posture_aligner(pairs, can, tmp_path / "a", size=32, epochs=2, batch_size=16, lr=1e-3, seed=0, ckpt_dir=ckpt)

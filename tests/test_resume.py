@@ -66,7 +66,7 @@ def _checkpointed(ckpt_root: Path) -> int:
     """Epochs done according to the latest checkpoint (0 if none yet)."""
     for state in ckpt_root.glob("*/latest/state.json"):
         try:
-            return int(json.loads(state.read_text())["next_epoch"])
+            return int(json.loads(state.read_text())["meta"]["next_epoch"])
         except (OSError, ValueError, KeyError):  # being replaced right now
             return 0
     return 0

@@ -19,8 +19,8 @@ def _is_adapter(name: str) -> bool:
 
 def test_rl_trains_only_lora_and_ace(tmp_path, monkeypatch):
     import medrl.rl.trainer as T
-    from medrl.rl.ace import ACE_FILE
-    from medrl.rl.lora import LORA_FILE
+    from medrl.diffusion.ace import ACE_FILE
+    from medrl.diffusion.lora import LORA_FILE
 
     seen: dict = {}
 

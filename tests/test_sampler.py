@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from medrl.rl.sampler import Noise, Sampler, derive_seed, offset_seed, paired_anchor_noise, text_seed
+from medrl.diffusion.sampler import Noise, Sampler, derive_seed, offset_seed, paired_anchor_noise, text_seed
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from medrl.data.tokenizer import build_tokenizer
 from medrl.errors import DataError
-from medrl.models.tiny_sd import (
+from medrl.diffusion.stack import (
     SDComponents,
     build_tiny_stack,
     build_tiny_vae,

@@ -57,16 +57,16 @@ class LinearRenderer(torch.nn.Module):
 
 
 def use_linear_renderer(monkeypatch) -> None:
-    from medrl.models import tiny_sd
+    from medrl.diffusion import stack as sd_stack
 
-    original = tiny_sd.load_components
+    original = sd_stack.load_components
 
     def load(*a, **k):
         c = original(*a, **k)
         c.vae = LinearRenderer()
         return c
 
-    monkeypatch.setattr(tiny_sd, "load_components", load)
+    monkeypatch.setattr(sd_stack, "load_components", load)
 
 
 def prompt_fn(rng: np.random.Generator, n: int) -> list[str]:
@@ -104,9 +104,9 @@ def small_cfg(**kw) -> DDPOConfig:
 
 def test_ddpo_raises_toy_reward(stack_sample, tmp_path, monkeypatch):
     """8 epochs of DDPO on mean brightness: the reward goes up, measured two ways."""
-    from medrl.models import tiny_sd
-    from medrl.rl.lora import load_adapter
-    from medrl.rl.sampling import sample_with_logprob
+    from medrl.diffusion import stack as sd_stack
+    from medrl.diffusion.lora import load_adapter
+    from medrl.diffusion.rollout import sample_with_logprob
 
     use_linear_renderer(monkeypatch)
     cfg = DDPOConfig.from_flat(
@@ -144,13 +144,13 @@ def test_ddpo_raises_toy_reward(stack_sample, tmp_path, monkeypatch):
     # Paired check on held-out noise: base vs base + adapter from the same seeds.
     means = []
     for adapter in (None, out / "adapter"):
-        c = tiny_sd.load_components(str(stack_sample))  # patched: linear renderer
+        c = sd_stack.load_components(str(stack_sample))  # patched: linear renderer
         if adapter is not None:
             assert load_adapter(c.unet, adapter) is None  # no ACE trained
         p = [PROMPTS[i % 4] for i in range(48)]
         with torch.no_grad():
-            tr = sample_with_logprob(c.unet, c.vae, c.scheduler, tiny_sd.encode_prompts(c, p),
-                                     tiny_sd.encode_prompts(c, [""] * 48),
+            tr = sample_with_logprob(c.unet, c.vae, c.scheduler, sd_stack.encode_prompts(c, p),
+                                     sd_stack.encode_prompts(c, [""] * 48),
                                      num_steps=4, guidance_scale=2.0, eta=1.0, generator=torch.Generator().manual_seed(99))
         means.append(tr.images.mean(dim=(1, 2, 3)))
     d = means[1] - means[0]
@@ -182,7 +182,7 @@ def test_resume_after_kill_matches_uninterrupted(stack_eps, tmp_path):
     assert part["finished"] == 0.0 and part["epochs_done"] == 1.0
     assert (ckpt / "latest" / "policy.safetensors").is_file()
     state = json.loads((ckpt / "latest" / "state.json").read_text())
-    assert state["next_epoch"] == 1
+    assert state["meta"]["next_epoch"] == 1
     # The optimizer state is loadable without unpickling arbitrary objects.
     torch.load(ckpt / "latest" / "optimizer.pt", weights_only=True)
     rest, logs2 = _run(stack_eps, tmp_path / "b", cfg, ckpt)
@@ -226,7 +226,7 @@ def test_corrupt_checkpoint_is_set_aside_and_training_resumes(stack_eps, tmp_pat
         part, logs = _run(stack_eps, tmp_path / "b", cfg, ckpt, max_epochs=1)
     assert (ckpt / "latest.corrupt" / "policy.safetensors").is_file()
     assert [s for s, _ in logs] == [0, 1], "resumed from the previous checkpoint (next epoch 1)"
-    assert json.loads((ckpt / "latest" / "state.json").read_text())["next_epoch"] == 2
+    assert json.loads((ckpt / "latest" / "state.json").read_text())["meta"]["next_epoch"] == 2
     rest, _ = _run(stack_eps, tmp_path / "b", cfg, ckpt)
     assert rest["finished"] == 1.0 and not ckpt.exists()
     wa = load_file(str(tmp_path / "a" / "out" / "adapter" / "adapter_model.safetensors"))
@@ -353,7 +353,7 @@ def test_base_comparison_schedule():
 
 
 def test_ace_changes_condition_and_is_saved(stack_eps, tmp_path):
-    from medrl.rl.lora import load_adapter
+    from medrl.diffusion.lora import load_adapter
 
     # Policy and anchor share ALL their noise (anchor_noise="shared"): at epoch 0 (zero-init LoRA) the
     # only thing that can make them differ is ACE. Without ACE they are identical (the control), so
@@ -369,7 +369,7 @@ def test_ace_changes_condition_and_is_saved(stack_eps, tmp_path):
         else:
             assert gap <= 1e-6, gap
     tmp_path = tmp_path / "aceTrue"
-    from medrl.models.tiny_sd import load_components
+    from medrl.diffusion.stack import load_components
 
     c = load_components(str(stack_eps))
     ace = load_adapter(c.unet, tmp_path / "out" / "adapter")
@@ -417,7 +417,7 @@ def test_skip_last_steps_trains_only_the_noisier_steps(stack_eps, tmp_path, monk
     original = trainer.ddim_step_gaussian
 
     def recording(scheduler, out, t, x, eta=1.0):
-        # the trainer evaluates steps only in the update (sampling goes through medrl.rl.sampling)
+        # the trainer evaluates steps only in the update (sampling goes through medrl.diffusion.rollout)
         trained.extend(torch.as_tensor(t).reshape(-1).tolist())
         return original(scheduler, out, t, x, eta=eta)
 

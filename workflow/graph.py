@@ -352,7 +352,7 @@ def _train_paths(prepared: Path, track: str) -> list[Path]:
 
 
 def _stack(c: Ctx, track: str) -> dict:
-    from medrl.models.tiny_sd import build_stack
+    from medrl.diffusion.stack import build_stack
 
     m = c.params.models
     size = getattr(c.params, track).prepare.size
@@ -380,7 +380,7 @@ def stack_cxr(c: Ctx) -> dict:
 
 def _latents(c: Ctx, track: str) -> dict:
     from medrl.io import read_table
-    from medrl.models.latents import extract_latents
+    from medrl.diffusion.latents import extract_latents
 
     fname, text_col, mode = _ITEMS[track]
     items = read_table(c.deps["prepared"] / fname, ["path", "split", text_col])
@@ -403,7 +403,7 @@ def latents_cxr(c: Ctx) -> dict:
 
 
 def _finetune(c: Ctx, track: str) -> dict:
-    from medrl.models.finetune import finetune_base
+    from medrl.diffusion.finetune import finetune_base
 
     f = c.params.models.finetune_base
     return finetune_base(c.deps["stack"], c.deps["latents"], c.outs["base"], steps=f.steps, batch_size=f.batch_size,
@@ -437,7 +437,7 @@ def _classifier(c: Ctx, heads_name: str) -> dict:
     from medrl.data.prompts import ARTIFACTS4, HEADS6
     from medrl.io import read_table
     from medrl.models.classifiers import train_classifier
-    from medrl.models.latents import add_vae_roundtrips
+    from medrl.diffusion.latents import add_vae_roundtrips
 
     k, size = c.params.classifiers.isic, c.params.isic.prepare.size
     # the metric model (H=4) is independent of the reward (H=6): disjoint split and another seed
@@ -449,7 +449,7 @@ def _classifier(c: Ctx, heads_name: str) -> dict:
     metrics = train_classifier(items, heads, c.outs["clf"], train_split=split, eval_split="test", size=size,
                                epochs=k.epochs, batch_size=k.batch_size, lr=k.lr, seed=seed,
                                imagenet_weights=k.imagenet_weights, ckpt_dir=c.ckpt, device=c.device,
-                               pixel_branch=k.pixel_branch, blur_prob=k.blur_prob)
+                               pixel_branch=k.pixel_branch)
     shutil.rmtree(roundtrips, ignore_errors=True)
     return metrics
 
@@ -716,7 +716,7 @@ def rlcf_modes_cxr(c: Ctx) -> dict:
 
 
 def _generate(c: Ctx, prompts: list[str], n: int, seed: int, adapter: Path | None, prompt_ids=None) -> dict:
-    from medrl.sampling.generate import generate
+    from medrl.diffusion.generate import generate
 
     r = c.params.rl.common
     return generate(c.deps["base"], c.outs["samples"], prompts=prompts, n_per_prompt=n, seed=seed, adapter_dir=adapter,

@@ -3,7 +3,7 @@ moved each denoising step from the frozen base, the quantity `rl.common.kl_coef`
 
 For each adapter: 32 training reports (fixed draw), one DDIM trajectory each from the policy
 (LoRA + ACE) with the workspace's rl settings, then at every recorded x_t the Gaussian step
-of policy and base compared (`medrl.rl.ddim.gaussian_kl`, averaged over latent dims).
+of policy and base compared (`medrl.diffusion.ddim.gaussian_kl`, averaged over latent dims).
 
     python docs/experiments/cxr_kl_to_base.py <workspace> <data/rl/cxr/<variant>/seed_<s>> [...]
 """
@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 import yaml
 
-from medrl.models.tiny_sd import encode_prompts, load_components
-from medrl.rl.ddim import ddim_step_gaussian, gaussian_kl
-from medrl.rl.lora import load_adapter
-from medrl.rl.sampling import guided_eps, sample_with_logprob
+from medrl.diffusion.stack import encode_prompts, load_components
+from medrl.diffusion.ddim import ddim_step_gaussian, gaussian_kl
+from medrl.diffusion.lora import load_adapter
+from medrl.diffusion.rollout import guided_eps, sample_with_logprob
 
 
 def main() -> None:

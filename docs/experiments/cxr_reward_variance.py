@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from medrl.data.reports import PATHOLOGIES
-from medrl.models.tiny_sd import encode_prompts, load_components
+from medrl.diffusion.stack import encode_prompts, load_components
 from medrl.rewards.cxr import CXRReward
-from medrl.rl.sampling import initial_latents, sample_with_logprob
+from medrl.diffusion.rollout import initial_latents, sample_with_logprob
 
 TERMS = ("r_align", "raw_diag", "raw_consist")
 

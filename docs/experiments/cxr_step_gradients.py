@@ -22,12 +22,12 @@ import torch
 import yaml
 
 from medrl.data.reports import PATHOLOGIES
-from medrl.models.tiny_sd import encode_prompts, load_components
+from medrl.diffusion.stack import encode_prompts, load_components
 from medrl.rewards.cxr import CXRReward
-from medrl.rl.ddim import ddim_step_with_logprob
-from medrl.rl.lora import DEFAULT_TARGETS, add_lora, load_adapter
+from medrl.diffusion.ddim import ddim_step_with_logprob
+from medrl.diffusion.lora import DEFAULT_TARGETS, add_lora, load_adapter
 from medrl.rl.ppo import PerPromptStatTracker
-from medrl.rl.sampling import guided_eps, sample_with_logprob
+from medrl.diffusion.rollout import guided_eps, sample_with_logprob
 
 
 def main() -> None:

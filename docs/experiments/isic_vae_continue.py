@@ -23,8 +23,8 @@ import torch
 
 from medrl.config import load_params
 from medrl.metrics.isic_eval import vae_artifact_ceiling
-from medrl.models.tiny_sd import build_tiny_vae, load_vae
-from medrl.models.vae_train import load_images, train_vae
+from medrl.diffusion.stack import build_tiny_vae, load_vae
+from medrl.diffusion.vae_train import load_images, train_vae
 
 
 @torch.no_grad()
@@ -45,8 +45,8 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--edge-weight", type=float, help="default: the workspace's models.vae_train.edge_weight")
-    ap.add_argument("--chroma-weight", type=float, default=0.0, help="medrl.models.vae_train.chroma_loss weight")
-    ap.add_argument("--focus-weight", type=float, default=0.0, help="medrl.models.vae_train.colour_focus_loss weight")
+    ap.add_argument("--chroma-weight", type=float, default=0.0, help="medrl.diffusion.vae_train.chroma_loss weight")
+    ap.add_argument("--focus-weight", type=float, default=0.0, help="medrl.diffusion.vae_train.colour_focus_loss weight")
     ap.add_argument("--norm-groups", type=int, default=0, help="fresh VAE with these GroupNorm groups")
     ap.add_argument("--latent-channels", type=int, default=0, help="fresh VAE with this many latent channels")
     a = ap.parse_args()

@@ -105,9 +105,9 @@ def write_byte_tokenizer(out_dir: Path, max_length: int = 77) -> Path:
 
 def tiny_stack(out_dir: Path, *, size: int = 64, tiny: dict | None = None, seed: int = 0, max_length: int = 77) -> Path:
     """Build a random-init tiny SD stack (``models.tiny`` defaults unless ``tiny`` is given)
-    in ``out_dir`` via ``medrl.models.tiny_sd.build_tiny_stack``; returns ``out_dir``."""
+    in ``out_dir`` via ``medrl.diffusion.stack.build_tiny_stack``; returns ``out_dir``."""
     from medrl.config import Tiny
-    from medrl.models.tiny_sd import build_tiny_stack
+    from medrl.diffusion.stack import build_tiny_stack
 
     out_dir = Path(out_dir)
     cfg = Tiny().model_dump()
@@ -177,7 +177,7 @@ def _timed(fn, device: torch.device, repeats: int, warmup=None) -> tuple[list[fl
 
 
 def _trainable(unet, w: Workload) -> list[torch.nn.Parameter]:
-    from medrl.rl.lora import add_lora, lora_parameters
+    from medrl.diffusion.lora import add_lora, lora_parameters
 
     if w.full_finetune:
         unet.requires_grad_(True)
@@ -210,7 +210,7 @@ class _Bench:
 
     def sample(self, steps: int, b: int):
         """``b`` trajectories of ``steps`` steps, all noise from one generator seeded w.seed."""
-        from medrl.rl.sampler import Noise, Sampler
+        from medrl.diffusion.sampler import Noise, Sampler
 
         sampler = Sampler(self.run_unet, self.vae, self.scheduler, self.uncond, num_steps=steps,
                           guidance_scale=self.w.guidance_scale, eta=1.0)
@@ -219,8 +219,8 @@ class _Bench:
 
     def step_logp(self, unet, traj, i: torch.Tensor, s: torch.Tensor, amp: bool = True) -> torch.Tensor:
         """Log-probs of the recorded steps s of samples i under ``unet`` (CFG forward, DDIM step)."""
-        from medrl.rl.ddim import ddim_step_with_logprob
-        from medrl.rl.sampling import guided_eps
+        from medrl.diffusion.ddim import ddim_step_with_logprob
+        from medrl.diffusion.rollout import guided_eps
 
         with _amp(self.device, self.w.mixed_precision if amp else "no"):
             eps = guided_eps(unet, traj.latents[i, s], traj.timesteps[i, s], self.cond[i], self.uncond[i],
@@ -263,7 +263,7 @@ def unet_flops(b: _Bench, traj) -> tuple[float, float]:
     batch) and one PPO micro-step (CFG forward + backward of train_batch recorded steps)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medrl.rl.sampling import guided_eps
+    from medrl.diffusion.rollout import guided_eps
 
     n = traj.latents.shape[0]
     with FlopCounterMode(display=False) as fc, torch.no_grad(), _amp(b.device, b.w.mixed_precision):
@@ -355,7 +355,7 @@ def _workload(args, sd15: bool = False) -> Workload:
 
 
 def _tiny(args, device: torch.device) -> dict[str, Any]:
-    from medrl.models.tiny_sd import load_components
+    from medrl.diffusion.stack import load_components
 
     with tempfile.TemporaryDirectory(prefix="medrl-bench-") as tmp:
         stack = tiny_stack(Path(tmp) / "stack", size=args.tiny_size, tiny=_tiny_cfg(args.params), seed=args.seed)
@@ -371,7 +371,7 @@ def sd15_models(device: torch.device, *, tiny: bool = False, seed: int = 0):
     """(name, unet, vae, scheduler) of SD v1.5's shapes with random weights (``tiny``: 1/10 width, 64 px)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from medrl.models.tiny_sd import SD15_SCHEDULER
+    from medrl.diffusion.stack import SD15_SCHEDULER
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

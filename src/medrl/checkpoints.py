@@ -1,4 +1,9 @@
-"""Reading resumable training checkpoints without getting stuck on a corrupt one.
+"""Resumable training checkpoints: the one way every trainer writes and reads its state.
+
+``save_train_state`` writes a ``TrainState`` (tensors as safetensors, optimizer-like state with
+torch.save, the rest JSON) completely into a temp directory and rotates it in as
+``<ckpt_dir>/latest`` (the old one becomes ``previous``). ``load_train_state`` reads it back only
+when it was written with the same configuration.
 
 A checkpoint torn by a crash (a truncated safetensors or torch file, an empty state.json)
 would otherwise fail with a bare ``SafetensorError`` / ``OSError`` naming no file, and fail
@@ -8,13 +13,16 @@ returns None, so the trainer falls back to an older checkpoint or starts afresh.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 from medrl.errors import DataError
 
@@ -121,3 +129,115 @@ def read_latest(ckpt_dir: Path, reader: Callable[[Path], T]) -> T | None:
         if got is not None:
             return got
     return None
+
+
+# ----------------------------------------------------------------------------- training state
+
+STATE_JSON, FILES = "state.json", "files"
+
+
+@dataclass
+class TrainState:
+    """What a trainer needs to continue exactly where it stopped."""
+
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)  # group -> <group>.safetensors
+    objects: dict[str, Any] = field(default_factory=dict)  # <name>.pt: optimizer / scheduler state, read weights_only
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON: step or epoch, loss history
+    files: dict[str, Any] = field(default_factory=dict)  # name -> Path (saved) or bytes (loaded), hash-checked
+
+
+def fingerprint(**kw: Any) -> str:
+    """Short hash of a run's configuration, for a config too long to store in the checkpoint as is."""
+    return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _as_json(config: dict[str, Any]) -> dict[str, Any]:
+    # JSON turns tuples into lists and unknown objects into strings; compare after the same round trip
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def _write_state(d: Path, state: TrainState, config: dict[str, Any]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    for group, tensors in state.tensors.items():
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(d / f"{group}.safetensors"))
+    for name, obj in state.objects.items():
+        torch.save(obj, d / f"{name}.pt")
+    digests = {}
+    if state.files:
+        (d / FILES).mkdir()
+    for name, src in state.files.items():
+        data = src if isinstance(src, bytes) else Path(src).read_bytes()
+        (d / FILES / name).write_bytes(data)
+        digests[name] = hashlib.sha256(data).hexdigest()
+    record = {"config": _as_json(config), "meta": state.meta, "files": digests,
+              "tensors": sorted(state.tensors), "objects": sorted(state.objects)}
+    (d / STATE_JSON).write_text(json.dumps(record, default=float))
+
+
+def save_train_state(ckpt_dir: Path, state: TrainState, config: dict[str, Any]) -> None:
+    """Write ``state`` with the run's ``config`` as ``ckpt_dir/latest``, atomically: written
+    completely in a temp directory, then rotated in (``install``)."""
+    tmp = new_checkpoint_dir(Path(ckpt_dir))
+    try:
+        _write_state(tmp, state, config)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    install(tmp, Path(ckpt_dir))
+
+
+def _read_state(d: Path) -> tuple[dict[str, Any], TrainState]:
+    import torch
+    from safetensors.torch import load_file
+
+    if not (d / STATE_JSON).is_file():
+        raise CorruptCheckpoint(f"{d / STATE_JSON}: missing")
+    record = reading(d / STATE_JSON, lambda: json.loads((d / STATE_JSON).read_text()))
+    if not isinstance(record, dict) or not {"config", "meta", "files", "tensors", "objects"} <= set(record):
+        raise CorruptCheckpoint(f"{d / STATE_JSON}: incomplete checkpoint state")
+    state = TrainState(meta=record["meta"])
+    for group in record["tensors"]:
+        f = d / f"{group}.safetensors"
+        state.tensors[group] = reading(f, lambda f=f: load_file(str(f)))
+    for name in record["objects"]:
+        f = d / f"{name}.pt"
+        state.objects[name] = reading(f, lambda f=f: torch.load(f, map_location="cpu", weights_only=True))
+    for name, digest in record["files"].items():
+        f = d / FILES / name
+        data = reading(f, f.read_bytes)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CorruptCheckpoint(f"{f}: content does not match the hash recorded in {STATE_JSON}")
+        state.files[name] = data
+    return record["config"], state
+
+
+def load_train_state(ckpt_dir: Path, config: dict[str, Any], *, on_mismatch: Literal["restart", "raise"] = "restart",
+                     defaults: dict[str, Any] | None = None) -> TrainState | None:
+    """The state saved by ``save_train_state`` in ``ckpt_dir`` (``latest``, or ``previous`` when
+    latest is unreadable; an unreadable one is set aside with a warning). None when there is none,
+    or when it was written with another ``config``: then a warning and a fresh start, or, with
+    ``on_mismatch="raise"``, a DataError. ``defaults`` fill keys an older checkpoint's config
+    lacks (a setting added since, whose default that run used)."""
+    want = _as_json(config)
+
+    def read(d: Path) -> TrainState | bool:
+        saved, state = _read_state(d)
+        saved = {**_as_json(defaults or {}), **saved}
+        diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+        if not diff:
+            return state
+        if on_mismatch == "raise":
+            raise DataError(f"{d}: checkpoint was written with different settings "
+                            f"{[(k, saved.get(k), want.get(k)) for k in diff]}; expected the same values to resume "
+                            f"(delete {d.parent} to start over)")
+        warnings.warn(f"{d}: checkpoint was written with different settings ({diff}); starting from scratch")
+        return False
+
+    return read_latest(Path(ckpt_dir), read) or None
+
+
+def discard_train_state(ckpt_dir: Path) -> None:
+    """Delete ``ckpt_dir`` once the trainer's outputs are safely written."""
+    shutil.rmtree(ckpt_dir, ignore_errors=True)

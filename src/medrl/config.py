@@ -190,7 +190,6 @@ class IsicClassifier(TrainCfg):
     arch: Literal["efficientnet_b0"] = "efficientnet_b0"
     imagenet_weights: Optional[str] = None
     pixel_branch: int = Field(0, ge=0)
-    blur_prob: float = Field(0.0, ge=0, le=1)  # share of training images blurred like a VAE decode
     roundtrip: bool = False  # also train on the training images' round trips through the stack's VAE
 
 

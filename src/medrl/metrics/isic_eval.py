@@ -85,8 +85,8 @@ def vae_artifact_ceiling(stack_dir: str | Path, prepared_dir: str | Path, clf_h4
     from medrl.metrics.apr import exact_match
     from medrl.metrics.bootstrap import bootstrap_ci
     from medrl.models.classifiers import load_classifier
-    from medrl.models.tiny_sd import load_vae
-    from medrl.models.vae_train import load_images
+    from medrl.diffusion.stack import load_vae
+    from medrl.diffusion.vae_train import load_images
 
     items = read_table(Path(prepared_dir) / "items.csv", ["path", "split"])
     test = items[items["split"] == "test"].head(max_images).reset_index(drop=True)

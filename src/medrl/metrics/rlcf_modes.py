@@ -67,7 +67,7 @@ def compare_rlcf_modes(
     device: str = "cpu",
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """(metrics, per-sample table). Policy = base stack (+ LoRA/ACE adapter when given)."""
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.stack import encode_prompts
 
     reports = list(reports)
     if not reports:
@@ -100,8 +100,8 @@ def compare_rlcf_modes(
 
 def _policy_and_anchor(base_dir: str | Path, adapter_dir: str | Path | None, device: str) -> tuple[Any, Any, Any]:
     """(stack whose UNet carries the adapter, a frozen copy of the base UNet as anchor, the ACE module or None)."""
-    from medrl.models.tiny_sd import load_components
-    from medrl.rl.lora import load_adapter
+    from medrl.diffusion.stack import load_components
+    from medrl.diffusion.lora import load_adapter
 
     c = load_components(str(base_dir), device=device)
     anchor_unet = copy.deepcopy(c.unet).requires_grad_(False)  # a separate copy works for LoRA and full fine-tunes
@@ -126,7 +126,7 @@ class _TimedSampler:
     wall-clock totals per phase in ``seconds``."""
 
     def __init__(self, c: Any, neg1: torch.Tensor, *, num_steps: int, guidance_scale: float, eta: float) -> None:
-        from medrl.rl.sampler import Sampler
+        from medrl.diffusion.sampler import Sampler
 
         self.c = c
         self.sampler = Sampler(c.unet, c.vae, c.scheduler, neg1, num_steps=num_steps, guidance_scale=guidance_scale,
@@ -144,7 +144,7 @@ class _TimedSampler:
                ) -> torch.Tensor:
         """Images of ``unet``, each sample's x_T and step noise from its own seed; with
         ``anchor_of_mode`` ("initial" or "shared"), the paired anchor's noise for those samples."""
-        from medrl.rl.sampler import Noise, offset_seed, paired_anchor_noise
+        from medrl.diffusion.sampler import Noise, offset_seed, paired_anchor_noise
 
         noise = Noise(seeds)
         if anchor_of_mode is not None:
@@ -156,7 +156,7 @@ def _score_batch(s: _TimedSampler, ace: Any, anchor_unet: Any, paired: Any, bank
                  seeds: list[int]) -> list[dict[str, Any]]:
     """Sample one batch from the policy and both kinds of paired anchor, score it in every mode;
     one row per sample."""
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.stack import encode_prompts
 
     with s.clock("policy"):
         text = encode_prompts(s.c, prompts).float()

@@ -26,7 +26,6 @@ On-disk format of a trained classifier directory: ``model.safetensors`` (the sta
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -38,9 +37,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from medrl.checkpoints import TrainState, discard_train_state, fingerprint, load_train_state, save_train_state
 from medrl.errors import DataError
 from medrl.io import atomic_path, read_json, write_json
-from medrl.models.training import fingerprint
 from medrl.progress import progress
 
 __all__ = [
@@ -62,7 +61,7 @@ ARCHS = ("efficientnet_b0",)
 _FEATURES = {"efficientnet_b0": 1280}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CKPT_NAME = "classifier_last.safetensors"
+_CKPT_NAME = "classifier"
 
 
 class ArtifactClassifier(nn.Module):
@@ -253,14 +252,12 @@ def load_classifier(dir: str | Path, device: str | torch.device = "cpu") -> Arti
 # ----------------------------------------------------------------------------- augmentation
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, blur_prob: float = 0.0) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Dermoscopy augmentation on a (B,3,S,S) batch in [0, 1], one draw per image.
 
     Lesions have no canonical orientation, so flips and 90-degree rotations are label
     preserving; colour jitter is small (brightness/contrast/saturation +-10%) and has no hue
-    shift, because hue is what tells ink and gel from skin. With ``blur_prob`` > 0 that share
-    of images is Gaussian-blurred (sigma 0.5-1.5 px): generated images are decoded by a VAE that
-    softens edges, and a judge that knows artifacts only as sharp strokes misses them there."""
+    shift, because hue is what tells ink and gel from skin."""
     b = x.shape[0]
 
     def draw(*shape: int) -> torch.Tensor:
@@ -278,18 +275,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, blur_prob: float 
     x = gray + (x - gray) * sat
     mean = gray.mean(dim=(-1, -2), keepdim=True)
     x = mean + (x - mean) * contrast
-    if blur_prob > 0:
-        x = _random_blur(x, draw(b) < blur_prob, 0.5 + draw(b))
     return x.clamp(0.0, 1.0)
-
-
-def _random_blur(x: torch.Tensor, which: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    from torchvision.transforms.functional import gaussian_blur
-
-    out = x.clone()
-    for i in torch.nonzero(which).flatten().tolist():
-        out[i] = gaussian_blur(x[i], kernel_size=5, sigma=float(sigma[i]))
-    return out
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -406,56 +392,25 @@ def recalibrate_bn_loader(model: nn.Module, loader: Any, device: torch.device) -
     recalibrate_bn(model, (_split_batch(b)[0].float() for b in progress(loader, desc="recalibrate BatchNorm", total=len(loader))), device)
 
 
-def _save_ckpt(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, meta: dict[str, Any]) -> None:
-    """Model + AdamW state in one safetensors file; non-tensor state as JSON metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    osd = opt.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in osd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[k] = v
-    info = dict(meta, param_groups=osd["param_groups"], optim_scalars=scalars, scheduler=sched.state_dict())
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"info": json.dumps(info, default=float)})
+def _save_ckpt(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, meta: dict[str, Any]) -> None:
+    """Checkpoint (medrl.checkpoints) model, AdamW and scheduler after an epoch; ``meta`` holds the
+    run's fingerprint, the epoch and the losses so far."""
+    save_train_state(ckpt, TrainState(tensors={"model": model.state_dict()},
+                                      objects={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                                      meta={"epoch": meta["epoch"], "losses": meta["losses"]}),
+                     {"fingerprint": meta["fingerprint"]})
 
 
-def _load_ckpt(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, fingerprint: str) -> dict[str, Any] | None:
-    """Restore a checkpoint written by ``_save_ckpt`` if it belongs to this run, else None."""
-    from safetensors import safe_open
-
-    from medrl.checkpoints import read_or_set_aside
-
-    if not path.is_file():
+def _load_ckpt(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, fingerprint: str) -> dict[str, Any] | None:
+    """Restore the checkpoint written by ``_save_ckpt`` if it belongs to this run; returns its
+    epoch and losses, else None."""
+    state = load_train_state(ckpt, {"fingerprint": fingerprint})
+    if state is None:
         return None
-
-    def read(p: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | bool:
-        with safe_open(str(p), framework="pt") as f:
-            info = json.loads(f.metadata()["info"])
-            if info.get("fingerprint") != fingerprint:
-                return False  # another configuration's checkpoint: start over
-            return info, {k: f.get_tensor(k) for k in f.keys()}
-
-    # a truncated/corrupt checkpoint is reported and set aside (<name>.corrupt), not fatal
-    got = read_or_set_aside(path, read)
-    if not got:
-        return None
-    info, tensors = got
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    for idx, sc in info["optim_scalars"].items():
-        state.setdefault(int(idx), {}).update(sc)
-    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-    sched.load_state_dict(info["scheduler"])
-    return info
+    model.load_state_dict(state.tensors["model"])
+    opt.load_state_dict(state.objects["optimizer"])
+    sched.load_state_dict(state.objects["scheduler"])
+    return state.meta
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -481,10 +436,9 @@ def train_classifier(
     weight_decay: float = 1e-2,
     num_workers: int = 0,
     pixel_branch: int = 0,
-    blur_prob: float = 0.0,
 ) -> dict[str, float]:
     """Multi-label BCE training of ``heads`` on ``split == train_split``; eval on ``eval_split``.
-    ``pixel_branch``: see ``build_classifier``; ``blur_prob``: see ``augment_batch``.
+    ``pixel_branch``: see ``build_classifier``.
 
     AdamW with a per-step cosine schedule; flips/transposes and small colour jitter
     (``augment_batch``). The final model (no model selection on the evaluation split, which
@@ -503,7 +457,7 @@ def train_classifier(
     dev = torch.device(device)
     fp = fingerprint(
         heads=heads, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        wd=weight_decay, imagenet_weights=imagenet_weights, pixel_branch=pixel_branch, blur_prob=blur_prob,
+        wd=weight_decay, imagenet_weights=imagenet_weights, pixel_branch=pixel_branch,
         train=hashlib.sha256("\n".join(train_rows["path"].astype(str)).encode()).hexdigest(),
         labels=hashlib.sha256(train_rows[heads].to_numpy().astype(np.int8).tobytes()).hexdigest(),
     )
@@ -513,7 +467,7 @@ def train_classifier(
     model, losses = _fit_classifier(
         ds, heads, dev, ckpt, fp, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, imagenet_weights=imagenet_weights, weight_decay=weight_decay, num_workers=num_workers,
-        pixel_branch=pixel_branch, blur_prob=blur_prob)
+        pixel_branch=pixel_branch)
     train_s = time.perf_counter() - t0
 
     model.eval()
@@ -536,7 +490,7 @@ def train_classifier(
         }),
     )
     # The model is safely written: the checkpoint is no longer needed.
-    ckpt.unlink(missing_ok=True)
+    discard_train_state(ckpt)
     if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
@@ -544,8 +498,7 @@ def train_classifier(
 
 def _fit_classifier(ds: Any, heads: list[str], dev: torch.device, ckpt: Path, fingerprint: str, *, arch: str,
                     size: int, epochs: int, batch_size: int, lr: float, seed: int, imagenet_weights: str | None,
-                    weight_decay: float, num_workers: int, pixel_branch: int,
-                    blur_prob: float = 0.0) -> tuple[ArtifactClassifier, list[float]]:
+                    weight_decay: float, num_workers: int, pixel_branch: int) -> tuple[ArtifactClassifier, list[float]]:
     """Build (or resume) and train the classifier, checkpointing after every epoch, then recalibrate
     BatchNorm; returns (model, mean loss per epoch). The caller's global RNG is left untouched."""
     drop_last = len(ds) > batch_size  # BatchNorm cannot train on a last batch of one image
@@ -567,8 +520,7 @@ def _fit_classifier(ds: Any, heads: list[str], dev: torch.device, ckpt: Path, fi
                 ds, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=gen,
                 num_workers=num_workers, pin_memory=dev.type == "cuda",
             )
-            losses.append(_train_epoch(model, opt, sched, loader, gen, len(heads), dev, blur_prob))
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            losses.append(_train_epoch(model, opt, sched, loader, gen, len(heads), dev))
             _save_ckpt(ckpt, model, opt, sched, {"fingerprint": fingerprint, "epoch": epoch, "losses": losses})
         # Inside fork_rng for a clean global RNG; deterministic, so a resumed run agrees.
         bn_loader = torch.utils.data.DataLoader(ds, batch_size=max(batch_size, 64), shuffle=False, num_workers=num_workers)
@@ -577,13 +529,13 @@ def _fit_classifier(ds: Any, heads: list[str], dev: torch.device, ckpt: Path, fi
 
 
 def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, loader: Any, gen: torch.Generator,
-                 n_heads: int, dev: torch.device, blur_prob: float = 0.0) -> float:
+                 n_heads: int, dev: torch.device) -> float:
     """One epoch of augmented multi-label BCE steps; returns the epoch's mean loss per image."""
     model.train()
     total, count = 0.0, 0
     for batch in loader:
         img, lab = _split_batch(batch)
-        img = augment_batch(img.to(dev, non_blocking=True).float(), gen, blur_prob)
+        img = augment_batch(img.to(dev, non_blocking=True).float(), gen)
         lab = lab.to(dev).float().view(img.shape[0], n_heads)
         loss = nn.functional.binary_cross_entropy_with_logits(model(img), lab)
         opt.zero_grad(set_to_none=True)

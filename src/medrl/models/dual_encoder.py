@@ -46,16 +46,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medrl.checkpoints import discard_train_state, fingerprint
 from medrl.errors import DataError
 from medrl.io import atomic_dir, read_json, write_json
+from medrl.lr_schedule import cosine_lr
 from medrl.models.training import (
     TORCH_LOAD_ERRORS,
-    cosine_lr,
-    fingerprint,
     images_from_pairs,
-    load_train_state,
     recalibrate_bn,
-    save_train_state,
+    resume_epochs,
+    save_epoch,
     split_rows,
     to_unit,
 )
@@ -564,15 +564,11 @@ def train_dual_encoder(
     n = len(x_train)
     steps = max(1, n // batch_size) if n >= batch_size else 1  # drop the ragged batch: tiny batches make CLIP noisy
     total_steps = steps * epochs
-    ckpt = ckpt_dir / "dualenc_state.pt"
-    fp = fingerprint(n=n, size=size, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim, seed=seed,
-                     augment=augment, weight_decay=weight_decay, cfg=asdict(cfg), vocab=len(tokenizer), images=list(train["path"]))
-    state = load_train_state(ckpt, fp)
-    start, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        start, history = int(state["epoch"]), list(state["history"])
+    ckpt = ckpt_dir / "dualenc"
+    ckpt_config = {"fingerprint": fingerprint(
+        n=n, size=size, epochs=epochs, batch_size=batch_size, lr=lr, embed_dim=embed_dim, seed=seed, augment=augment,
+        weight_decay=weight_decay, cfg=asdict(cfg), vocab=len(tokenizer), images=list(train["path"]))}
+    start, history = resume_epochs(ckpt, ckpt_config, model, opt)
 
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
@@ -587,7 +583,7 @@ def train_dual_encoder(
             total += _clip_step(model, opt, x_train, t_train, idx, aug_gen, augment, device)
         history.append({"epoch": epoch + 1, "train_loss": total / steps, "seconds": time.perf_counter() - t0,
                         "temperature": float(1.0 / model.logit_scale.detach().exp().clamp(max=100.0))})
-        save_train_state(ckpt, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optim": opt.state_dict(), "history": history})
+        save_epoch(ckpt, ckpt_config, model, opt, epoch + 1, history)
 
     recalibrate_bn(model.image_encoder, [model.preprocess_images(to_unit(x_train[i : i + 256])) for i in range(0, n, 256)], device)
     model = model.cpu().eval()
@@ -601,7 +597,7 @@ def train_dual_encoder(
     if len(test):
         metrics.update(_retrieval_test_metrics(model, test, size, base))
     save_dual_encoder(model, out_dir, {"metrics": metrics, "history": history})
-    ckpt.unlink(missing_ok=True)
+    discard_train_state(ckpt)
     return metrics
 
 

@@ -37,16 +37,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medrl.checkpoints import discard_train_state, fingerprint
 from medrl.errors import DataError
 from medrl.io import atomic_dir, read_json, write_json
+from medrl.lr_schedule import cosine_lr
 from medrl.models.training import (
-    cosine_lr,
-    fingerprint,
     images_from_pairs,
-    load_train_state,
     recalibrate_bn,
     resolve_image_path,
-    save_train_state,
+    resume_epochs,
+    save_epoch,
     split_rows,
     to_unit,
 )
@@ -60,11 +60,9 @@ __all__ = [
     "aligning_psi",
     "compose_theta",
     "cosine_lr",
-    "fingerprint",
     "images_from_pairs",
     "invert_theta",
     "load_aligner",
-    "load_train_state",
     "predict_psi",
     "psi_accuracy",
     "psi_columns",
@@ -72,7 +70,6 @@ __all__ = [
     "recalibrate_bn",
     "resolve_image_path",
     "save_aligner",
-    "save_train_state",
     "theta_to_psi",
     "train_posture_aligner",
     "warp",
@@ -338,7 +335,7 @@ def train_posture_aligner(
     """Self-supervised training as in CXRL: minimise L2(warp(x, aligner(x)), canonical) on
     the train split (no psi labels). Evaluates on the test split (psi error when the pairs
     carry true posture columns ``gt_sx..``/``sx..``, see ``_evaluate``), checkpoints every
-    epoch to ``ckpt_dir/posture_state.pt`` and resumes from it, and writes
+    epoch to ``ckpt_dir/posture/`` (medrl.checkpoints) and resumes from it, and writes
     ``out_dir/{model.safetensors, config.json, eval.json}``. Returns the eval metrics."""
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     if canonical.ndim == 2:
@@ -358,15 +355,10 @@ def train_posture_aligner(
     config = AlignerConfig(size=size, width=width)
     model = PostureAligner(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    ckpt = ckpt_dir / "posture_state.pt"
-    fp = fingerprint(n=len(train), size=size, batch_size=batch_size, lr=lr, seed=seed, width=width,
-                     images=list(train["path"]))
-    state = load_train_state(ckpt, fp)
-    start, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        start, history = int(state["epoch"]), list(state["history"])
+    ckpt = ckpt_dir / "posture"
+    ckpt_config = {"fingerprint": fingerprint(n=len(train), size=size, batch_size=batch_size, lr=lr, seed=seed, width=width,
+                                             images=list(train["path"]))}
+    start, history = resume_epochs(ckpt, ckpt_config, model, opt)
 
     n = len(x_train)
     # a trailing batch of one image is dropped: BatchNorm cannot train on it (e.g. a judge's half of the pairs)
@@ -386,7 +378,7 @@ def train_posture_aligner(
             opt.step()
             total += float(loss.detach()) * len(idx)
         history.append({"epoch": epoch + 1, "train_loss": total / n, "seconds": time.perf_counter() - t0})
-        save_train_state(ckpt, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optim": opt.state_dict(), "history": history})
+        save_epoch(ckpt, ckpt_config, model, opt, epoch + 1, history)
 
     # BN statistics from the final weights (train batches, fixed order)
     recalibrate_bn(model, [to_unit(x_train[i : i + 256]) for i in range(0, n, 256)], device)
@@ -396,7 +388,7 @@ def train_posture_aligner(
     metrics["seconds_per_epoch"] = float(np.mean([h["seconds"] for h in history])) if history else float("nan")
     metrics["epochs"] = float(epochs)
     save_aligner(model, out_dir, {"metrics": metrics, "history": history, "psi_columns": cols})
-    ckpt.unlink(missing_ok=True)
+    discard_train_state(ckpt)
     return metrics
 
 

@@ -1,35 +1,31 @@
 """Training helpers shared by the reward/evaluator networks (posture aligner, XRV diagnostic
 classifier, dual encoder, artifact classifiers): image loading from pairs tables, train/test
-splits, resumable training state with a configuration fingerprint, BatchNorm recalibration and
-the cosine learning-rate schedule."""
+splits, per-epoch checkpoints (medrl.checkpoints) and BatchNorm recalibration.
+The learning-rate schedule they share with the diffusion trainers is medrl.lr_schedule."""
 from __future__ import annotations
 
-import math
 import pickle
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 import pandas as pd
 import torch
 from torch import nn
 
+from medrl.checkpoints import TrainState, load_train_state, save_train_state
 from medrl.errors import DataError
-from medrl.io import atomic_path, load_image
+from medrl.io import load_image
 from medrl.progress import progress
 
 __all__ = [
     "TORCH_LOAD_ERRORS",
-    "cosine_lr",
-    "default_warmup",
-    "warmup_lr",
-    "fingerprint",
     "images_from_pairs",
     "judge_pairs",
     "judge_split",
-    "load_train_state",
     "recalibrate_bn",
     "resolve_image_path",
-    "save_train_state",
+    "resume_epochs",
+    "save_epoch",
     "split_rows",
     "to_unit",
 ]
@@ -110,32 +106,23 @@ def split_rows(pairs: pd.DataFrame, name: str) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def fingerprint(**kw: Any) -> str:
-    """Short hash of a run's configuration, stored in its checkpoint so a checkpoint left
-    by a different configuration is ignored instead of resumed."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def save_train_state(path: Path, state: dict[str, Any]) -> None:
-    """Atomically save a resumable training state (tensors, numbers, strings, lists, dicts
-    only, so ``load_train_state`` can read it with weights_only=True)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def resume_epochs(ckpt_dir: Path, config: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer
+                  ) -> tuple[int, list[dict[str, Any]]]:
+    """Load the epoch checkpoint (medrl.checkpoints) of the run with ``config`` into model and
+    optimiser; returns (first epoch to train, history so far), (0, []) when there is none."""
+    state = load_train_state(ckpt_dir, config)
+    if state is None:
+        return 0, []
+    model.load_state_dict(state.tensors["model"])
+    opt.load_state_dict(state.objects["optim"])
+    return int(state.meta["epoch"]), list(state.meta["history"])
 
 
-def load_train_state(path: Path, fp: str) -> dict[str, Any] | None:
-    """The state saved by ``save_train_state`` if it exists and belongs to the run with
-    fingerprint ``fp``; None otherwise. A torn file is reported and renamed ``<name>.corrupt``
-    (medrl.checkpoints), and training restarts: always safe."""
-    from medrl.checkpoints import read_or_set_aside
-
-    if not path.is_file():
-        return None
-    state = read_or_set_aside(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-    return state if isinstance(state, dict) and state.get("fingerprint") == fp else None
+def save_epoch(ckpt_dir: Path, config: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
+               history: list[dict[str, Any]]) -> None:
+    """Checkpoint model and optimiser after ``epoch`` epochs (medrl.checkpoints)."""
+    save_train_state(ckpt_dir, TrainState(tensors={"model": model.state_dict()}, objects={"optim": opt.state_dict()},
+                                          meta={"epoch": epoch, "history": history}), config)
 
 
 @torch.no_grad()
@@ -158,29 +145,3 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], device: st
     for bn, mom in zip(bns, momenta):
         bn.momentum = mom
     model.train(was_training)
-
-
-def default_warmup(steps: int) -> int:
-    """Warm-up length of the step-based trainers: 5 % of the steps, at least 1, at most 100."""
-    return min(100, max(1, steps // 20))
-
-
-def warmup_lr(base_lr: float, step: int, total: int, *, warmup: int = 0, floor: float = 0.0,
-              decay: Literal["cosine", "constant"] = "cosine") -> float:
-    """The one learning-rate schedule of the library's trainers (stateless: resuming needs only
-    the step). Linear warm-up over ``warmup`` steps, then either a cosine decay from ``base_lr``
-    to ``floor * base_lr`` over the remaining steps, or ``base_lr`` held constant."""
-    if decay == "constant":
-        return base_lr * min(1.0, (step + 1) / warmup) if warmup else base_lr
-    if warmup and step < warmup:
-        return base_lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    cos = 1.0 + math.cos(math.pi * min(1.0, t))
-    if not floor:
-        return base_lr * 0.5 * cos
-    return base_lr * (floor + (1 - floor) * 0.5 * cos)
-
-
-def cosine_lr(base_lr: float, step: int, total: int, warmup: int = 0) -> float:
-    """Linear warmup then cosine decay to 0 (``warmup_lr`` with its defaults)."""
-    return warmup_lr(base_lr, step, total, warmup=warmup)

@@ -51,16 +51,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from medrl.data.reports import PATHOLOGIES
+from medrl.checkpoints import discard_train_state, fingerprint
 from medrl.errors import DataError
 from medrl.io import atomic_dir, read_json, write_json
+from medrl.lr_schedule import cosine_lr
 from medrl.models.training import (
     TORCH_LOAD_ERRORS,
-    cosine_lr,
-    fingerprint,
     images_from_pairs,
-    load_train_state,
     recalibrate_bn,
-    save_train_state,
+    resume_epochs,
+    save_epoch,
     split_rows,
     to_unit,
 )
@@ -432,14 +432,10 @@ def train_diag(
     # a trailing batch of one image is dropped: BatchNorm cannot train on it (e.g. a judge's half of the pairs)
     steps = max(1, n // batch_size + int(n % batch_size > 1))
     total_steps = steps * epochs
-    ckpt = ckpt_dir / "diag_state.pt"
-    fp = fingerprint(n=n, size=size, epochs=epochs, batch_size=batch_size, lr=lr, growth_rate=growth_rate, seed=seed, images=list(train["path"]))
-    state = load_train_state(ckpt, fp)
-    start, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        start, history = int(state["epoch"]), list(state["history"])
+    ckpt = ckpt_dir / "diag"
+    ckpt_config = {"fingerprint": fingerprint(n=n, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+                                              growth_rate=growth_rate, seed=seed, images=list(train["path"]))}
+    start, history = resume_epochs(ckpt, ckpt_config, model, opt)
 
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
@@ -452,7 +448,7 @@ def train_diag(
             idx = perm[i * batch_size : (i + 1) * batch_size]
             total += _diag_step(model, opt, x_train, y_train, m_train, idx, device)
         history.append({"epoch": epoch + 1, "train_loss": total / n, "seconds": time.perf_counter() - t0})
-        save_train_state(ckpt, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "optim": opt.state_dict(), "history": history})
+        save_epoch(ckpt, ckpt_config, model, opt, epoch + 1, history)
 
     recalibrate_bn(model, [xrv_normalize(to_unit(x_train[i : i + 256]), None) for i in range(0, n, 256)], device)
     model = model.cpu().eval()
@@ -464,7 +460,7 @@ def train_diag(
     if len(test):
         metrics.update(_diag_test_metrics(model, test, classes, size, base))
     save_diag(model, out_dir, {"metrics": metrics, "history": history, "label_policy": "NaN->0, -1 masked"})
-    ckpt.unlink(missing_ok=True)
+    discard_train_state(ckpt)
     return metrics
 
 

@@ -16,7 +16,7 @@ differences to the anchor (frozen base) model's image(s) for the same report:
 
 * ``rlcf_mode="paired"``: the trainer passes ``anchor_images`` sampled for the same report
   from the same x_T (paper Eq. 2's x-hat), with their own per-step noise unless
-  ``rl.cxr.rlcf_paired_noise: shared`` (``medrl.rl.sampler.paired_anchor_noise`` is that rule);
+  ``rl.cxr.rlcf_paired_noise: shared`` (``medrl.diffusion.sampler.paired_anchor_noise`` is that rule);
   ``r = score(x) - score(x_hat)``. Sharing the step noise too lowers the reward variance
   further, but score(x_hat) then depends on the sample's own noise and the policy gradient is
   biased (measured: the full policy degrades; docs/NOTEBOOK.md, CXR-03).
@@ -197,7 +197,7 @@ def load_anchor_bank(path: str | Path) -> pd.DataFrame:
 def anchor_sample_seed(seed: int, report: str, j: int) -> int:
     """Seed of the j-th anchor sample of a report: depends on (seed, report, j) only, so a
     report's anchors do not change with the report list, its order or the batch size."""
-    from medrl.rl.sampler import text_seed
+    from medrl.diffusion.sampler import text_seed
 
     return text_seed(seed, report, j)
 
@@ -216,8 +216,8 @@ def sample_images(
     """Images (B, 3, H, W) in [0, 1] from a diffusers SD stack with DDIM + CFG, one
     generator per sample (its seed) for both x_T and the per-step noise, so an image does not
     depend on the batch it is drawn in. ``unet`` replaces the stack's (a policy)."""
-    from medrl.models.tiny_sd import encode_prompts
-    from medrl.rl.sampler import Noise, Sampler
+    from medrl.diffusion.stack import encode_prompts
+    from medrl.diffusion.sampler import Noise, Sampler
 
     c = components
     text = encode_prompts(c, list(prompts)).float()
@@ -248,7 +248,7 @@ def build_anchor_bank(
     score them (``ReportScorer``) and write the per-report mean/std table atomically to
     ``out_path`` (.json: {"meta", "rows"}; otherwise CSV with ``BANK_COLUMNS``). Sample
     (report, j) uses ``anchor_sample_seed(seed, report, j)``."""
-    from medrl.models.tiny_sd import load_components
+    from medrl.diffusion.stack import load_components
 
     if k < 1:
         raise DataError(f"k={k}: expected at least one anchor sample per report")

@@ -1,5 +1,5 @@
-"""DDPO core shared by both tracks: DDIM step log-probs, trajectory sampling, PPO, LoRA, ACE,
-and the trainer.
+"""DDPO shared by both tracks: PPO, the trainer, the reward curve. The sampling it trains
+(DDIM log-probs, rollouts, LoRA, ACE) is in ``medrl.diffusion``.
 
 Submodules are imported on first use (``from medrl.rl import train_ddpo`` works) so that
 importing ``medrl.rl`` stays cheap.
@@ -10,27 +10,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ddim_step_with_logprob": "medrl.rl.ddim",
-    "Trajectory": "medrl.rl.sampling",
-    "sample_with_logprob": "medrl.rl.sampling",
-    "decode_latents": "medrl.rl.sampling",
-    "Noise": "medrl.rl.sampler",
-    "Sampler": "medrl.rl.sampler",
     "PerPromptStatTracker": "medrl.rl.ppo",
     "ppo_loss": "medrl.rl.ppo",
-    "add_lora": "medrl.rl.lora",
-    "save_adapter": "medrl.rl.lora",
-    "load_adapter": "medrl.rl.lora",
-    "ACE": "medrl.rl.ace",
     "DDPOConfig": "medrl.rl.trainer",
     "train_ddpo": "medrl.rl.trainer",
 }
 
-__all__ = [  # noqa: RUF022 - grouped by submodule, as _EXPORTS
-    "ddim_step_with_logprob", "Trajectory", "sample_with_logprob", "decode_latents", "Noise", "Sampler",
-    "PerPromptStatTracker", "ppo_loss", "add_lora", "save_adapter", "load_adapter", "ACE",
-    "DDPOConfig", "train_ddpo",
-]
+__all__ = ["PerPromptStatTracker", "ppo_loss", "DDPOConfig", "train_ddpo"]  # noqa: RUF022 - as _EXPORTS
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ policy against the frozen base on a fixed set of prompts and noises. Runs in one
 
 Randomness: every random draw of an epoch comes from generators seeded by
 (seed, epoch, process index, purpose[, batch]) -- prompts, shuffles, initial and per-step noise
-(medrl.rl.sampler's seed policy; the purposes are the ``_P_*`` constants). A resumed run
+(medrl.diffusion.sampler's seed policy; the purposes are the ``_P_*`` constants). A resumed run
 therefore needs only weights, optimizer and stat-tracker state to continue exactly; the global
 torch RNG is saved too, for library code that draws from it.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -30,20 +29,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medrl.config import RLCommon, RLCxr, RLTrack, Run, rl_track_settings
+from medrl.diffusion.ace import ACE
+from medrl.diffusion.ddim import ddim_step_gaussian, gaussian_kl, gaussian_logprob
+from medrl.diffusion.lora import DEFAULT_TARGETS, add_lora, save_adapter
+from medrl.diffusion.rollout import guided_eps
+from medrl.diffusion.sampler import Noise, Sampler, derive_seed, paired_anchor_noise
 from medrl.errors import DataError
 from medrl.io import image_grid, save_image, write_table
 from medrl.progress import progress
-from medrl.rl.ace import ACE
-from medrl.rl.ddim import ddim_step_gaussian, gaussian_kl, gaussian_logprob
-from medrl.rl.lora import DEFAULT_TARGETS, add_lora, save_adapter
 from medrl.rl.curves import plot_reward_curve
 from medrl.rl.ppo import PerPromptStatTracker, ppo_loss
-from medrl.rl.sampler import Noise, Sampler, derive_seed, paired_anchor_noise
-from medrl.rl.sampling import guided_eps
 
 RewardFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 PromptFn = Callable[[np.random.Generator, int], list[str]]
@@ -183,9 +181,6 @@ def _base_model(policy: Policy, anchor_unet: nn.Module | None):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-CKPT = "latest"
-PREV = "previous"  # the checkpoint before ``latest``, kept as the fallback should ``latest`` be corrupt
-
 
 def _trainable_state(policy: Policy) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in policy.named_parameters() if p.requires_grad}
@@ -193,108 +188,47 @@ def _trainable_state(policy: Policy) -> dict[str, torch.Tensor]:
 
 def _save_checkpoint(ckpt_dir: Path, policy: Policy, optimizer, tracker, epoch: int, history: list, cfg: DDPOConfig,
                      samples_dir: Path | None = None) -> None:
-    """Write ``ckpt_dir/latest`` completely in a temp directory, then rotate: the old ``latest``
-    becomes ``previous`` (replacing the one before) and the new one ``latest``. A crash at any
-    point leaves at least one complete checkpoint. The sample grids written so far
-    (``samples_dir``) are stored too, with their hashes, so a resumed stage rebuilds the
-    output folder of an uninterrupted run."""
-    import hashlib
+    """Checkpoint (medrl.checkpoints) the trainable weights, optimizer, RNG and tracker. The sample
+    grids written so far (``samples_dir``) are stored too, so a resumed stage rebuilds the output
+    folder of an uninterrupted run."""
+    from medrl.checkpoints import TrainState, save_train_state
 
-    from medrl.checkpoints import install, new_checkpoint_dir
-
-    tmp = new_checkpoint_dir(ckpt_dir)
-    try:
-        save_file(_trainable_state(policy), str(tmp / "policy.safetensors"))
-        # Optimizer state: tensors + plain Python numbers, loadable with weights_only=True.
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{i}"] = s
-        save_file(rng, str(tmp / "rng.safetensors"))
-        samples: dict[str, str] = {}
-        if samples_dir is not None and samples_dir.is_dir():
-            (tmp / "samples").mkdir()
-            for f in sorted(samples_dir.glob("*.png")):
-                shutil.copyfile(f, tmp / "samples" / f.name)
-                samples[f.name] = hashlib.sha256((tmp / "samples" / f.name).read_bytes()).hexdigest()
-        state = {
-            "next_epoch": epoch,
-            "tracker": tracker.state_dict(),
-            "history": history,
-            "samples": samples,
-            "config": {k: getattr(cfg, k) for k in _RESUME_KEYS},
-        }
-        (tmp / "state.json").write_text(json.dumps(state))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    install(tmp, ckpt_dir)
-
-
-def _read_checkpoint(d: Path, policy: Policy, cfg: DDPOConfig) -> dict[str, Any]:
-    """Everything in the checkpoint directory ``d``, read and checked but not yet applied.
-    Unreadable files raise CorruptCheckpoint naming the file; a checkpoint of other rl params
-    raises DataError."""
-    import hashlib
-
-    from medrl.checkpoints import CorruptCheckpoint, reading
-
-    if not (d / "state.json").is_file():
-        raise CorruptCheckpoint(f"{d}/state.json: missing")
-    state = reading(d / "state.json", lambda: json.loads((d / "state.json").read_text()))
-    if not isinstance(state, dict) or not {"next_epoch", "tracker", "history"} <= set(state):
-        raise CorruptCheckpoint(f"{d}/state.json: incomplete checkpoint state")
-    want = {k: getattr(cfg, k) for k in _RESUME_KEYS}
-    saved = state.get("config", {})
-    # JSON turns tuples into lists; compare after the same round trip. A key an older checkpoint
-    # lacks (a field added since) counts as that field's default, which is what that run used.
-    missing = object()
-    diff = sorted(k for k in _RESUME_KEYS if json.loads(json.dumps(want[k])) != saved.get(k, _LEGACY.get(k, missing)))
-    if diff:
-        raise DataError(
-            f"{d}: checkpoint was written with different rl params {[(k, saved.get(k), want[k]) for k in diff]}; "
-            f"expected the same values to resume (delete {d.parent} to start over)"
-        )
-    params = dict(policy.named_parameters())
-    sd = reading(d / "policy.safetensors", lambda: load_file(str(d / "policy.safetensors")))
-    missing = [n for n, p in params.items() if p.requires_grad and n not in sd]
-    if missing or any(n not in params for n in sd):
-        raise DataError(f"{d}/policy.safetensors: parameter names do not match the policy (missing {missing[:3]})")
-    optim = reading(d / "optimizer.pt", lambda: torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True))
-    rng = reading(d / "rng.safetensors", lambda: load_file(str(d / "rng.safetensors")))
-    samples: dict[str, bytes] = {}
-    for name, digest in (state.get("samples") or {}).items():
-        f = d / "samples" / name
-        data = reading(f, f.read_bytes)
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise CorruptCheckpoint(f"{f}: content does not match the hash recorded in state.json")
-        samples[name] = data
-    return {"state": state, "policy": sd, "optimizer": optim, "rng": rng, "samples": samples}
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    samples = {f.name: f for f in sorted(samples_dir.glob("*.png"))} if samples_dir is not None and samples_dir.is_dir() else {}
+    state = TrainState(tensors={"policy": _trainable_state(policy), "rng": rng}, objects={"optimizer": optimizer.state_dict()},
+                       meta={"next_epoch": epoch, "tracker": tracker.state_dict(), "history": history}, files=samples)
+    save_train_state(ckpt_dir, state, {k: getattr(cfg, k) for k in _RESUME_KEYS})
 
 
 def _restore_checkpoint(ckpt_dir: Path, policy: Policy, optimizer, tracker, cfg: DDPOConfig) -> dict[str, Any] | None:
-    """Load ``latest`` (or, when it is unreadable, ``previous``) into policy, optimizer and
-    tracker; an unreadable checkpoint is reported and renamed ``<name>.corrupt`` (see
-    medrl.checkpoints). None (start afresh) when no readable checkpoint is left."""
-    from medrl.checkpoints import read_latest
+    """Load the checkpoint (medrl.checkpoints: ``latest``, or ``previous`` when latest is corrupt)
+    into policy, optimizer and tracker; None (start afresh) when no readable checkpoint is left.
+    A checkpoint of other rl params, or of a policy with other parameters, raises DataError."""
+    from medrl.checkpoints import load_train_state
 
-    ck = read_latest(ckpt_dir, lambda d: _read_checkpoint(d, policy, cfg))
-    if ck is not None:
-        params = dict(policy.named_parameters())
-        with torch.no_grad():
-            for n, v in ck["policy"].items():
-                params[n].copy_(v.to(params[n].device, params[n].dtype))
-        optimizer.load_state_dict(ck["optimizer"])
-        rng = ck["rng"]
-        torch.set_rng_state(rng["torch_cpu"])
-        if torch.cuda.is_available():
-            cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
-            if len(cuda) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(cuda)
-        tracker.load_state_dict(ck["state"]["tracker"])
-        return ck
-    return None
+    ck = load_train_state(ckpt_dir, {k: getattr(cfg, k) for k in _RESUME_KEYS}, on_mismatch="raise", defaults=_LEGACY)
+    if ck is None:
+        return None
+    params = dict(policy.named_parameters())
+    sd = ck.tensors["policy"]
+    missing = [n for n, p in params.items() if p.requires_grad and n not in sd]
+    if missing or any(n not in params for n in sd):
+        raise DataError(f"{ckpt_dir}: policy checkpoint's parameter names do not match the policy (missing {missing[:3]})")
+    with torch.no_grad():
+        for n, v in sd.items():
+            params[n].copy_(v.to(params[n].device, params[n].dtype))
+    optimizer.load_state_dict(ck.objects["optimizer"])
+    rng = ck.tensors["rng"]
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    tracker.load_state_dict(ck.meta["tracker"])
+    return {"state": ck.meta, "samples": ck.files}
 
 
 # ----------------------------------------------------------------------------- training
@@ -326,7 +260,7 @@ class _Setup:
 
     cfg: DDPOConfig
     accelerator: Any
-    c: Any  # the stack's components (medrl.models.tiny_sd.load_components)
+    c: Any  # the stack's components (medrl.diffusion.stack.load_components)
     policy: Policy
     model: nn.Module  # the policy as prepared by accelerate (DDP-wrapped with several processes)
     optimizer: Any
@@ -358,7 +292,7 @@ class _Setup:
 def _setup(base_dir: Path, cfg: DDPOConfig, reward_fn: RewardFn, anchor: bool) -> _Setup:
     from accelerate import Accelerator
 
-    from medrl.models.tiny_sd import load_components
+    from medrl.diffusion.stack import load_components
 
     # Accumulation is done explicitly in _ppo_update (reset every inner epoch, trailing partial
     # group stepped), so accelerate's own counter stays at 1; it would otherwise rescale the loss.
@@ -439,7 +373,7 @@ def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn
     rank, batch)), score them, and turn the gathered rewards into per-prompt advantages."""
     from accelerate.utils import gather_object
 
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.stack import encode_prompts
 
     cfg, acc = s.cfg, s.accelerator
     s.policy.eval()
@@ -550,7 +484,7 @@ def _compare_with_base(s: _Setup, reward_fn: RewardFn, prompt_fn: PromptFn) -> d
     """Policy vs frozen base on a fixed set of base_reward_samples prompts and noises (split over
     processes; exactly paired: the same x_T and per-step noise). The base's images and rewards
     are computed once per run; each call samples the policy on the set again."""
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.stack import encode_prompts
 
     cfg, acc = s.cfg, s.accelerator
     n = -(-cfg.base_reward_samples // acc.num_processes)
@@ -672,7 +606,7 @@ def train_ddpo(
     set of prompts and noises. With ``cfg.kl_coef > 0``: kl_to_base, the mean per-step
     KL(pi_theta || pi_base) over the epoch's updates; ``loss`` then includes the penalty.
     """
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.stack import encode_prompts
 
     base_dir, out_dir, ckpt_dir = Path(base_dir), Path(out_dir), Path(ckpt_dir)
     s = _setup(base_dir, cfg, reward_fn, anchor)

@@ -6,76 +6,24 @@ latent, relative to a reconstruction loss summed over pixels), so SD's 1e-6 is a
 value; both are divided by the number of pixel values to keep the loss O(1).
 
 Training checkpoints to ``ckpt_dir`` and resumes from it bit-exactly (model, optimizer, step
-and the data/noise generator state); the checkpoint is deleted on success. The checkpoint
-helpers here are shared with ``medrl.models.finetune``.
+and the data/noise generator state, medrl.checkpoints); the checkpoint is deleted on success.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from medrl.checkpoints import TrainState, load_train_state, save_train_state
 from medrl.errors import DataError
 from medrl.io import load_image
-from medrl.models.training import default_warmup, warmup_lr
+from medrl.lr_schedule import default_warmup, warmup_lr
 from medrl.progress import progress
-
-_CKPT = "latest"
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_train_state(ckpt_dir: Path, model_state: dict[str, torch.Tensor], state: dict[str, Any], config: dict) -> None:
-    """Atomically write ``ckpt_dir/latest/`` = model.safetensors + state.pt + config.json.
-
-    ``state`` (optimizer state dict, step, generator state, loss history) must hold only
-    tensors and plain Python values so ``torch.load(weights_only=True)`` can read it."""
-    from safetensors.torch import save_file
-
-    from medrl.checkpoints import install, new_checkpoint_dir
-
-    # written completely, then rotated in: the old latest stays as ``previous`` (medrl.checkpoints)
-    tmp = new_checkpoint_dir(Path(ckpt_dir))
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        (tmp / "config.json").write_text(json.dumps(config, sort_keys=True, default=str))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    install(tmp, Path(ckpt_dir))
-
-
-def load_train_state(ckpt_dir: Path, config: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The checkpoint in ``ckpt_dir`` if it was written by a run with the same ``config``;
-    None (and a warning) when there is none or it belongs to different settings. An
-    unreadable checkpoint is reported, renamed ``<name>.corrupt`` and the previous one (if
-    any) used instead (medrl.checkpoints)."""
-    from safetensors.torch import load_file
-
-    from medrl.checkpoints import read_latest, reading
-
-    want = json.loads(json.dumps(config, sort_keys=True, default=str))
-
-    def read(d: Path) -> Any:
-        saved = reading(d / "config.json", lambda: json.loads((d / "config.json").read_text()))
-        if saved != want:
-            diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
-            warnings.warn(f"{d}: checkpoint was written with different settings ({diff}); starting from scratch")
-            return False
-        return (reading(d / "model.safetensors", lambda: load_file(str(d / "model.safetensors"))),
-                reading(d / "state.pt", lambda: torch.load(d / "state.pt", map_location="cpu", weights_only=True)))
-
-    got = read_latest(Path(ckpt_dir), read)
-    return got or None
 
 
 def paths_digest(paths: list[Path]) -> str:
@@ -226,8 +174,9 @@ def train_vae(
         losses.append(float(loss.detach()))
         done = step + 1
         if done % checkpoint_every == 0 and done < steps:
-            save_train_state(ckpt_dir, vae.state_dict(), {"optimizer": opt.state_dict(), "step": done, "rng": gen.get_state(),
-                                                         "losses": torch.tensor(losses, dtype=torch.float64)}, config)
+            save_train_state(ckpt_dir, TrainState(tensors={"model": vae.state_dict(), "rng": {"generator": gen.get_state()}},
+                                                  objects={"optimizer": opt.state_dict()},
+                                                  meta={"step": done, "losses": losses}), config)
         if callback is not None:
             callback(done, losses[-1])
     elapsed = time.perf_counter() - t0
@@ -275,11 +224,10 @@ def _resume_vae(vae, opt: torch.optim.Optimizer, gen: torch.Generator, ckpt_dir:
     start, losses = 0, []
     resumed = load_train_state(ckpt_dir, config)
     if resumed is not None:
-        model_sd, state = resumed
-        vae.load_state_dict(model_sd)
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"])
-        start, losses = int(state["step"]), state["losses"].tolist()
+        vae.load_state_dict(resumed.tensors["model"])
+        opt.load_state_dict(resumed.objects["optimizer"])
+        gen.set_state(resumed.tensors["rng"]["generator"])
+        start, losses = int(resumed.meta["step"]), [float(x) for x in resumed.meta["losses"]]
     return start, losses
 
 

@@ -61,7 +61,7 @@ def extract_latents(
     ``mode`` "RGB" or "L" (grayscale, repeated to 3 channels for the VAE)."""
     from safetensors.torch import save_file
 
-    from medrl.models.tiny_sd import load_vae
+    from medrl.diffusion.stack import load_vae
 
     if mode not in ("RGB", "L"):
         raise DataError(f"image mode {mode!r}: expected 'RGB' or 'L'")
@@ -172,8 +172,8 @@ def add_vae_roundtrips(stack_dir: Path, items: pd.DataFrame, split: str, out_dir
     both recognises what a generator in this latent space can draw, not only sharp renders."""
     rows = items[items["split"] == split]
     from medrl.io import save_image
-    from medrl.models.tiny_sd import load_vae
-    from medrl.models.vae_train import load_images
+    from medrl.diffusion.stack import load_vae
+    from medrl.diffusion.vae_train import load_images
 
     vae = load_vae(str(stack_dir), device=device)
     out_dir = Path(out_dir)

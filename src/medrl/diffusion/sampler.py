@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from medrl.config import RLCxr
-from medrl.rl.sampling import Trajectory, initial_latents, sample_with_logprob
+from medrl.diffusion.rollout import Trajectory, initial_latents, sample_with_logprob
 
 Seeds = int | tuple[int, ...]
 

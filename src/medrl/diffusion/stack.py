@@ -360,7 +360,7 @@ def build_stack(
     (CXR, repeated to 3 channels; no horizontal flips: the heart is on the left)."""
     from diffusers import AutoencoderKL
 
-    from medrl.models.vae_train import train_vae
+    from medrl.diffusion.vae_train import train_vae
 
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     if channels_mode not in ("RGB", "L"):

@@ -33,7 +33,7 @@ def slugify(prompt: str, max_len: int = 80) -> str:
 
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
     """Seed of image j of prompt i: a hash of (seed, i, j), independent of batching."""
-    from medrl.rl.sampler import derive_seed
+    from medrl.diffusion.sampler import derive_seed
 
     return derive_seed(seed, prompt_index, image_index)
 
@@ -60,11 +60,11 @@ def generate(
 
     manifest columns: prompt_id, prompt, seed (the image's own seed), model ("<base_dir>" or
     "<base_dir>+<adapter_dir>"), path (relative to ``out_dir``). With ``adapter_dir`` the LoRA (or
-    full fine-tuned UNet) and the ACE tokens saved by ``medrl.rl.lora.save_adapter`` are applied.
+    full fine-tuned UNet) and the ACE tokens saved by ``medrl.diffusion.lora.save_adapter`` are applied.
     """
-    from medrl.models.tiny_sd import encode_prompts, load_components
-    from medrl.rl.lora import load_adapter
-    from medrl.rl.sampler import Noise, Sampler
+    from medrl.diffusion.stack import encode_prompts, load_components
+    from medrl.diffusion.lora import load_adapter
+    from medrl.diffusion.sampler import Noise, Sampler
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if not prompts:

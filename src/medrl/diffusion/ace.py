@@ -2,7 +2,7 @@
 
 c = [c_s, c_p] with c_s (N x d) learnable and c_p = tau(y) (M x d) from the frozen text encoder.
 Applied to the conditional CFG branch only; the unconditional branch is padded and masked
-(see ``medrl.rl.sampling.pad_uncond``), so ACE changes what the report means to the UNet, not
+(see ``medrl.diffusion.rollout.pad_uncond``), so ACE changes what the report means to the UNet, not
 what "no report" means.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from medrl.errors import DataError
 from medrl.io import atomic_path, write_json
-from medrl.rl.ace import ACE, ACE_FILE
+from medrl.diffusion.ace import ACE, ACE_FILE
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 CONFIG_FILE = "adapter_config.json"
@@ -100,7 +100,7 @@ def save_adapter(unet, ace: ACE | None, out_dir: str | Path) -> Path:
 def read_adapter_config(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
-        raise DataError(f"{path}: adapter config not found; expected a directory written by medrl.rl.lora.save_adapter")
+        raise DataError(f"{path}: adapter config not found; expected a directory written by medrl.diffusion.lora.save_adapter")
     meta = json.loads(path.read_text())
     if meta.get("kind") not in ("lora", "full"):
         raise DataError(f"{path}: field 'kind' is {meta.get('kind')!r}; expected 'lora' or 'full'")

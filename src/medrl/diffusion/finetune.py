@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from medrl.errors import DataError
 from medrl.io import hash_path, write_table
-from medrl.models.training import default_warmup, warmup_lr
+from medrl.lr_schedule import default_warmup, warmup_lr
 from medrl.progress import progress
 
 # Step / epoch generators are seeded by seed * _MIX + counter: distinct streams per step.
@@ -106,7 +106,7 @@ def finetune_base(
     process). Under ``accelerate launch`` each process draws its own slice of the batch
     and only the main process writes checkpoints and outputs. Resumes from ``ckpt_dir``
     when it holds a checkpoint of the same settings, and deletes ``ckpt_dir`` on success."""
-    from medrl.models.tiny_sd import load_components
+    from medrl.diffusion.stack import load_components
 
     stack_dir, latents_dir, out_dir, ckpt_dir = Path(stack_dir), Path(latents_dir), Path(out_dir), Path(ckpt_dir)
     if not 0.0 <= cond_dropout < 1.0:
@@ -191,12 +191,12 @@ def _optimizer_step(accelerator, unet, opt, loss: torch.Tensor, step: int) -> fl
 
 def _checkpoint(accelerator, unet, opt, ckpt_dir: Path, done: int, losses: list[float], config: dict) -> None:
     """Main process: save model, optimiser, step and losses to ``ckpt_dir``; every process waits for it."""
-    from medrl.models.vae_train import save_train_state
+    from medrl.checkpoints import TrainState, save_train_state
 
     if accelerator.is_main_process:
-        save_train_state(ckpt_dir, accelerator.unwrap_model(unet).state_dict(),
-                         {"optimizer": opt.state_dict(), "step": done,
-                          "losses": torch.tensor(losses, dtype=torch.float64)}, config)
+        save_train_state(ckpt_dir, TrainState(tensors={"model": accelerator.unwrap_model(unet).state_dict()},
+                                              objects={"optimizer": opt.state_dict()},
+                                              meta={"step": done, "losses": losses}), config)
     accelerator.wait_for_everyone()
 
 
@@ -212,7 +212,7 @@ def _install_given_unet(accelerator, unet, stack_dir: Path, out_dir: Path, ckpt_
 
 def _train_latents(latents_dir: Path, stack_dir: Path, unet) -> tuple[torch.Tensor, list[str]]:
     """The latents and texts of the ``split == "train"`` rows of the latent store (checked against the UNet)."""
-    from medrl.models.latents import load_latents
+    from medrl.diffusion.latents import load_latents
 
     latents, index = load_latents(latents_dir, expect_vae=stack_dir)
     train = (index["split"] == "train").to_numpy()
@@ -243,7 +243,7 @@ def _prompt_conditions(c, texts: list[str], token_ids: bool) -> tuple[list[str],
     """(prompts, index of each text's prompt, one condition per prompt): the frozen text
     encoder's embeddings, or with ``token_ids`` the padded token ids a trained encoder reads.
     Row 0 is the unconditional ("") prompt used for dropped prompts."""
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.stack import encode_prompts
 
     prompts = [""] + sorted(set(texts))
     pos = {p: i for i, p in enumerate(prompts)}
@@ -269,17 +269,16 @@ def _noise_target(sched, stack_dir: Path) -> tuple[int, str]:
 def _prepare_or_resume(accelerator, unet, opt, ckpt_dir: Path, config: dict) -> tuple[Any, Any, int, list[float]]:
     """Load the checkpoint of the same ``config`` if any, then hand model and optimiser to accelerate;
     returns (unet, optimiser, first step, losses so far)."""
-    from medrl.models.vae_train import load_train_state
+    from medrl.checkpoints import load_train_state
 
     start, losses = 0, []
     resumed = load_train_state(ckpt_dir, config)
     if resumed is not None:
-        model_sd, state = resumed
-        unet.load_state_dict(model_sd)
-        start, losses = int(state["step"]), state["losses"].tolist()
+        unet.load_state_dict(resumed.tensors["model"])
+        start, losses = int(resumed.meta["step"]), [float(x) for x in resumed.meta["losses"]]
     unet, opt = accelerator.prepare(unet, opt)
     if resumed is not None:
-        opt.load_state_dict(resumed[1]["optimizer"])
+        opt.load_state_dict(resumed.objects["optimizer"])
     return unet, opt, start, losses
 
 

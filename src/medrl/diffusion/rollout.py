@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from medrl.rl.ddim import ddim_step_with_logprob
+from medrl.diffusion.ddim import ddim_step_with_logprob
 
 
 @dataclass
