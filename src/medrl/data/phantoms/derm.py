@@ -286,16 +286,17 @@ def _ruler(cv: _Canvas, img: np.ndarray, rng: np.random.Generator) -> np.ndarray
     band = np.clip((half_w - np.abs(vcoord)) * cv.S / 2 + 0.5, 0, 1)
     style = rng.integers(3)
     colour = [(0.93, 0.93, 0.90), (0.95, 0.92, 0.72), (0.80, 0.82, 0.84)][style]
-    _blend(img, colour, band * rng.uniform(0.75, 0.9))
-    spacing = float(rng.uniform(0.07, 0.09))
+    _blend(img, colour, band * rng.uniform(0.85, 0.95))
+    # ticks >= 2 output px wide and >= 7 px apart: finer marks are below what a 16x16 latent carries
+    spacing = float(rng.uniform(0.22, 0.28))
     k = ucoord / spacing + float(rng.uniform(0, 1))
     frac = np.abs(k - np.round(k)) * spacing
-    tick = frac < (1.1 / cv.S + 0.008)
-    long_tick = (np.mod(np.round(k), 5) == 0)
+    tick = frac < 0.035
+    long_tick = (np.mod(np.round(k), 2) == 0)
     inner_edge = -half_w  # ticks grow from the edge facing the image centre
-    depth = np.where(long_tick, 1.5 * half_w, 0.8 * half_w)
+    depth = np.where(long_tick, 1.5 * half_w, 0.9 * half_w)
     ticks = tick & (vcoord > inner_edge) & (vcoord < inner_edge + depth) & (band > 0.5)
-    edge_line = np.abs(vcoord - inner_edge) < (1.2 / cv.S + 0.006)
+    edge_line = np.abs(vcoord - inner_edge) < 0.03
     marks = (ticks | edge_line).astype(np.float32)
     _blend(img, (0.08, 0.08, 0.1), marks * 0.9)
     return np.maximum(band, marks)
