@@ -133,3 +133,48 @@ def test_seed_arithmetic_is_pinned():
     assert text_seed(5, "Small left pleural effusion.", 1) == int.from_bytes(h[:8], "little") >> 1
     assert offset_seed(2**63 - 1) == (2**63 - 1 + 0x9E3779B97F4A7C15) % 2**63
     assert Noise.batch(10) == Noise(10, 11) and Noise(np.int64(4)).init == 4 and Noise([1, 2]).init == (1, 2)
+
+
+def test_lora_sampling_runs_merged_with_the_unmerged_numbers():
+    """Sampler.sample folds LoRA into the base weights (merged_lora): trajectories match the
+    unmerged forward to float rounding, the base weights come back bit for bit, and with grad
+    enabled nothing is merged."""
+    from medrl.diffusion.lora import add_lora
+    from medrl.diffusion.rollout import merged_lora, sample_with_logprob
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=32,
+    ).eval()
+    add_lora(unet, 4, target_modules=("to_q", "to_k", "to_v", "to_out.0", "conv_out"))
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B is zero at init: make the adapter matter
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    cond, neg = torch.randn(3, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    s = Sampler(unet, _IdentityVAE(), DDIMScheduler(), neg, num_steps=4, guidance_scale=3.0, eta=1.0)
+    merged = s.sample(cond, Noise(7))
+    from medrl.diffusion.sampler import generators
+    from medrl.diffusion.rollout import initial_latents
+
+    gen = generators(7, "cpu")
+    x_T = initial_latents(unet, 3, gen)
+    plain = sample_with_logprob(unet, _IdentityVAE(), DDIMScheduler(), cond, neg.expand(3, -1, -1), num_steps=4,
+                                guidance_scale=3.0, eta=1.0, generator=gen, latents=x_T)
+    assert (merged.latents - plain.latents).abs().max() < 1e-4
+    lp = (merged.log_probs - plain.log_probs).nan_to_num()
+    assert lp.abs().max() < 1e-4 and not torch.equal(merged.latents, s.sample(cond, Noise(8)).latents)
+    for n, p in unet.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert all(not m.merged for m in unet.modules() if hasattr(m, "merged_adapters"))
+    lora = [m for m in unet.modules() if hasattr(m, "merged_adapters")]
+    with merged_lora(unet):  # grad enabled: the adapters stay separate (training must see them)
+        assert not any(m.merged for m in lora)
+    with torch.no_grad(), merged_lora(unet):
+        assert all(m.merged for m in lora)
+        assert not any(torch.equal(m.base_layer.weight, before[n + ".base_layer.weight"])
+                       for n, m in unet.named_modules() if m in lora)

@@ -6,6 +6,8 @@ re-sampling.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +72,39 @@ def guided_eps(
     out = unet(x_in, t_in, encoder_hidden_states=ctx, **kw).sample.to(latents.dtype)
     out_u, out_c = out.chunk(2)
     return out_u + guidance_scale * (out_c - out_u)
+
+
+@contextlib.contextmanager
+def merged_lora(unet) -> Iterator[None]:
+    """Fold the active LoRA adapters of ``unet`` into their base weights while no gradient is
+    taken (sampling): one matmul per adapted projection instead of three, ~10 % of a tiny UNet's
+    forward. The base weights are swapped back afterwards, so they are restored bit for bit
+    (un-merging by subtraction would drift). Outputs match the unmerged forward to float
+    rounding (~1e-5). A no-op without LoRA, with adapters disabled, or with grad enabled."""
+    try:
+        from peft.tuners.lora import Conv2d as LoraConv2d, Linear as LoraLinear
+    except ImportError:  # no peft: nothing to merge
+        yield
+        return
+    saved: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    try:
+        if not torch.is_grad_enabled():
+            for m in unet.modules():
+                if not isinstance(m, (LoraLinear, LoraConv2d)) or m.disable_adapters or m.merged:
+                    continue
+                names = [a for a in m.active_adapters if a in m.lora_A]
+                if not names or any(a in m.lora_variant for a in names):  # DoRA etc.: not W + BA
+                    continue
+                w = m.base_layer.weight
+                merged = w.data + sum(m.get_delta_weight(a) for a in names).to(w.dtype)
+                saved.append((m, w.data))
+                w.data = merged
+                m.merged_adapters = names  # peft's forward then runs base_layer only
+        yield
+    finally:
+        for m, data in saved:
+            m.base_layer.weight.data = data
+            m.merged_adapters = []
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from medrl.config import RLCxr
-from medrl.diffusion.rollout import Trajectory, initial_latents, sample_with_logprob
+from medrl.diffusion.rollout import Trajectory, initial_latents, merged_lora, sample_with_logprob
 
 Seeds = int | tuple[int, ...]
 
@@ -132,7 +132,8 @@ class Sampler:
 
     def sample(self, cond: torch.Tensor, noise: Noise, *, unet: Any = None) -> Trajectory:
         """Trajectories of ``unet`` (default: the sampler's) for the conditional embeddings
-        ``cond`` (B, L, D), x_T and per-step noise from ``noise``."""
+        ``cond`` (B, L, D), x_T and per-step noise from ``noise``; LoRA adapters run merged
+        into the base weights (:func:`merged_lora`)."""
         unet = self.unet if unet is None else unet
         n = cond.shape[0]
         noise.check(n)
@@ -140,5 +141,7 @@ class Sampler:
         x_T = initial_latents(unet, n, gens, self.device)
         if noise.steps is not None:
             gens = generators(noise.steps, self.device)
-        return sample_with_logprob(unet, self.vae, self.scheduler, cond, self.negatives(n), num_steps=self.num_steps,
-                                   guidance_scale=self.guidance_scale, eta=self.eta, generator=gens, latents=x_T)
+        with torch.no_grad(), merged_lora(unet):
+            return sample_with_logprob(unet, self.vae, self.scheduler, cond, self.negatives(n),
+                                       num_steps=self.num_steps, guidance_scale=self.guidance_scale, eta=self.eta,
+                                       generator=gens, latents=x_T)
