@@ -527,3 +527,55 @@ def test_two_process_gloo_cpu(stack_eps, tmp_path):
     assert (df["reward_std"] > 0).all()
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "ace.safetensors").is_file()
     assert not ckpt.exists()
+
+
+# ----------------------------------------------------------------------------- fused micro-steps
+
+
+def _one_update(stack: Path, tmp: Path, cfg: DDPOConfig, ro=None):
+    """One epoch's _ppo_update from the seeded initial LoRA (B made non-zero): the gradient of
+    every optimizer step (before clipping), the returned statistics, the updated parameters."""
+    from medrl.models.tiny_sd import encode_prompts
+    from medrl.rl import trainer as tr
+    from medrl.rl.sampler import Sampler
+
+    s = tr._setup(stack, cfg, brightness, False)
+    with torch.no_grad():
+        for n, p in s.policy.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    tr._resume(s, tmp / "no-ckpt", tmp / "out", None)
+    with torch.no_grad():
+        s.neg1 = encode_prompts(s.c, [""]).float()
+    s.sampler = Sampler(s.policy.unet, s.c.vae, s.c.scheduler, s.neg1, num_steps=cfg.num_steps,
+                        guidance_scale=cfg.guidance_scale, eta=cfg.eta)
+    if ro is None:
+        ro = tr._collect_rollouts(s, 0, np.random.default_rng(0), brightness, prompt_fn)
+    s.c.scheduler.set_timesteps(cfg.num_steps)  # as sampling leaves it
+    grads, step = [], s.optimizer.step
+
+    def record(*a, **k):
+        grads.append([p.grad.detach().clone() for p in s.params])
+        return step(*a, **k)
+
+    s.optimizer.step = record
+    stats = tr._ppo_update(s, ro, np.random.default_rng(5))
+    return ro, grads, stats, [p.detach().clone() for p in s.params]
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.5])
+def test_fused_micro_steps_give_the_unfused_gradient(stack_eps, tmp_path, kl_coef):
+    """Micro-steps of an accumulation group fused into one forward/backward (3 at a time over
+    groups of 4: chunks of 3 and 1) give the one-by-one gradients, statistics and weights."""
+    kw = {"sample_batch_size": 8, "train_batch_size": 4, "gradient_accumulation_steps": 2, "num_steps": 3,
+          "timestep_fraction": 0.67, "kl_coef": kl_coef}  # 2 batches x 2 timesteps: groups of 4 micro-steps
+    ro, g1, st1, w1 = _one_update(stack_eps, tmp_path, small_cfg(fuse_micro_steps=1, **kw))
+    _, g3, st3, w3 = _one_update(stack_eps, tmp_path, small_cfg(fuse_micro_steps=3, **kw), ro)
+    assert len(g1) == len(g3) == 1 and any(g.abs().max() > 1e-6 for g in g1[0])
+    for a, b in zip(g1[0], g3[0]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    assert st3 == pytest.approx(st1, rel=1e-4, abs=1e-7)  # loss, approx_kl, clipfrac, kl, grad_norm, kl_base
+    for a, b in zip(w1, w3):  # Adam's first step is ~lr * sign(g): a near-zero g's rounding shows
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fuse_micro_steps"):
+        small_cfg(fuse_micro_steps=0)

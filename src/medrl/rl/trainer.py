@@ -105,6 +105,13 @@ class DDPOConfig:
     adam_weight_decay: float = 1e-4
     adam_eps: float = 1e-8
     grid_every: int = 0  # sample grid every N epochs; 0 = every checkpoint_every epochs
+    # Execution only (same gradient): PPO micro-steps of an accumulation group run this many at a
+    # time in one forward/backward (activation memory grows with it); 1 = one by one.
+    fuse_micro_steps: int = 2
+
+    def __post_init__(self) -> None:
+        if int(self.fuse_micro_steps) < 1:
+            raise ValueError(f"DDPOConfig.fuse_micro_steps={self.fuse_micro_steps}; expected >= 1 (1 = no fusion)")
 
     @classmethod
     def from_params(cls, common: RLCommon | dict[str, Any], track: RLTrack | dict[str, Any], *, track_name: str = "",
@@ -414,34 +421,52 @@ def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn
     )
 
 
-def _ppo_micro_step(s: _Setup, ro: _Rollouts, idx: np.ndarray, steps: np.ndarray) -> tuple[torch.Tensor, dict]:
-    """Loss (and PPO statistics) of the recorded steps ``steps`` of samples ``idx`` under the
-    current policy: the same Gaussian step as sampling, evaluated once, (+ the KL penalty)."""
+def _ppo_micro_steps(s: _Setup, ro: _Rollouts, parts: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[torch.Tensor, dict]]:
+    """Loss and PPO statistics of each micro-step in ``parts`` ((samples ``idx``, their recorded
+    steps) pairs) under the current policy, from ONE forward over all of them: the same Gaussian
+    step as sampling, evaluated once (+ the KL penalty). Each micro-step's loss and statistics
+    are over its own batch only, as if it ran alone."""
     cfg, acc, device = s.cfg, s.accelerator, s.device
-    idx_t = torch.as_tensor(idx, device=device)
-    step_idx = torch.as_tensor(steps, device=device)
+    idx_t = torch.as_tensor(np.concatenate([idx for idx, _ in parts]), device=device)
+    step_idx = torch.as_tensor(np.concatenate([steps for _, steps in parts]), device=device)
     x_t, x_prev = ro.latents[idx_t, step_idx], ro.latents[idx_t, step_idx + 1]
     t = ro.timesteps[idx_t, step_idx]
-    text, neg = ro.text_embeds[idx_t], s.neg1.expand(len(idx), -1, -1)
+    text, neg = ro.text_embeds[idx_t], s.neg1.expand(len(idx_t), -1, -1)
     if cfg.kl_coef > 0:
         # The base's step at the same x_t (no grad; the LoRA is switched off for it).
         with torch.no_grad(), acc.autocast(), _base_model(s.policy, s.anchor_unet) as base_unet:
             eps_base = guided_eps(base_unet, x_t, t, text, neg, cfg.guidance_scale)
+        mean_base, _ = ddim_step_gaussian(s.c.scheduler, eps_base.float(), t, x_t, eta=cfg.eta)
     with acc.autocast():
         eps = s.model(x_t, t, text, neg, cfg.guidance_scale)
     mean, std = ddim_step_gaussian(s.c.scheduler, eps.float(), t, x_t, eta=cfg.eta)
     logp = gaussian_logprob(x_prev, mean, std)
-    loss, info = ppo_loss(logp, ro.old_logp[idx_t, step_idx], ro.adv[idx_t], cfg.clip_range, cfg.adv_clip_max)
-    if cfg.kl_coef > 0:
-        mean_base, _ = ddim_step_gaussian(s.c.scheduler, eps_base.float(), t, x_t, eta=cfg.eta)
-        info["kl_base"] = gaussian_kl(mean, mean_base, std).mean()
-        loss = loss + cfg.kl_coef * info["kl_base"]
-    return loss, info
+    old_logp, adv = ro.old_logp[idx_t, step_idx], ro.adv[idx_t]
+    out, start = [], 0
+    for idx, _ in parts:
+        b = slice(start, start + len(idx))
+        start += len(idx)
+        loss, info = ppo_loss(logp[b], old_logp[b], adv[b], cfg.clip_range, cfg.adv_clip_max)
+        if cfg.kl_coef > 0:
+            info["kl_base"] = gaussian_kl(mean[b], mean_base[b], std[b]).mean()
+            loss = loss + cfg.kl_coef * info["kl_base"]
+        out.append((loss, info))
+    return out
+
+
+def _ppo_micro_step(s: _Setup, ro: _Rollouts, idx: np.ndarray, steps: np.ndarray) -> tuple[torch.Tensor, dict]:
+    """Loss (and PPO statistics) of the recorded steps ``steps`` of samples ``idx``."""
+    return _ppo_micro_steps(s, ro, [(idx, steps)])[0]
 
 
 def _ppo_update(s: _Setup, ro: _Rollouts, rng: np.random.Generator) -> list[float]:
     """PPO updates on random timesteps of the recorded trajectories; returns the epoch's mean
-    loss, approx_kl, clipfrac, kl, grad_norm and kl_base over all processes."""
+    loss, approx_kl, clipfrac, kl, grad_norm and kl_base over all processes.
+
+    One optimizer step per accumulation group of gradient_accumulation_steps x n_train_t
+    micro-steps (one (batch, timestep) each). The weights do not change within a group, so its
+    micro-steps run fuse_micro_steps at a time in one forward/backward: the gradient is the
+    same sum (the group's mean), each micro-step's statistics its own."""
     cfg, acc, device = s.cfg, s.accelerator, s.device
     s.policy.train()
     n_local, n_train_t = len(ro.latents), s.n_train_t
@@ -453,23 +478,24 @@ def _ppo_update(s: _Setup, ro: _Rollouts, rng: np.random.Generator) -> list[floa
         # Each sample trains on its own random subset of timesteps, in random order.
         t_order = np.stack([rng.permutation(s.t_train)[:n_train_t] for _ in range(n_local)])
         batches = [perm[i : i + cfg.train_batch_size] for i in range(0, n_local, cfg.train_batch_size)]
-        n_micro = len(batches) * n_train_t
-        for micro, (idx, j) in enumerate((idx, j) for idx in batches for j in range(n_train_t)):
-            group_start = (micro // micro_per_step) * micro_per_step
-            group_size = min(micro_per_step, n_micro - group_start)
-            sync = micro - group_start + 1 == group_size
-            with contextlib.nullcontext() if sync else acc.no_sync(s.model):
-                loss, info = _ppo_micro_step(s, ro, idx, t_order[idx, j])
-                # Mean over the accumulation group: each micro-step is one (batch, timestep).
-                acc.backward(loss / group_size)
-            if sync:
-                grad_norms.append(torch.as_tensor(acc.clip_grad_norm_(s.params, cfg.max_grad_norm)).detach().float())
-                s.optimizer.step()
-                s.optimizer.zero_grad(set_to_none=True)
-            stats["loss"].append(loss.detach())
-            for k in ("approx_kl", "clipfrac", "kl", "kl_base"):
-                if k in info:
-                    stats[k].append(info[k].detach())
+        micro = [(idx, t_order[idx, j]) for idx in batches for j in range(n_train_t)]
+        for g0 in range(0, len(micro), micro_per_step):
+            group = micro[g0 : g0 + micro_per_step]
+            for c0 in range(0, len(group), cfg.fuse_micro_steps):
+                chunk = group[c0 : c0 + cfg.fuse_micro_steps]
+                sync = c0 + len(chunk) == len(group)  # DDP all-reduces on the group's last backward
+                with contextlib.nullcontext() if sync else acc.no_sync(s.model):
+                    results = _ppo_micro_steps(s, ro, chunk)
+                    # Mean over the accumulation group: each micro-step is one (batch, timestep).
+                    acc.backward(torch.stack([loss for loss, _ in results]).sum() / len(group))
+                for loss, info in results:
+                    stats["loss"].append(loss.detach())
+                    for k in ("approx_kl", "clipfrac", "kl", "kl_base"):
+                        if k in info:
+                            stats[k].append(info[k].detach())
+            grad_norms.append(torch.as_tensor(acc.clip_grad_norm_(s.params, cfg.max_grad_norm)).detach().float())
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
     gn = torch.stack(grad_norms).to(device) if grad_norms else torch.zeros(1, device=device)
     kl_base = torch.stack(stats["kl_base"]).mean() if stats["kl_base"] else torch.zeros((), device=device)
     out = torch.stack([torch.stack(stats[k]).mean() for k in ("loss", "approx_kl", "clipfrac", "kl")] + [gn.mean(), kl_base])
