@@ -36,6 +36,19 @@ def test_baseline_ratio_only_for_the_same_workload():
            "sample_timesteps_per_s": base["median"]["sample_timesteps_per_s"]}
     assert compare_baseline(row, base) == pytest.approx({"vs_baseline_sampling": 2.0, "vs_baseline_training": 1.0})
     assert compare_baseline({**row, "batch": row["batch"] + 1}, base) == {}
+    # the baseline stepped the optimizer after every micro-step: accumulation is another workload
+    assert compare_baseline({**row, "accumulate": 1}, base) != {}
+    assert compare_baseline({**row, "accumulate": 4}, base) == {}
+
+
+def test_fused_training_phase_runs(tmp_path):
+    """--accumulate/--fuse time the trainer's fused accumulation groups (3 micro-steps: chunks of 2 and 1)."""
+    out = tmp_path / "fuse.json"
+    assert main(["--device", "cpu", "--steps", "2", "--batch", "2", "--train-batch", "2", "--train-micro-steps", "3",
+                 "--tiny-size", "16", "--accumulate", "3", "--fuse", "2", "--params", str(tmp_path / "absent.yaml"),
+                 "--baseline", "", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["accumulate"] == 3 and row["fuse"] == 2 and row["merge_lora"] and row["sample_timesteps_per_s"] > 0
 
 
 def test_epoch_time_runs_the_trainer(tmp_path):

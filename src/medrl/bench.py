@@ -5,7 +5,10 @@ Measures, for the tiny stack of params ``models.tiny`` (random weights, CPU or C
 or CPU-sized with ``--sd15-tiny``):
   * sampling: trajectories/s of ``sample_with_logprob`` (DDIM + CFG + log-probs + VAE decode);
   * training: sample-timesteps/s of the PPO update (CFG forward of the LoRA (or full) UNet, DDIM
-    log-prob, clipped loss, backward, AdamW step);
+    log-prob, clipped loss, backward, AdamW step); ``--accumulate N`` steps the optimizer every N
+    micro-steps (default 1, the baseline's workload) and ``--fuse K`` runs K micro-steps of a group
+    in one forward/backward, as the trainer's ``fuse_micro_steps`` does (same gradient);
+  * sampling runs LoRA merged into the base weights, as the trainer does (``--no-merge-lora``: not);
   * peak memory: CUDA ``max_memory_allocated`` per phase, or the process's peak RSS
     (``resource.getrusage``) on CPU (monotone over the process: it includes model building);
   * with ``--mixed-precision``/``--compile``/``--channels-last``: ``logprob_drift``, the largest
@@ -72,7 +75,9 @@ SD15_TINY_VAE = {**SD15_VAE, "block_out_channels": (32, 32, 64, 64), "sample_siz
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 BASELINE = Path(__file__).with_name("bench_baseline.json")
 # Workload keys that must match the baseline's for a ratio to mean anything.
-_SAME = ("model", "batch", "num_steps", "train_batch", "train_micro_steps", "latent", "unet_params_M", "lora_params_M")
+_SAME = ("model", "batch", "num_steps", "train_batch", "train_micro_steps", "latent", "unet_params_M", "lora_params_M",
+         "accumulate")
+_SAME_DEFAULT = {"accumulate": 1}  # what a baseline without the key ran
 
 
 # ----------------------------------------------------------------------------- tiny stack
@@ -137,6 +142,9 @@ class Workload:
     channels_last: bool = False
     repeats: int = 1  # timed repetitions of each phase; the median is reported
     seed: int = 0
+    accumulate: int = 1  # PPO micro-steps per optimizer step (1: the baseline's workload)
+    fuse: int = 1  # micro-steps of one accumulation group per forward/backward (the trainer's fuse_micro_steps)
+    merge_lora: bool = True  # sample with LoRA merged into the base weights (Sampler.merge_lora)
 
 
 def _sync(device: torch.device) -> None:
@@ -213,7 +221,7 @@ class _Bench:
         from medrl.diffusion.sampler import Noise, Sampler
 
         sampler = Sampler(self.run_unet, self.vae, self.scheduler, self.uncond, num_steps=steps,
-                          guidance_scale=self.w.guidance_scale, eta=1.0)
+                          guidance_scale=self.w.guidance_scale, eta=1.0, merge_lora=self.w.merge_lora)
         with _amp(self.device, self.w.mixed_precision):
             return sampler.sample(self.cond[:b], Noise(self.w.seed))
 
@@ -229,19 +237,32 @@ class _Bench:
                                       eta=1.0, prev_sample=traj.latents[i, s + 1])[1]
 
 
-def _train_step(b: _Bench, traj, opt, params, k: int) -> None:
-    """One PPO micro-step of the bench: train_batch recorded steps (sample i, step k mod T)."""
+def _train_group(b: _Bench, traj, opt, params, ks: Sequence[int]) -> None:
+    """One optimizer step over the PPO micro-steps ``ks`` (micro-step k: train_batch recorded
+    steps, sample i, step k mod T), run w.fuse at a time in one forward/backward; the loss is
+    their mean, as in the trainer's accumulation group."""
     from medrl.rl.ppo import ppo_loss
 
-    w, device = b.w, b.device
-    i = torch.arange(w.train_batch, device=device) % traj.latents.shape[0]
-    s = torch.full((w.train_batch,), k % w.num_steps, device=device)
-    logp = b.step_logp(b.run_unet, traj, i, s)
-    loss, _ = ppo_loss(logp, traj.log_probs[i, s], torch.randn(w.train_batch, device=device), 1e-4, 5.0)
-    loss.backward()
+    w, device, n = b.w, b.device, b.w.train_batch
+    i1 = torch.arange(n, device=device) % traj.latents.shape[0]
+    for c0 in range(0, len(ks), w.fuse):
+        chunk = ks[c0:c0 + w.fuse]
+        i = i1.repeat(len(chunk))
+        s = torch.tensor([k % w.num_steps for k in chunk], device=device).repeat_interleave(n)
+        logp = b.step_logp(b.run_unet, traj, i, s)
+        losses = [ppo_loss(logp[j * n:(j + 1) * n], traj.log_probs[i1, s[j * n]], torch.randn(n, device=device),
+                           1e-4, 5.0)[0] for j in range(len(chunk))]
+        (torch.stack(losses).sum() / len(ks)).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def _train(b: _Bench, traj, opt, params) -> None:
+    """The timed training phase: w.train_micro_steps micro-steps in groups of w.accumulate."""
+    m, a = b.w.train_micro_steps, b.w.accumulate
+    for g0 in range(0, m, a):
+        _train_group(b, traj, opt, params, range(g0, min(g0 + a, m)))
 
 
 @torch.no_grad()
@@ -299,8 +320,8 @@ def bench_model(name: str, unet, vae, scheduler, *, embed_len: int, embed_dim: i
     mem_sample = _peak_mb(device)
     opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     unet.train()
-    t_train, _ = _timed(lambda: [_train_step(b, traj, opt, params, k) for k in range(w.train_micro_steps)],
-                        device, w.repeats, warmup=lambda: _train_step(b, traj, opt, params, 0))
+    t_train, _ = _timed(lambda: _train(b, traj, opt, params), device, w.repeats,
+                        warmup=lambda: _train_group(b, traj, opt, params, range(min(w.accumulate, w.train_micro_steps))))
     row = {
         "model": name, "device": str(device), **dataclasses.asdict(w),
         "unet_params_M": sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n) / 1e6,
@@ -351,6 +372,7 @@ def _workload(args, sd15: bool = False) -> Workload:
         train_batch=args.sd15_train_batch if sd15 else args.train_batch, train_micro_steps=args.train_micro_steps,
         lora_rank=args.lora_rank, full_finetune=args.full_finetune, mixed_precision=args.mixed_precision,
         compile=args.compile, channels_last=args.channels_last, repeats=args.repeats, seed=args.seed,
+        accumulate=args.accumulate, fuse=args.fuse or args.accumulate, merge_lora=not args.no_merge_lora,
     )
 
 
@@ -498,7 +520,8 @@ def compare_baseline(row: dict[str, Any], baseline: dict[str, Any] | None) -> di
     if not baseline:
         return {}
     cfg, med = baseline.get("config", {}), baseline.get("median", {})
-    if any(k in cfg and json.dumps(cfg[k]) != json.dumps(row.get(k)) for k in _SAME) or not med:
+    cfg = {**_SAME_DEFAULT, **cfg}
+    if any(k in cfg and json.dumps(cfg[k]) != json.dumps(row.get(k, _SAME_DEFAULT.get(k))) for k in _SAME) or not med:
         return {}
     return {"vs_baseline_sampling": row["trajectories_per_s"] / med["trajectories_per_s"],
             "vs_baseline_training": row["sample_timesteps_per_s"] / med["sample_timesteps_per_s"]}
@@ -526,6 +549,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="torch.compile the UNet (inductor)")
     add("--channels-last", action="store_true", help="channels-last UNet")
     add("--repeats", type=int, default=1, help="timed repetitions per phase (median reported)")
+    add("--accumulate", type=int, default=1,
+        help="PPO micro-steps per optimizer step (1: the baseline's workload; the trainer's default group is 8)")
+    add("--fuse", type=int, default=None,
+        help="micro-steps per forward/backward within a group (default: all of it, capped by --accumulate)")
+    add("--no-merge-lora", action="store_true", help="sample with LoRA unmerged (as before issue 19)")
     add("--flops", action="store_true", help="count UNet FLOPs and report TFLOP/s and MFU")
     add("--peak-tflops", type=float, default=None, help="device peak for MFU (default: bf16 table for CUDA)")
     add("--baseline", type=Path, default=BASELINE, help="baseline JSON for the speed-up ratio ('' = none)")
@@ -560,7 +588,10 @@ def _run_rows(args, device: torch.device, cuda: bool) -> tuple[list[dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.accumulate < 1 or (args.fuse is not None and args.fuse < 1):
+        ap.error(f"--accumulate {args.accumulate} / --fuse {args.fuse}: expected >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()

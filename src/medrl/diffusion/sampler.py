@@ -21,6 +21,7 @@ The seed arithmetic is fixed: changing it changes every sampled image, bank and 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,6 +123,7 @@ class Sampler:
     num_steps: int
     guidance_scale: float
     eta: float
+    merge_lora: bool = True  # run LoRA merged into the base weights (merged_lora); False: as trained
 
     @property
     def device(self) -> torch.device:
@@ -133,7 +135,7 @@ class Sampler:
     def sample(self, cond: torch.Tensor, noise: Noise, *, unet: Any = None) -> Trajectory:
         """Trajectories of ``unet`` (default: the sampler's) for the conditional embeddings
         ``cond`` (B, L, D), x_T and per-step noise from ``noise``; LoRA adapters run merged
-        into the base weights (:func:`merged_lora`)."""
+        into the base weights (:func:`merged_lora`) unless ``merge_lora`` is off."""
         unet = self.unet if unet is None else unet
         n = cond.shape[0]
         noise.check(n)
@@ -141,7 +143,7 @@ class Sampler:
         x_T = initial_latents(unet, n, gens, self.device)
         if noise.steps is not None:
             gens = generators(noise.steps, self.device)
-        with torch.no_grad(), merged_lora(unet):
+        with torch.no_grad(), merged_lora(unet) if self.merge_lora else contextlib.nullcontext():
             return sample_with_logprob(unet, self.vae, self.scheduler, cond, self.negatives(n),
                                        num_steps=self.num_steps, guidance_scale=self.guidance_scale, eta=self.eta,
                                        generator=gens, latents=x_T)

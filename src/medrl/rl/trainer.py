@@ -106,8 +106,9 @@ class DDPOConfig:
     adam_eps: float = 1e-8
     grid_every: int = 0  # sample grid every N epochs; 0 = every checkpoint_every epochs
     # Execution only (same gradient): PPO micro-steps of an accumulation group run this many at a
-    # time in one forward/backward (activation memory grows with it); 1 = one by one.
-    fuse_micro_steps: int = 2
+    # time in one forward/backward; activation memory grows with it; 1 = one by one. Tiny stack,
+    # CPU, one thread: 4 makes the update ~1.1x faster (per-sample cost is nearly flat in batch).
+    fuse_micro_steps: int = 4
 
     def __post_init__(self) -> None:
         if int(self.fuse_micro_steps) < 1:
