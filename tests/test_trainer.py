@@ -535,9 +535,9 @@ def test_two_process_gloo_cpu(stack_eps, tmp_path):
 def _one_update(stack: Path, tmp: Path, cfg: DDPOConfig, ro=None):
     """One epoch's _ppo_update from the seeded initial LoRA (B made non-zero): the gradient of
     every optimizer step (before clipping), the returned statistics, the updated parameters."""
-    from medrl.models.tiny_sd import encode_prompts
+    from medrl.diffusion.sampler import Sampler
+    from medrl.diffusion.stack import encode_prompts
     from medrl.rl import trainer as tr
-    from medrl.rl.sampler import Sampler
 
     s = tr._setup(stack, cfg, brightness, False)
     with torch.no_grad():
