@@ -24,6 +24,7 @@ rule all_seeds:
 
 include: "workflow/rules/isic.smk"
 include: "workflow/rules/cxr.smk"
+include: "workflow/rules/summary.smk"  # both tracks' claims in one table (track "summary")
 
 
 # dvc.lock records every stage Snakemake finished (and only those), so `dvc status` and

@@ -40,6 +40,19 @@ def test_every_table_written_in_three_formats(finished):
     assert "-0.246" in t1 and "0.343" in t1  # the paper's CXRL row beside ours
 
 
+def test_summary_lists_both_tracks_claims(finished):
+    """`all` ends with data/tables/summary: every claim of both tracks, one row each, with the
+    verdict of its claims table and the code commit on the first line."""
+    ws, _ = finished
+    md = (ws / "data/tables/summary/summary.md").read_text()
+    summary = pd.read_csv(ws / "data/tables/summary/summary.csv", dtype=str, keep_default_na=False)
+    assert "code commit `" in md.splitlines()[0] and "| ISIC (RL4Med-DDPO) |" in md and "| CXR (CXRL) |" in md
+    isic = pd.read_csv(ws / "data/tables/isic/rl4med_claims.csv", dtype=str, keep_default_na=False)
+    cxr = pd.read_csv(ws / "data/tables/cxr/cxrl_claims.csv", dtype=str, keep_default_na=False)
+    assert list(summary["Claim"]) == list(isic["Claim"]) + list(cxr["Claim"])
+    assert list(summary["Verdict"]) == list(isic["Verdict (ours)"]) + list(cxr["Verdict (evaluator)"])
+
+
 def test_metrics_have_confidence_intervals(finished):
     ws, _ = finished
     for d in ["isic/sd", "isic/rl/seed_0"]:
@@ -92,9 +105,9 @@ def test_dvc_sees_the_snakemake_build_as_up_to_date(finished):
     """Snakemake's onsuccess recorded every stage of `all` in dvc.lock: nothing for `dvc repro` to do
     there (the other seeds' stages, not built, are what a bare `dvc repro` would run)."""
     ws, env = finished
-    assert dvc_status(ws, ["--with-deps", "tables_isic", "tables_cxr"]) == {}
+    assert dvc_status(ws, ["--with-deps", "summary"]) == {}
     assert all(re.search(r"[@-]s[12]$|_seeds$", n) for n in dvc_status(ws)), dvc_status(ws)
-    assert run([str(VENV_BIN / "dvc"), "repro", "--dry", "tables_isic", "tables_cxr"], ws, env,
+    assert run([str(VENV_BIN / "dvc"), "repro", "--dry", "summary"], ws, env,
                timeout=600).stdout.count("Running stage") == 0
 
 
@@ -106,6 +119,7 @@ def test_one_mlflow_run_per_stage_execution(finished):
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'FINISHED'")
     stages = runs["tags.medrl.stage"].value_counts()
     assert stages["rl_cxr"] == 6 and stages["metrics_cxr"] == 6 and stages["tables_isic"] == 1
+    assert stages["summary"] == 1
     rl = runs[runs["tags.medrl.stage"] == "rl_cxr"]
     # ablations line up in the compare view: same metric names across variants
     names = [frozenset(c for c in rl.columns if c.startswith("metrics.") and pd.notna(r[c])) for _, r in rl.iterrows()]
@@ -131,7 +145,7 @@ def test_snakemake_report_collects_tables_grids_and_curves(report_page):
     # every table (Markdown and CSV), the data grids, each RL run's reward curve and sample grids
     for name in ("rl4med_main.md", "rl4med_apr_per_prompt.csv", "rl4med_augment.md", "rl4med_claims.md",
                  "cxrl_table1.md", "cxrl_table2a.csv", "cxrl_table2b.md", "cxrl_table3.md", "cxrl_claims.md",
-                 "cxrl_rlcf_modes.md", "rewards.csv", "epoch_0000.png", "grid.png"):
+                 "cxrl_rlcf_modes.md", "summary.md", "rewards.csv", "epoch_0000.png", "grid.png"):
         assert f'"{name}"' in html, name
     for variant in ("full", "no_ace", "no_rlcf", "align_only", "diag_only", "consist_only"):
         assert f"data/rl/cxr/{variant}/seed_0/rewards.csv" in html, variant
@@ -169,8 +183,9 @@ def rebuilt(workspace_factory):
     """The same small config built again from scratch, in a second workspace, by the other engine."""
     ws = workspace_factory("e2e-dvc")
     env = engine_env(ws, MLFLOW_TRACKING_URI=f"sqlite:///{ws / 'mlflow.db'}")
-    # the stages of `snakemake all` (one RL seed); a bare `dvc repro` would also run every seed of rl.seeds
-    run([str(VENV_BIN / "dvc"), "repro", "tables_isic", "tables_cxr"], ws, env, timeout=3600)
+    # the stages of `snakemake all` (one RL seed): the summary pulls in both tracks' tables; a bare
+    # `dvc repro` would also run every seed of rl.seeds
+    run([str(VENV_BIN / "dvc"), "repro", "summary"], ws, env, timeout=3600)
     return ws, env
 
 
@@ -181,6 +196,7 @@ def test_two_builds_from_scratch_are_identical(finished, rebuilt):
     first, second = normalized_outputs(finished[0]), normalized_outputs(rebuilt[0])
     assert sorted(first) == sorted(second)
     assert len(first) > 400 and any(p.startswith("data/tables/cxr/") for p in first)
+    assert {"data/tables/summary/summary.md", "data/tables/summary/summary.csv"} <= set(first)
     assert [p for p in sorted(first) if first[p] != second[p]] == []
 
 

@@ -591,3 +591,74 @@ def test_cxrl_tables_need_the_evaluator_metrics(cxr_metrics, tmp_path):
     del bad["eval_similarity"]
     with pytest.raises(DataError, match="eval_similarity"):
         build_cxrl_seed_table(metrics["anchor"], {0: {"full": bad}}, {"anchor": "a", "full-s0": "f"}, tmp_path)
+
+
+# ----------------------------------------------------------------------------- summary of both tracks
+
+def _claims_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def test_summary_lists_both_tracks_claims_with_the_claims_verdict(tmp_path):
+    from medrl.tables.summary import build_summary
+
+    _claims_csv(tmp_path / "isic/rl4med_claims.csv", [
+        {"Claim": "SD+RL beats SD on APR", "Difference": "rl - sd", "Better": "lower",
+         "Ours difference [CI]": "-0.100 [-0.150, -0.050]", "Verdict (ours)": "supported (CI excludes 0)",
+         "MLflow runs": "run1 - run2"},
+        {"Claim": "SD+RL beats SD on FID", "Difference": "rl - sd", "Better": "lower",
+         "Ours difference [CI]": "1.0 [-0.5, 2.5]", "Verdict (ours)": "inconclusive (CI includes 0)",
+         "MLflow runs": "run1 - run2"}])
+    # CXR: the reward judge's verdict comes first, the claim's verdict is the evaluator's
+    _claims_csv(tmp_path / "cxr/cxrl_claims.csv", [
+        {"Claim": "CXRL beats the anchor on r_align", "Difference": "full - anchor", "Better": "higher",
+         "Paper difference": "", "Reward judge difference [CI]": "0.300 [0.200, 0.400]",
+         "Verdict (reward judge)": "supported (CI excludes 0)", "Evaluator difference [CI]": "-0.200 [-0.300, -0.100]",
+         "Verdict (evaluator)": "contradicted (CI excludes 0)", "MLflow runs": "run3 - run4"}])
+    out = build_summary(tmp_path, tmp_path / "summary", commit="0123abcd", ci=0.95)
+    df = pd.read_csv(out["csv"], dtype=str, keep_default_na=False)
+    assert list(df.columns) == ["Track", "Claim", "Difference [95 % CI]", "Verdict"]
+    assert list(df["Track"]) == ["ISIC (RL4Med-DDPO)"] * 2 + ["CXR (CXRL)"]
+    assert list(df["Verdict"]) == ["supported (CI excludes 0)", "inconclusive (CI includes 0)",
+                                   "contradicted (CI excludes 0)"]
+    assert df["Difference [95 % CI]"].iloc[2] == "full - anchor: -0.200 [-0.300, -0.100]"
+    md = Path(out["md"]).read_text()
+    lines = md.splitlines()
+    assert "0123abcd" in lines[0] and "| Track | Claim | Difference [95 % CI] | Verdict |" in lines
+    assert "data/tables/isic/rl4med_claims.md" in md and "data/tables/cxr/cxrl_claims.md" in md
+    assert "run1" not in md and "run3" not in md  # no MLflow run ids: two builds give the same file
+    again = build_summary(tmp_path, tmp_path / "again", commit="0123abcd", ci=0.95)
+    for k in ("md", "csv"):
+        assert Path(again[k]).read_bytes() == Path(out[k]).read_bytes()
+
+
+def test_summary_needs_a_verdict_column(tmp_path):
+    from medrl.tables.summary import build_summary
+
+    _claims_csv(tmp_path / "isic/rl4med_claims.csv", [{"Claim": "c", "Ours difference [CI]": "1 [0, 2]",
+                                                      "Verdict (ours)": "supported (CI excludes 0)"}])
+    _claims_csv(tmp_path / "cxr/cxrl_claims.csv", [{"Claim": "c", "Evaluator difference [CI]": "1 [0, 2]"}])
+    with pytest.raises(DataError, match=r"cxrl_claims\.csv: no column named 'Verdict"):
+        build_summary(tmp_path, tmp_path / "summary", commit="x")
+    (tmp_path / "cxr/cxrl_claims.csv").unlink()
+    with pytest.raises(DataError, match=r"cxrl_claims\.csv: file not found"):
+        build_summary(tmp_path, tmp_path / "summary", commit="x")
+
+
+def test_summary_reads_the_claims_tables_the_builders_write(isic_inputs, cxr_metrics, tmp_path):
+    from medrl.tables.cxrl import CLAIM_VERDICT
+    from medrl.tables.summary import build_summary
+
+    metrics, augment, run_ids, _ = isic_inputs
+    isic = build_rl4med_tables(metrics, augment, run_ids, tmp_path / "isic")["rl4med_claims"]["csv"]
+    cxr_m, cxr_ids = cxr_metrics
+    cxr = build_cxrl_tables(cxr_m, cxr_ids, tmp_path / "cxr")["cxrl_claims"]["csv"]
+    out = build_summary(tmp_path, tmp_path / "summary", commit="abc")
+    df = pd.read_csv(out["csv"], dtype=str, keep_default_na=False)
+    claims = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in (isic, cxr)]
+    assert list(df["Claim"]) == list(claims[0]["Claim"]) + list(claims[1]["Claim"])
+    assert list(df["Verdict"]) == list(claims[0]["Verdict (ours)"]) + list(claims[1][CLAIM_VERDICT])
+    assert list(df["Difference"]) == [f"{d}: {v}" for c, col in ((claims[0], "Ours difference [CI]"),
+                                                                 (claims[1], "Evaluator difference [CI]"))
+                                      for d, v in zip(c["Difference"], c[col])]

@@ -38,10 +38,11 @@ def test_variant_param_change_reruns_only_that_variant(tmp_path):
     x = variants[1]  # a headline variant: run in every seed
     set_param(ws / "params.yaml", f"rl.cxr.variants.{x}.l_align", 0.5)
     planned = snakemake_planned(ws, ["all"], *triggers)
-    assert set(planned) == {f"rl_cxr@{x}-s0", f"generate_cxr@{x}-s0", f"metrics_cxr@{x}-s0", "tables_cxr"}, planned
+    assert set(planned) == {f"rl_cxr@{x}-s0", f"generate_cxr@{x}-s0", f"metrics_cxr@{x}-s0", "tables_cxr",
+                            "summary"}, planned
     planned = snakemake_planned(ws, ["all_seeds"], *triggers)
     assert set(planned) == {f"{st}@{x}-s{k}" for st in ("rl_cxr", "generate_cxr", "metrics_cxr") for k in seeds} | {
-        "tables_cxr", "tables_cxr_seeds"}, planned
+        "tables_cxr", "tables_cxr_seeds", "summary"}, planned
     # DVC: the stages whose own params changed (downstream follows once their outputs change)
     assert set(dvc_status(ws)) == {f"{st}@{x}-s{k}" for st in ("rl_cxr", "metrics_cxr") for k in seeds} | {"tables_cxr"}
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from collections import Counter
@@ -71,6 +72,17 @@ def _export(root: Path, *args: str):
 def test_generated_files_match_graph():
     proc = _export(REPO, "--check")
     assert proc.returncode == 0, f"dvc.yaml / rules drifted from workflow/graph.py:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_snakefile_includes_every_generated_rules_file():
+    """A stage of a new track gets its own workflow/rules/<track>.smk: the Snakefile must include it
+    (and nothing that is no longer generated), or Snakemake silently lacks its rules."""
+    from export import generated
+
+    rules = {rel for rel in generated() if rel.startswith("workflow/rules/")}
+    snakefile = (REPO / "Snakefile").read_text()
+    included = set(re.findall(r'^include: "(workflow/rules/[^"]+)"', snakefile, flags=re.M))
+    assert included - {"workflow/rules/common.smk"} == rules
 
 
 @pytest.mark.parametrize("victim, edit", [
@@ -165,6 +177,7 @@ def test_all_runs_one_seed_and_all_seeds_every_seed(full_workspace):
     assert {n for n in one if n.startswith("rl_")} == {f"rl_isic@s{raw['rl']['isic']['seed']}"} | {
         f"rl_cxr@{v}-s{raw['rl']['cxr']['seed']}" for v in raw["rl"]["cxr"]["variants"]}
     assert "tables_isic_seeds" not in one and "tables_cxr_seeds" not in one
+    assert {"tables_isic", "tables_cxr", "summary"} <= set(one)  # the summary of both tracks' claims
     every = snakemake_jobs(full_workspace, target="all_seeds")
     assert set(one) < set(every) and {"tables_isic_seeds", "tables_cxr_seeds"} <= set(every)
     rl_runs = Counter(every[n]["wildcards"].get("variant", "isic") for n in every if n.startswith("rl_"))

@@ -132,6 +132,7 @@ def fill(template: str, wildcards: dict[str, str]) -> str:
 
 ISIC_REPORT = "RL4Med-DDPO (ISIC)"
 CXR_REPORT = "CXRL (chest X-ray)"
+SUMMARY_REPORT = "Summary (both tracks)"
 # tables: the human-readable Markdown and the CSV (the caption shows the CSV as a table), not the
 # LaTeX nor <stem>.values.csv
 _TABLE_PATTERNS = (r"{name,[a-z0-9_]+}.{ext,md|csv}",)
@@ -963,7 +964,27 @@ def tables_cxr_seeds(c: Ctx) -> dict:
     return {}
 
 
+# ============================================================================= summary
+# Both tracks' claims in one short table. A stage has one track (its MLflow experiment
+# medrl-<track> and its rules file workflow/rules/<track>.smk): this one is track "summary".
+
+
+@stage(track="summary", deps={"isic": "data/tables/isic", "cxr": "data/tables/cxr"},
+       outs={"summary": "data/tables/summary"}, params=("metrics.ci",),
+       report=(Report("summary", _TABLE_PATTERNS, "table.rst", SUMMARY_REPORT),))
+def summary(c: Ctx) -> dict:
+    """Every claim of both papers in one table: the measured difference with its CI and the verdict."""
+    from medrl.lineage import code_version
+    from medrl.tables.summary import build_summary
+
+    tables = c.deps["isic"].parent
+    if c.deps["cxr"].parent != tables:
+        raise ValueError(f"stage summary: the claims tables must share one folder ({c.deps['isic']}, {c.deps['cxr']})")
+    build_summary(tables, c.outs["summary"], commit=code_version(), ci=c.params.metrics.ci)
+    return {}
+
+
 # Final targets of `snakemake all` (one RL seed) and of `snakemake all_seeds` (these + the
 # tables over rl.seeds); `dvc repro` runs every stage, i.e. both.
-TARGETS = ("data/tables/isic", "data/tables/cxr")
+TARGETS = ("data/tables/isic", "data/tables/cxr", "data/tables/summary")
 SEED_TARGETS = ("data/tables/isic_seeds", "data/tables/cxr_seeds")
