@@ -45,7 +45,7 @@ def test_fused_training_phase_runs(tmp_path):
     """--accumulate/--fuse time the trainer's fused accumulation groups (3 micro-steps: chunks of 2 and 1)."""
     out = tmp_path / "fuse.json"
     assert main(["--device", "cpu", "--steps", "2", "--batch", "2", "--train-batch", "2", "--train-micro-steps", "3",
-                 "--tiny-size", "16", "--accumulate", "3", "--fuse", "2", "--params", str(tmp_path / "absent.yaml"),
+                 "--tiny-size", "16", "--accumulate", "3", "--fuse", "2", "--merge-lora", "--params", str(tmp_path / "absent.yaml"),
                  "--baseline", "", "--out", str(out)]) == 0
     row = json.loads(out.read_text())["results"][0]
     assert row["accumulate"] == 3 and row["fuse"] == 2 and row["merge_lora"] and row["sample_timesteps_per_s"] > 0

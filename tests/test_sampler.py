@@ -136,7 +136,7 @@ def test_seed_arithmetic_is_pinned():
 
 
 def test_lora_sampling_runs_merged_with_the_unmerged_numbers():
-    """Sampler.sample folds LoRA into the base weights (merged_lora): trajectories match the
+    """Sampler(merge_lora=True) folds LoRA into the base weights (merged_lora): trajectories match the
     unmerged forward to float rounding, the base weights come back bit for bit, and with grad
     enabled nothing is merged."""
     from medrl.diffusion.lora import add_lora
@@ -156,7 +156,7 @@ def test_lora_sampling_runs_merged_with_the_unmerged_numbers():
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     g = torch.Generator().manual_seed(1)
     cond, neg = torch.randn(3, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
-    s = Sampler(unet, _IdentityVAE(), DDIMScheduler(), neg, num_steps=4, guidance_scale=3.0, eta=1.0)
+    s = Sampler(unet, _IdentityVAE(), DDIMScheduler(), neg, num_steps=4, guidance_scale=3.0, eta=1.0, merge_lora=True)
     merged = s.sample(cond, Noise(7))
     from medrl.diffusion.sampler import generators
     from medrl.diffusion.rollout import initial_latents

@@ -8,7 +8,7 @@ or CPU-sized with ``--sd15-tiny``):
     log-prob, clipped loss, backward, AdamW step); ``--accumulate N`` steps the optimizer every N
     micro-steps (default 1, the baseline's workload) and ``--fuse K`` runs K micro-steps of a group
     in one forward/backward, as the trainer's ``fuse_micro_steps`` does (same gradient);
-  * sampling runs LoRA merged into the base weights, as the trainer does (``--no-merge-lora``: not);
+  * ``--merge-lora`` samples with LoRA merged into the base weights (Sampler.merge_lora);
   * peak memory: CUDA ``max_memory_allocated`` per phase, or the process's peak RSS
     (``resource.getrusage``) on CPU (monotone over the process: it includes model building);
   * with ``--mixed-precision``/``--compile``/``--channels-last``: ``logprob_drift``, the largest
@@ -144,7 +144,7 @@ class Workload:
     seed: int = 0
     accumulate: int = 1  # PPO micro-steps per optimizer step (1: the baseline's workload)
     fuse: int = 1  # micro-steps of one accumulation group per forward/backward (the trainer's fuse_micro_steps)
-    merge_lora: bool = True  # sample with LoRA merged into the base weights (Sampler.merge_lora)
+    merge_lora: bool = False  # sample with LoRA merged into the base weights (Sampler.merge_lora)
 
 
 def _sync(device: torch.device) -> None:
@@ -372,7 +372,7 @@ def _workload(args, sd15: bool = False) -> Workload:
         train_batch=args.sd15_train_batch if sd15 else args.train_batch, train_micro_steps=args.train_micro_steps,
         lora_rank=args.lora_rank, full_finetune=args.full_finetune, mixed_precision=args.mixed_precision,
         compile=args.compile, channels_last=args.channels_last, repeats=args.repeats, seed=args.seed,
-        accumulate=args.accumulate, fuse=args.fuse or args.accumulate, merge_lora=not args.no_merge_lora,
+        accumulate=args.accumulate, fuse=args.fuse or args.accumulate, merge_lora=args.merge_lora,
     )
 
 
@@ -553,7 +553,7 @@ def _parser() -> argparse.ArgumentParser:
         help="PPO micro-steps per optimizer step (1: the baseline's workload; the trainer's default group is 8)")
     add("--fuse", type=int, default=None,
         help="micro-steps per forward/backward within a group (default: all of it, capped by --accumulate)")
-    add("--no-merge-lora", action="store_true", help="sample with LoRA unmerged (as before issue 19)")
+    add("--merge-lora", action="store_true", help="sample with LoRA merged into the base weights")
     add("--flops", action="store_true", help="count UNet FLOPs and report TFLOP/s and MFU")
     add("--peak-tflops", type=float, default=None, help="device peak for MFU (default: bf16 table for CUDA)")
     add("--baseline", type=Path, default=BASELINE, help="baseline JSON for the speed-up ratio ('' = none)")
