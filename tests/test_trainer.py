@@ -283,7 +283,7 @@ class AnchorReward:
 
 def test_anchor_shares_noise_and_disables_adapter(stack_eps, tmp_path):
     reward = AnchorReward()
-    cfg = small_cfg(epochs=2, lr=3e-2, checkpoint_every=10, anchor_noise="shared")
+    cfg = small_cfg(epochs=2, lr=3e-2, checkpoint_every=10, rlcf_paired_noise="shared")
     _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt", reward=reward)
     first_policy, first_anchor = reward.calls[0]
     # Epoch 0: zero-init LoRA, no ACE -> the policy IS the anchor; same noise -> same images.
@@ -295,13 +295,13 @@ def test_anchor_shares_noise_and_disables_adapter(stack_eps, tmp_path):
 
 
 def test_paired_anchor_shares_only_the_initial_noise(stack_eps, tmp_path):
-    """Default anchor_noise="initial": the reward's anchor images come from the sample's x_T but
+    """Default rlcf_paired_noise="initial": the reward's anchor images come from the sample's x_T but
     their own per-step noise. With (nearly) deterministic steps they match the policy's images
     (same x_T), with DDPO's eta=1 they do not (independent step noise)."""
     for eta, same in ((1e-4, True), (1.0, False)):
         reward = AnchorReward()
         cfg = small_cfg(epochs=1, checkpoint_every=10, eta=eta)
-        assert cfg.anchor_noise == "initial"
+        assert cfg.rlcf_paired_noise == "initial"
         _run(stack_eps, tmp_path / str(eta), cfg, tmp_path / str(eta) / "ckpt", reward=reward)
         policy, anchor = reward.calls[0]  # epoch 0: the policy is the anchor model
         gap = (policy - anchor).abs().max().item()
@@ -310,7 +310,7 @@ def test_paired_anchor_shares_only_the_initial_noise(stack_eps, tmp_path):
         else:
             assert gap > 0.05, gap
     with pytest.raises(ValueError, match="rlcf_paired_noise"):
-        small_cfg(anchor_noise="all")
+        small_cfg(rlcf_paired_noise="all")
 
 
 def test_prompt_repeats_and_base_reward(stack_eps, tmp_path):
@@ -355,12 +355,12 @@ def test_base_comparison_schedule():
 def test_ace_changes_condition_and_is_saved(stack_eps, tmp_path):
     from medrl.diffusion.lora import load_adapter
 
-    # Policy and anchor share ALL their noise (anchor_noise="shared"): at epoch 0 (zero-init LoRA) the
+    # Policy and anchor share ALL their noise (rlcf_paired_noise="shared"): at epoch 0 (zero-init LoRA) the
     # only thing that can make them differ is ACE. Without ACE they are identical (the control), so
     # the comparison can fail; the default "initial" anchor draws its own step noise and always differs.
     for use_ace in (False, True):
         reward = AnchorReward()
-        cfg = small_cfg(epochs=1, use_ace=use_ace, ace_tokens=3, checkpoint_every=10, anchor_noise="shared")
+        cfg = small_cfg(epochs=1, use_ace=use_ace, ace_tokens=3, checkpoint_every=10, rlcf_paired_noise="shared")
         _run(stack_eps, tmp_path / f"ace{use_ace}", cfg, tmp_path / f"ace{use_ace}" / "ckpt", reward=reward)
         policy, anchor = reward.calls[0]
         gap = (policy - anchor).abs().max().item()
@@ -381,7 +381,7 @@ def test_ace_changes_condition_and_is_saved(stack_eps, tmp_path):
 
 def test_full_finetune_with_anchor(stack_eps, tmp_path):
     reward = AnchorReward()
-    cfg = small_cfg(epochs=2, full_finetune=True, lr=1e-3, checkpoint_every=10, anchor_noise="shared")
+    cfg = small_cfg(epochs=2, full_finetune=True, lr=1e-3, checkpoint_every=10, rlcf_paired_noise="shared")
     _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt", reward=reward)
     torch.testing.assert_close(reward.calls[0][0], reward.calls[0][1], rtol=0, atol=1e-6)
     assert (tmp_path / "out" / "adapter" / "unet.safetensors").is_file()

@@ -672,7 +672,7 @@ def rl_cxr(c: Ctx) -> dict:
                        labels_for=labels.__getitem__, anchor_bank=c.deps["bank"] / "bank.csv",
                        diag_unmentioned=c.params.rl.cxr.diag_unmentioned, device=c.device)
     cfg = _ddpo_config(c, "cxr", use_ace=v.ace, ace_tokens=c.params.rl.cxr.ace_tokens,
-                       anchor_noise=c.params.rl.cxr.rlcf_paired_noise)
+                       rlcf_paired_noise=c.params.rl.cxr.rlcf_paired_noise)
     return train_ddpo(c.deps["base"], c.outs["rl"], reward_fn=reward,
                       prompt_fn=lambda rng, n: [reports[i] for i in rng.integers(0, len(reports), n)],
                       cfg=cfg, ckpt_dir=c.ckpt, log_fn=c.log)

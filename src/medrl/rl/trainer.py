@@ -52,7 +52,7 @@ _RESUME_KEYS = (
     "sample_batch_size", "sample_batches_per_epoch", "train_batch_size", "gradient_accumulation_steps",
     "num_steps", "eta", "guidance_scale", "lr", "clip_range", "adv_clip_max", "timestep_fraction",
     "num_inner_epochs", "per_prompt_buffer", "per_prompt_min_count", "lora_rank", "lora_alpha", "lora_target_modules",
-    "full_finetune", "seed", "use_ace", "ace_tokens", "mixed_precision", "prompt_repeats", "anchor_noise", "kl_coef",
+    "full_finetune", "seed", "use_ace", "ace_tokens", "mixed_precision", "prompt_repeats", "rlcf_paired_noise", "kl_coef",
     "skip_last_steps",
 )
 
@@ -96,7 +96,7 @@ class DDPOConfig:
     mixed_precision: str
     use_ace: bool
     ace_tokens: int
-    anchor_noise: str
+    rlcf_paired_noise: str
     # Not in params.yaml: DDPO's constants.
     lora_alpha: int | None = None  # None: = lora_rank (scale 1)
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGETS  # attention projections, as in DDPO
@@ -117,7 +117,7 @@ class DDPOConfig:
     @classmethod
     def from_params(cls, common: RLCommon | dict[str, Any], track: RLTrack | dict[str, Any], *, track_name: str = "",
                     mixed_precision: str | None = None, use_ace: bool = False, ace_tokens: int | None = None,
-                    anchor_noise: str | None = None, **constants: Any) -> DDPOConfig:
+                    rlcf_paired_noise: str | None = None, **constants: Any) -> DDPOConfig:
         """From params.rl.common and params.rl.<track> (schema models or raw dicts, validated by
         the schema either way) and the run's / variant's settings; ``constants`` override the
         trainer-only fields (lora_target_modules, grid_every, ...)."""
@@ -125,11 +125,12 @@ class DDPOConfig:
         # unset (None): the schema's run.mixed_precision / rl.cxr.rlcf_paired_noise / ace_tokens defaults
         extra = {"mixed_precision": Run.model_fields["mixed_precision"].default if mixed_precision is None
                  else mixed_precision, "use_ace": bool(use_ace),
-                 "anchor_noise": RLCxr.model_fields["rlcf_paired_noise"].default if anchor_noise is None else anchor_noise,
+                 "rlcf_paired_noise": RLCxr.model_fields["rlcf_paired_noise"].default if rlcf_paired_noise is None
+                 else rlcf_paired_noise,
                  "ace_tokens": RLCxr.model_fields["ace_tokens"].default if ace_tokens is None else int(ace_tokens)}
         # the run's / variant's values are checked by the schema fields they come from
         Run(mixed_precision=extra["mixed_precision"])
-        RLCxr(rlcf_paired_noise=extra["anchor_noise"])
+        RLCxr(rlcf_paired_noise=extra["rlcf_paired_noise"])
         own = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
         unknown = sorted(set(constants) - own)
         if unknown:
@@ -146,7 +147,7 @@ class DDPOConfig:
 
 
 # What a checkpoint written before a key existed ran with (not a default of the current schema).
-_LEGACY = {"skip_last_steps": 0, "kl_coef": 0.0, "prompt_repeats": 1, "anchor_noise": "initial"}
+_LEGACY = {"skip_last_steps": 0, "kl_coef": 0.0, "prompt_repeats": 1, "rlcf_paired_noise": "initial"}
 
 
 class Policy(nn.Module):
@@ -396,7 +397,7 @@ def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn
             traj = _sample(s, s.policy.unet, s.policy.condition, text, noise)
             anchor_images = None
             if s.reward_uses_anchor:
-                anchor = paired_anchor_noise(noise, cfg.anchor_noise,
+                anchor = paired_anchor_noise(noise, cfg.rlcf_paired_noise,
                                              own_steps=derive_seed(cfg.seed, epoch, s.rank, _P_ANCHOR_STEPS, b))
                 with _base_model(s.policy, s.anchor_unet) as base_unet:
                     anchor_images = _sample(s, base_unet, _as_is, text, anchor).images
