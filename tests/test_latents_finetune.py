@@ -17,7 +17,7 @@ from medrl.io import read_json
 from medrl.diffusion.finetune import finetune_base
 from medrl.diffusion.latents import extract_latents, load_latents
 from medrl.diffusion.stack import build_stack, build_tiny_stack, encode_prompts, load_components
-from medrl.diffusion.vae_train import chroma_loss, colour_focus_loss, edge_loss, load_images, recon_metrics, train_vae
+from medrl.diffusion.vae_train import edge_loss, load_images, recon_metrics, train_vae
 
 PROMPTS = ["melanoma", "nevus", "melanoma with hair", "nevus with hair"]
 TINY = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
@@ -140,46 +140,30 @@ def test_edge_loss_weighs_a_lost_hair_above_a_brightness_shift():
     assert rec.grad[..., 16, 8].abs().min() > 0 and rec.grad[..., 4, 8].abs().max() == 0
 
 
-def test_chroma_loss_prices_a_stroke_that_lost_its_hue():
-    skin = torch.tensor([0.8, 0.6, 0.5]).view(1, 3, 1, 1)
-    x = skin.expand(1, 3, 32, 32).clone()
-    purple = torch.tensor([0.42, 0.17, 0.58])
-    x[0, :, 16, 4:28] = purple.view(3, 1)  # a one-pixel ink stroke
-    grey = x.clone()
-    grey[0, :, 16, 4:28] = purple.mean()  # same stroke, same mean intensity, no hue
-    assert chroma_loss(x, x) == 0
-    assert chroma_loss(x + 0.1, x) < 1e-6  # a uniform brightness shift has no hue
-    # The opponent channels of skin and of grey differ from purple's: the hue loss is priced
-    # on its own, several times what it adds to the plain RGB L1.
-    assert float(chroma_loss(grey, x)) > 3 * float((grey - x).abs().mean())
-    with pytest.raises(ValueError, match="RGB"):
-        chroma_loss(x[:, :1], x[:, :1])
-    with pytest.raises(ValueError, match="chroma_weight"):  # grayscale tracks: refused up front
-        train_vae(None, [], size=32, mode="L", steps=1, batch_size=1, lr=1e-3, kl_weight=0.0, seed=0,
-                  ckpt_dir=Path("unused"), chroma_weight=1.0)
+def test_train_vae_adds_an_experiments_extra_loss_and_keys_its_checkpoint(data, tmp_path: Path):
+    """extra_losses terms change training, and a checkpoint written under other extra terms is
+    not resumed (their names and weights are part of the checkpoint's settings)."""
+    paths = [Path(p) for p in data["items"]["path"]]
+    kw = dict(size=SIZE, mode="RGB", steps=4, batch_size=4, lr=1e-3, kl_weight=1e-6, seed=3, checkpoint_every=2)
+    mean_l1 = (10.0, lambda rec, x: (rec.mean((2, 3)) - x.mean((2, 3))).abs().mean())
+    vae_plain, vae_extra = _vae(data["stack"]), _vae(data["stack"])
+    train_vae(vae_plain, paths, ckpt_dir=tmp_path / "p", **kw)
+    train_vae(vae_extra, paths, ckpt_dir=tmp_path / "e", extra_losses={"mean_l1": mean_l1}, **kw)
+    differ = [k for (k, a), b in zip(vae_plain.state_dict().items(), vae_extra.state_dict().values())
+              if not torch.equal(a, b)]
+    assert differ, "the extra loss term did not reach the gradient"
 
+    def kill(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
 
-def test_colour_focus_loss_weights_pixels_by_their_colour_contrast():
-    skin = torch.tensor([0.8, 0.6, 0.5]).view(1, 3, 1, 1)
-    x = skin.expand(1, 3, 32, 32).clone()
-    purple = torch.tensor([0.42, 0.17, 0.58])
-    x[0, :, 16, 4:28] = purple.view(3, 1)
-    grey = x.clone()
-    grey[0, :, 16, 4:28] = purple.mean()
-    assert colour_focus_loss(x, x) == 0
-    # The same error on plain skin (weight 0: its colour is the image's median) costs nothing...
-    off = x + 0.1
-    off[0, :, 16, 4:28] = x[0, :, 16, 4:28]
-    assert colour_focus_loss(off, x) == 0
-    # ...on the stroke, the L1 times the stroke's opponent-colour distance from the skin.
-    o = lambda c: torch.stack([c[0] - c[1], c[2] - (c[0] + c[1]) / 2])  # noqa: E731
-    dev = float((o(purple) - o(skin.flatten())).norm())
-    assert float(colour_focus_loss(grey, x)) == pytest.approx(dev * float((grey - x).abs().mean()), rel=1e-5)
-    with pytest.raises(ValueError, match="RGB"):
-        colour_focus_loss(x[:, :1], x[:, :1])
-    with pytest.raises(ValueError, match="focus_weight"):
-        train_vae(None, [], size=32, mode="L", steps=1, batch_size=1, lr=1e-3, kl_weight=0.0, seed=0,
-                  ckpt_dir=Path("unused"), focus_weight=1.0)
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(_vae(data["stack"]), paths, ckpt_dir=tmp_path / "k", callback=kill, **kw)
+    steps: list[int] = []
+    with pytest.warns(UserWarning, match=r"different settings \(\['extra_losses'\]\)"):
+        train_vae(_vae(data["stack"]), paths, ckpt_dir=tmp_path / "k", extra_losses={"mean_l1": mean_l1},
+                  callback=lambda step, loss: steps.append(step), **kw)
+    assert steps[0] == 1  # started afresh: the plain run's checkpoint has other settings
 
 
 def test_build_stack_trains_vae_and_copies_pretrained(data, tmp_path: Path):

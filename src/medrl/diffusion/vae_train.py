@@ -14,7 +14,7 @@ import hashlib
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -24,6 +24,8 @@ from medrl.errors import DataError
 from medrl.io import load_image
 from medrl.lr_schedule import default_warmup, warmup_lr
 from medrl.progress import progress
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (reconstruction, target) -> scalar
 
 
 def paths_digest(paths: list[Path]) -> str:
@@ -59,37 +61,6 @@ def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dx.abs().mean() + dy.abs().mean()
 
 
-def _opponent(t: torch.Tensor, who: str) -> torch.Tensor:
-    """Two opponent-colour channels of (B, 3, H, W): R - G and B - (R + G) / 2 (no luminance)."""
-    if t.ndim != 4 or t.shape[1] != 3:
-        raise ValueError(f"{who}: expected RGB images (B, 3, H, W), got {tuple(t.shape)}")
-    r, g, b = t[:, 0], t[:, 1], t[:, 2]
-    return torch.stack([r - g, b - (r + g) / 2], dim=1)
-
-
-def chroma_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L1 plus ``edge_loss`` on two opponent-colour channels (R - G, B - (R + G) / 2) of
-    (B, 3, H, W) images: the hue of a thin stroke (purple ink on skin) is a small share of an
-    image's RGB error, and a VAE can return the stroke's shape in grey at little cost; this
-    term prices the hue on its own (docs/NOTEBOOK.md, ISIC-06)."""
-    o_rec, o_x = _opponent(rec, "chroma_loss"), _opponent(x, "chroma_loss")
-    return (o_rec - o_x).abs().mean() + edge_loss(o_rec, o_x)
-
-
-def colour_focus_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """RGB L1 weighted per pixel by how far the target's colour is from the image's median
-    colour (opponent channels; 0 on plain skin, ~0.5 on purple ink or a red vessel in [-1, 1]
-    units). A round trip that turns every thin coloured stroke dark grey -- what the tiny VAE
-    does with ink, vessels and colour charts, which together are ~1 % of the pixels -- costs
-    little under a plain L1 and most of this term."""
-    if rec.shape != x.shape:
-        raise ValueError(f"colour_focus_loss: reconstruction {tuple(rec.shape)} and target {tuple(x.shape)} differ")
-    o = _opponent(x, "colour_focus_loss")
-    dev = (o - o.flatten(2).median(dim=2).values[..., None, None]).norm(dim=1, keepdim=True)
-    return (dev * (rec - x).abs()).mean()
-
-
-@torch.no_grad()
 def latent_std(vae, x: torch.Tensor, batch_size: int = 64) -> float:
     """Std of the posterior means of ``x`` (in [-1, 1]) over all latent elements."""
     device = next(vae.parameters()).device
@@ -127,8 +98,7 @@ def train_vae(
     seed: int,
     ckpt_dir: Path,
     edge_weight: float = 0.0,
-    chroma_weight: float = 0.0,
-    focus_weight: float = 0.0,
+    extra_losses: Mapping[str, tuple[float, LossFn]] | None = None,
     device: str = "cpu",
     hflip: bool = True,
     checkpoint_every: int = 250,
@@ -142,20 +112,21 @@ def train_vae(
     heart is on the left). A held-out slice of up to ``n_holdout`` images (10 %) is kept
     out of training and scored at the end. Returns final recon MSE / PSNR on it.
     ``callback(step, loss)`` runs after each step (and its checkpoint); an exception there
-    aborts the run as a kill would, and the next call resumes from the checkpoint."""
+    aborts the run as a kill would, and the next call resumes from the checkpoint.
+    ``extra_losses``: {name: (weight, loss(reconstruction, target))} added to the loss (an
+    experiment's own terms; the names and weights are part of the checkpoint's settings)."""
     from torch.nn.utils import clip_grad_norm_
 
     images = [Path(p) for p in images]
     ckpt_dir = Path(ckpt_dir)
-    if (chroma_weight or focus_weight) and mode != "RGB":
-        raise ValueError(f"chroma_weight / focus_weight: need RGB images (mode {mode!r}); set them to 0 for "
-                         "grayscale tracks")
     x = load_images(images, size, mode)
     n = len(x)
     held, train, n_hold = _holdout_split(x, seed, n_holdout)
-    weights = {"kl": kl_weight, "edge": edge_weight, "chroma": chroma_weight, "focus": focus_weight}
+    weights = {"kl": kl_weight, "edge": edge_weight}
+    extra = dict(extra_losses or {})
     config = _vae_run_config(vae, images, n=n, size=size, mode=mode, batch_size=batch_size, lr=lr, seed=seed,
-                             hflip=hflip, steps=steps, weights=weights)
+                             hflip=hflip, steps=steps, weights=weights,
+                             extra={k: w for k, (w, _) in extra.items()})
     gen = torch.Generator().manual_seed(seed + 1)
     vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -166,7 +137,7 @@ def train_vae(
         for g in opt.param_groups:
             g["lr"] = warmup_lr(lr, step, steps, warmup=default_warmup(steps), floor=0.1)  # cosine to lr/10
         loss = _vae_step_loss(vae, train, gen, batch_size=batch_size, hflip=hflip, device=device, size=size,
-                              weights=weights)
+                              weights=weights, extra=extra)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm_(vae.parameters(), 1.0)
@@ -193,14 +164,12 @@ def train_vae(
 
 
 def _vae_run_config(vae, images: list[Path], *, n: int, size: int, mode: str, batch_size: int, lr: float, seed: int,
-                    hflip: bool, steps: int, weights: dict[str, float]) -> dict:
+                    hflip: bool, steps: int, weights: dict[str, float], extra: dict[str, float]) -> dict:
     """What a checkpoint must match to be resumed (inputs, settings, VAE architecture)."""
-    chroma_weight, focus_weight = weights["chroma"], weights["focus"]
     return {"kind": "vae", "images": paths_digest(images), "n": n, "size": size, "mode": mode,
             "batch_size": batch_size, "lr": lr, "kl_weight": weights["kl"], "seed": seed, "hflip": hflip,
             "edge_weight": weights["edge"],
-            **({"chroma_weight": chroma_weight} if chroma_weight else {}),  # old checkpoints still resume
-            **({"focus_weight": focus_weight} if focus_weight else {}),
+            **({"extra_losses": extra} if extra else {}),
             "steps": steps,
             "vae_config": {k: v for k, v in vae.config.items() if not k.startswith("_")}}
 
@@ -232,9 +201,9 @@ def _resume_vae(vae, opt: torch.optim.Optimizer, gen: torch.Generator, ckpt_dir:
 
 
 def _vae_step_loss(vae, train: torch.Tensor, gen: torch.Generator, *, batch_size: int, hflip: bool, device: str,
-                   size: int, weights: dict[str, float]) -> torch.Tensor:
+                   size: int, weights: dict[str, float], extra: Mapping[str, tuple[float, LossFn]]) -> torch.Tensor:
     """Loss of one random (optionally flipped) batch: L1 + L2 reconstruction + weighted KL, plus the
-    optional edge / chroma / colour-focus terms (``weights``)."""
+    optional edge term (``weights``) and ``extra`` terms."""
     n_pix = 3 * size * size
     idx = torch.randint(len(train), (batch_size,), generator=gen)
     xb = train[idx]
@@ -249,10 +218,8 @@ def _vae_step_loss(vae, train: torch.Tensor, gen: torch.Generator, *, batch_size
     loss = err.abs().mean() + err.pow(2).mean() + weights["kl"] * post.kl().float().mean() / n_pix
     if weights["edge"]:
         loss = loss + weights["edge"] * edge_loss(rec.float(), xb)
-    if weights["chroma"]:
-        loss = loss + weights["chroma"] * chroma_loss(rec.float(), xb)
-    if weights["focus"]:
-        loss = loss + weights["focus"] * colour_focus_loss(rec.float(), xb)
+    for w, fn in extra.values():
+        loss = loss + w * fn(rec.float(), xb)
     return loss
 
 
