@@ -151,17 +151,17 @@ def test_train_classifier_resumes_exactly(tmp_path, monkeypatch):
     kw = dict(train_split="train", eval_split="test", size=SIZE, epochs=2, batch_size=8, lr=1e-3, seed=3, imagenet_weights=None)
     full = C.train_classifier(items, ["red", "blue"], tmp_path / "full", ckpt_dir=tmp_path / "ck_full", **kw)
 
-    real_save = C._save_ckpt
+    real_save = C.save_epoch
 
-    def save_then_crash(path, model, opt, sched, meta):
-        real_save(path, model, opt, sched, meta)
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt("simulated kill after epoch")
 
-    monkeypatch.setattr(C, "_save_ckpt", save_then_crash)
+    monkeypatch.setattr(C, "save_epoch", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         C.train_classifier(items, ["red", "blue"], tmp_path / "resumed", ckpt_dir=tmp_path / "ck", **kw)
     assert (tmp_path / "ck" / C._CKPT_NAME / "latest").is_dir() and not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(C, "_save_ckpt", real_save)
+    monkeypatch.setattr(C, "save_epoch", real_save)
     resumed = C.train_classifier(items, ["red", "blue"], tmp_path / "resumed", ckpt_dir=tmp_path / "ck", **kw)
 
     from safetensors.torch import load_file
@@ -173,15 +173,21 @@ def test_train_classifier_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_checkpoint_of_other_configuration_is_ignored(tmp_path):
+    from medrl.models.training import resume_epochs, save_epoch
+
     m = C.build_classifier(["red"])
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
     path = tmp_path / "ck"
-    C._save_ckpt(path, m, opt, sched, {"fingerprint": "abc", "epoch": 0, "losses": [0.5]})
+    for _ in range(3):  # a scheduler state that differs from a fresh one
+        sched.step()
+    save_epoch(path, {"fingerprint": "abc"}, m, opt, 1, [0.5], sched)
+    fresh = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
     with pytest.warns(UserWarning, match="different settings"):
-        assert C._load_ckpt(path, m, opt, sched, "other") is None
-    info = C._load_ckpt(path, m, opt, sched, "abc")
-    assert info is not None and info["epoch"] == 0 and info["losses"] == [0.5]
+        assert resume_epochs(path, {"fingerprint": "other"}, m, opt, fresh) == (0, [])
+    assert fresh.last_epoch == 0
+    assert resume_epochs(path, {"fingerprint": "abc"}, m, opt, fresh) == (1, [0.5])
+    assert fresh.last_epoch == 3  # the scheduler is restored with the model and optimiser
 
 
 def test_truncated_checkpoint_is_reported_and_set_aside(tmp_path):
@@ -194,11 +200,11 @@ def test_truncated_checkpoint_is_reported_and_set_aside(tmp_path):
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
     path = tmp_path / "ck"
-    C._save_ckpt(path, m, opt, sched, {"fingerprint": "abc", "epoch": 0, "losses": [0.5]})
+    save_epoch(path, {"fingerprint": "abc"}, m, opt, 1, [0.5], sched)
     weights = path / "latest" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
     with pytest.warns(CorruptCheckpointWarning, match=r"latest/model\.safetensors"):
-        assert C._load_ckpt(path, m, opt, sched, "abc") is None
+        assert resume_epochs(path, {"fingerprint": "abc"}, m, opt, sched) == (0, [])
     assert not (path / "latest").exists() and (path / "latest.corrupt").is_dir()
 
     state = tmp_path / "posture"

@@ -37,9 +37,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from medrl.checkpoints import TrainState, discard_train_state, fingerprint, load_train_state, save_train_state
+from medrl.checkpoints import discard_train_state, fingerprint
 from medrl.errors import DataError
 from medrl.io import atomic_path, read_json, write_json
+from medrl.models.training import resume_epochs, save_epoch
 from medrl.progress import progress
 
 __all__ = [
@@ -392,27 +393,6 @@ def recalibrate_bn_loader(model: nn.Module, loader: Any, device: torch.device) -
     recalibrate_bn(model, (_split_batch(b)[0].float() for b in progress(loader, desc="recalibrate BatchNorm", total=len(loader))), device)
 
 
-def _save_ckpt(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, meta: dict[str, Any]) -> None:
-    """Checkpoint (medrl.checkpoints) model, AdamW and scheduler after an epoch; ``meta`` holds the
-    run's fingerprint, the epoch and the losses so far."""
-    save_train_state(ckpt, TrainState(tensors={"model": model.state_dict()},
-                                      objects={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                                      meta={"epoch": meta["epoch"], "losses": meta["losses"]}),
-                     {"fingerprint": meta["fingerprint"]})
-
-
-def _load_ckpt(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, fingerprint: str) -> dict[str, Any] | None:
-    """Restore the checkpoint written by ``_save_ckpt`` if it belongs to this run; returns its
-    epoch and losses, else None."""
-    state = load_train_state(ckpt, {"fingerprint": fingerprint})
-    if state is None:
-        return None
-    model.load_state_dict(state.tensors["model"])
-    opt.load_state_dict(state.objects["optimizer"])
-    sched.load_state_dict(state.objects["scheduler"])
-    return state.meta
-
-
 def _rng_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
@@ -510,9 +490,8 @@ def _fit_classifier(ds: Any, heads: list[str], dev: torch.device, ckpt: Path, fi
         model.size = size
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-        info = _load_ckpt(ckpt, model, opt, sched, fingerprint)
-        start = int(info["epoch"]) + 1 if info else 0
-        losses: list[float] = list(info["losses"]) if info else []
+        ckpt_config = {"fingerprint": fingerprint}
+        start, losses = resume_epochs(ckpt, ckpt_config, model, opt, sched)
         for epoch in progress(range(start, epochs), desc=f"train classifier {'/'.join(heads)}", total=epochs, initial=start):
             torch.manual_seed(seed * 100_003 + epoch)
             gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -521,7 +500,7 @@ def _fit_classifier(ds: Any, heads: list[str], dev: torch.device, ckpt: Path, fi
                 num_workers=num_workers, pin_memory=dev.type == "cuda",
             )
             losses.append(_train_epoch(model, opt, sched, loader, gen, len(heads), dev))
-            _save_ckpt(ckpt, model, opt, sched, {"fingerprint": fingerprint, "epoch": epoch, "losses": losses})
+            save_epoch(ckpt, ckpt_config, model, opt, epoch + 1, losses, sched)
         # Inside fork_rng for a clean global RNG; deterministic, so a resumed run agrees.
         bn_loader = torch.utils.data.DataLoader(ds, batch_size=max(batch_size, 64), shuffle=False, num_workers=num_workers)
         recalibrate_bn_loader(model, bn_loader, dev)

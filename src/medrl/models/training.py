@@ -106,22 +106,26 @@ def split_rows(pairs: pd.DataFrame, name: str) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def resume_epochs(ckpt_dir: Path, config: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer
-                  ) -> tuple[int, list[dict[str, Any]]]:
-    """Load the epoch checkpoint (medrl.checkpoints) of the run with ``config`` into model and
-    optimiser; returns (first epoch to train, history so far), (0, []) when there is none."""
+def resume_epochs(ckpt_dir: Path, config: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+                  sched: Any = None) -> tuple[int, list[Any]]:
+    """Load the epoch checkpoint (medrl.checkpoints) of the run with ``config`` into model,
+    optimiser and (if given) lr scheduler; returns (first epoch to train, history so far), (0, [])
+    when there is none."""
     state = load_train_state(ckpt_dir, config)
     if state is None:
         return 0, []
     model.load_state_dict(state.tensors["model"])
     opt.load_state_dict(state.objects["optim"])
+    if sched is not None:
+        sched.load_state_dict(state.objects["scheduler"])
     return int(state.meta["epoch"]), list(state.meta["history"])
 
 
 def save_epoch(ckpt_dir: Path, config: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
-               history: list[dict[str, Any]]) -> None:
-    """Checkpoint model and optimiser after ``epoch`` epochs (medrl.checkpoints)."""
-    save_train_state(ckpt_dir, TrainState(tensors={"model": model.state_dict()}, objects={"optim": opt.state_dict()},
+               history: list[Any], sched: Any = None) -> None:
+    """Checkpoint model, optimiser and (if given) lr scheduler after ``epoch`` epochs (medrl.checkpoints)."""
+    objects = {"optim": opt.state_dict(), **({"scheduler": sched.state_dict()} if sched is not None else {})}
+    save_train_state(ckpt_dir, TrainState(tensors={"model": model.state_dict()}, objects=objects,
                                           meta={"epoch": epoch, "history": history}), config)
 
 
