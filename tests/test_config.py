@@ -262,3 +262,21 @@ def test_cxr_evaluators_are_checked():
         raw["classifiers"]["cxr_eval"][key] = value
         with pytest.raises(ParamsError, match=rf"classifiers\.cxr_eval\.{key}"):
             validate_params(raw)
+
+
+def test_validation_split_is_checked():
+    """generate.split: validation needs its own seeds and at least one CXR validation report."""
+    params = validate_params(_raw())
+    assert params.generate.split == "test" and params.cxr.prepare.n_val >= 1
+    for track in ("isic", "cxr"):
+        raw = _raw()
+        raw["generate"][track]["validation_seed"] = raw["generate"][track]["seed"]
+        with pytest.raises(ParamsError, match=rf"generate\.{track}\.validation_seed.*other than generate\.{track}\.seed"):
+            validate_params(raw)
+    raw = _raw()
+    raw["generate"]["split"], raw["cxr"]["prepare"]["n_val"] = "validation", 0
+    with pytest.raises(ParamsError, match=r"cxr\.prepare\.n_val: 0, but generate\.split is validation"):
+        validate_params(raw)
+    raw["generate"]["split"] = "valid"
+    with pytest.raises(ParamsError, match=r"generate\.split"):
+        validate_params(raw)

@@ -81,7 +81,7 @@ LABEL0 = [0, 0, 0, np.nan, np.nan, 1, np.nan, 1, np.nan, 1, -1, 1]
 
 
 def _evaluate(root: Path, per_report: int, *, metrics_extra: dict | None = None,
-              independent: dict | None = None) -> dict:
+              independent: dict | None = None, split=lambda k: "test", sampled=lambda k: True) -> dict:
     from medrl.io import read_json
     from medrl.metrics.cxr_eval import evaluate_cxr_samples
 
@@ -93,9 +93,9 @@ def _evaluate(root: Path, per_report: int, *, metrics_extra: dict | None = None,
         labels = {c: (LABEL0[k] if i == 0 else np.nan) for i, c in enumerate(PATHOLOGIES)}
         psi = {"sx": 1.0 + 0.01 * k, "sy": 1.0, "tx": 0.0, "ty": 0.0, "theta": 0.0}  # true posture (phantoms)
         gt = {f"gt_{c}": (1.0 if (i == 0 and k % 2) else 0.0) for i, c in enumerate(PATHOLOGIES)}  # exact findings
-        rows.append({"image": rid, "split": "test", "impression": f"report {k}", "path": str(root / "real" / f"{rid}.png"),
+        rows.append({"image": rid, "split": split(k), "impression": f"report {k}", "path": str(root / "real" / f"{rid}.png"),
                      **labels, **psi, **gt})
-        for j in range(per_report):  # the images of one report are perfectly correlated
+        for j in range(per_report if sampled(k) else 0):  # the images of one report are perfectly correlated
             p = root / "samples" / rid / f"{j:04d}.png"
             _png(p, v)
             manifest.append({"prompt_id": rid, "prompt": f"report {k}", "seed": j, "model": "m", "path": str(p)})
@@ -223,3 +223,21 @@ def test_evaluators_are_required(stubs, tmp_path):
     with pytest.raises(DataError, match="independent"):
         evaluate_cxr_samples(tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path / "out",
                              evaluators={"aligner": tmp_path}, metrics={"bootstrap": 10, "ci": 0.9, "seed": 0})
+
+
+def test_validation_samples_are_judged_against_the_validation_pairs(stubs, tmp_path):
+    """generate.split: validation samples the validate reports; FID's real images and the judges'
+    accuracy then come from those pairs, and the metrics say which split they were."""
+    half = lambda k: "test" if k < K // 2 else "validate"  # noqa: E731
+    m = _evaluate(tmp_path / "v", 2, split=half, sampled=lambda k: k >= K // 2)
+    assert m["held_out_split"] == "validate" and m["n_reports"] == K // 2
+    assert m["judges"]["eval"]["aligner"]["psi"]["n"] == K // 2
+    assert _evaluate(tmp_path / "t", 2, split=half, sampled=lambda k: k < K // 2)["held_out_split"] == "test"
+
+
+def test_samples_must_come_from_one_held_out_split(stubs, tmp_path):
+    from medrl.errors import DataError
+
+    half = lambda k: "test" if k < K // 2 else "validate"  # noqa: E731
+    with pytest.raises(DataError, match="one held-out split"):
+        _evaluate(tmp_path / "m", 1, split=half)

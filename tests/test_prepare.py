@@ -188,6 +188,26 @@ def test_prepare_cxr_token_limit_and_errors(ws):
                     size=32, max_tokens=500, n_train=2, n_test=n_pa_test + 1, n_canonical=5, seed=3)
 
 
+def test_prepare_cxr_validation_pairs(ws):
+    """n_val PA pairs from the source's validate split; the train and test pairs are those of n_val=0."""
+    from pathlib import Path
+
+    kw = dict(size=32, max_tokens=74, n_train=20, n_test=6, n_canonical=20, seed=0)
+    prepare_cxr(Path("data/datasets/cxr"), Path("data/models/cxr/tokenizer"), Path("data/prepared/cxr_v0"), **kw)
+    m = prepare_cxr(Path("data/datasets/cxr"), Path("data/models/cxr/tokenizer"), Path("data/prepared/cxr_v2"),
+                    n_val=2, **kw)
+    meta = pd.read_csv("data/datasets/cxr/metadata.csv").set_index("image")
+    p0, p2 = pd.read_csv("data/prepared/cxr_v0/pairs.csv"), pd.read_csv("data/prepared/cxr_v2/pairs.csv")
+    val = p2[p2.split == "validate"]
+    assert len(val) == 2 == m["n_val"] and (meta.loc[val.image, "split"] == "validate").all()
+    assert set(val.view) == {"PA"} and p2.image.is_unique
+    pd.testing.assert_frame_equal(p2[p2.split != "validate"].reset_index(drop=True), p0)
+    n_pa_val = int(((meta.split == "validate") & (meta.view == "PA")).sum())
+    with pytest.raises(DataError, match=rf"only {n_pa_val} PA validate pairs.*n_val={n_pa_val + 1}"):
+        prepare_cxr(Path("data/datasets/cxr"), Path("data/models/cxr/tokenizer"), Path("data/prepared/x"),
+                    n_val=n_pa_val + 1, **kw)
+
+
 def test_prepare_cxr_real_metadata_keeps_chexpert_labels(ws, tmp_path):
     import shutil
     from pathlib import Path

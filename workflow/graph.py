@@ -331,12 +331,12 @@ def prepare_isic(c: Ctx) -> dict:
 @stage(track="cxr", deps={"dataset": "data/datasets/cxr", "tokenizer": "data/models/cxr/tokenizer"},
        outs={"prepared": "data/prepared/cxr"}, params=("cxr.prepare",))
 def prepare_cxr(c: Ctx) -> dict:
-    """PA/AP filter, impressions <= max_tokens, train/test pairs, labels, canonical CXR."""
+    """PA/AP filter, impressions <= max_tokens, train/test/validate pairs, labels, canonical CXR."""
     from medrl.data.prepare import prepare_cxr as run
 
     p = c.params.cxr.prepare
     return run(c.deps["dataset"], c.deps["tokenizer"], c.outs["prepared"], size=p.size, max_tokens=p.max_tokens,
-               n_train=p.n_train, n_test=p.n_test, n_canonical=p.n_canonical, seed=p.seed)
+               n_train=p.n_train, n_test=p.n_test, n_val=p.n_val, n_canonical=p.n_canonical, seed=p.seed)
 
 
 # ============================================================================= diffusion stack
@@ -725,7 +725,7 @@ def _generate(c: Ctx, prompts: list[str], n: int, seed: int, adapter: Path | Non
                     prompt_ids=prompt_ids)
 
 
-_GEN_ISIC = ("generate.isic", "rl.common.num_steps", "rl.common.guidance_scale", "rl.common.eta")
+_GEN_ISIC = ("generate.split", "generate.isic", "rl.common.num_steps", "rl.common.guidance_scale", "rl.common.eta")
 
 
 def _isic_prompts(c: Ctx) -> list[str]:
@@ -737,9 +737,9 @@ def _isic_prompts(c: Ctx) -> list[str]:
 @stage(track="isic", deps={"base": "data/models/isic/base", "prepared": "data/prepared/isic"},
        outs={"samples": "data/samples/isic/sd"}, params=_GEN_ISIC, gpu=True)
 def generate_sd_isic(c: Ctx) -> dict:
-    """N images per prompt from the fine-tuned SD baseline (held-out seeds)."""
+    """N images per prompt from the fine-tuned SD baseline (held-out seeds of generate.split)."""
     g = c.params.generate.isic
-    return _generate(c, _isic_prompts(c), g.n_per_prompt, g.seed, None)
+    return _generate(c, _isic_prompts(c), g.n_per_prompt, _isic_seed(c), None)
 
 
 @stage(track="isic", deps={"base": "data/models/isic/base", "rl": "data/rl/isic/seed_{seed}", "prepared": "data/prepared/isic"},
@@ -747,35 +747,41 @@ def generate_sd_isic(c: Ctx) -> dict:
 def generate_rl_isic(c: Ctx) -> dict:
     """N images per prompt from SD+RL, with the same seeds as the SD samples."""
     g = c.params.generate.isic
-    return _generate(c, _isic_prompts(c), g.n_per_prompt, g.seed, c.deps["rl"] / "adapter")
+    return _generate(c, _isic_prompts(c), g.n_per_prompt, _isic_seed(c), c.deps["rl"] / "adapter")
 
 
-def _test_reports(c: Ctx) -> tuple[list[str], list[str]]:
+def _isic_seed(c: Ctx) -> int:
+    g = c.params.generate
+    return g.isic.seed if g.split == "test" else g.isic.validation_seed
+
+
+def _held_out_reports(c: Ctx) -> tuple[list[str], list[str], int]:
+    """(reports, image ids, seed) of generate.split: the test pairs, or the validate pairs."""
+    g = c.params.generate
+    name, seed = ("test", g.cxr.seed) if g.split == "test" else ("validate", g.cxr.validation_seed)
     pairs = _pairs(c)
-    test = pairs[pairs.split == "test"]
-    return list(test["impression"]), list(test["image"].astype(str))
+    rows = pairs[pairs.split == name]
+    return list(rows["impression"]), list(rows["image"].astype(str)), seed
 
 
-_GEN_CXR = ("generate.cxr", "rl.common.num_steps", "rl.common.guidance_scale", "rl.common.eta")
+_GEN_CXR = ("generate.split", "generate.cxr", "rl.common.num_steps", "rl.common.guidance_scale", "rl.common.eta")
 
 
 @stage(track="cxr", deps={"base": "data/models/cxr/base", "prepared": "data/prepared/cxr"},
        outs={"samples": "data/samples/cxr/anchor"}, params=_GEN_CXR, gpu=True)
 def generate_cxr_anchor(c: Ctx) -> dict:
-    """Anchor (base) samples for every test report."""
-    reports, ids = _test_reports(c)
-    g = c.params.generate.cxr
-    return _generate(c, reports, g.n_per_report, g.seed, None, prompt_ids=ids)
+    """Anchor (base) samples for every held-out report (generate.split: test or validate)."""
+    reports, ids, seed = _held_out_reports(c)
+    return _generate(c, reports, c.params.generate.cxr.n_per_report, seed, None, prompt_ids=ids)
 
 
 @stage(track="cxr", deps={"base": "data/models/cxr/base", "rl": "data/rl/cxr/{variant}/seed_{seed}",
                           "prepared": "data/prepared/cxr"},
        outs={"samples": "data/samples/cxr/{variant}/seed_{seed}"}, params=_GEN_CXR, gpu=True, foreach=CXR_JOBS)
 def generate_cxr(c: Ctx) -> dict:
-    """Samples of one CXRL variant for every test report, same seeds as the anchor."""
-    reports, ids = _test_reports(c)
-    g = c.params.generate.cxr
-    return _generate(c, reports, g.n_per_report, g.seed, c.deps["rl"] / "adapter", prompt_ids=ids)
+    """Samples of one CXRL variant for every held-out report, same seeds as the anchor."""
+    reports, ids, seed = _held_out_reports(c)
+    return _generate(c, reports, c.params.generate.cxr.n_per_report, seed, c.deps["rl"] / "adapter", prompt_ids=ids)
 
 
 # ============================================================================= metrics
@@ -869,7 +875,7 @@ def metrics_cxr(c: Ctx) -> dict:
 @stage(track="isic", deps={"sd": "data/metrics/isic/sd", "rl": "data/metrics/isic/rl/seed_{seed}",
                            "augment": "data/metrics/isic/augment"},
        outs={"tables": "data/tables/isic"}, expand={"rl": {"seed": "rl.isic.seed"}},
-       params=("metrics.bootstrap", "metrics.ci", "metrics.seed"),
+       params=("metrics.bootstrap", "metrics.ci", "metrics.seed", "generate.split"),
        report=(Report("tables", _TABLE_PATTERNS, "table.rst", ISIC_REPORT, "tables"),))
 def tables_isic(c: Ctx) -> dict:
     """RL4Med tables (CSV, Markdown, LaTeX): SD vs SD+RL, APR per prompt, augmentation."""
@@ -883,12 +889,20 @@ def tables_isic(c: Ctx) -> dict:
                                              ci=m.ci, seed=m.seed)
     run_ids = {k: run_id_of(c.deps[k], c.workspace) or "" for k in ("sd", "rl", "augment")}
     sources = {k: str(c.deps[k] / "metrics.json") for k in ("sd", "rl")}
-    build_rl4med_tables(metrics, augment, run_ids, c.outs["tables"], sources=sources)
+    build_rl4med_tables(metrics, augment, run_ids, c.outs["tables"], sources=sources, notes=[_split_note(c)])
     return {}
 
 
+def _split_note(c: Ctx) -> str:
+    """Which held-out samples the tables are built from (generate.split)."""
+    if c.params.generate.split == "test":
+        return "Held-out split: test (generate.split), the split every reported number comes from."
+    return ("Held-out split: VALIDATION (generate.split): other sampling seeds and, for CXR, the validation "
+            "reports; for choosing settings, not for reporting.")
+
+
 @stage(track="isic", deps={"sd": "data/metrics/isic/sd", "rl": "data/metrics/isic/rl/seed_{seed}"},
-       outs={"tables": "data/tables/isic_seeds"}, expand={"rl": {"seed": "rl.seeds"}}, params=("rl.seeds",),
+       outs={"tables": "data/tables/isic_seeds"}, expand={"rl": {"seed": "rl.seeds"}}, params=("rl.seeds", "generate.split"),
        report=(Report("tables", _TABLE_PATTERNS, "table.rst", ISIC_REPORT, "tables over RL seeds"),))
 def tables_isic_seeds(c: Ctx) -> dict:
     """SD+RL - SD in every RL seed of rl.seeds, their mean and spread, and a verdict across seeds."""
@@ -901,14 +915,15 @@ def tables_isic_seeds(c: Ctx) -> dict:
     metrics = {k: read_json(d / "metrics.json") for k, d in dirs.items()}
     run_ids = {k: run_id_of(d, c.workspace) or "" for k, d in dirs.items()}
     build_rl4med_seed_table(metrics["sd"], {s: metrics[f"rl-s{s}"] for s in c.params.rl.seeds}, run_ids,
-                            c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()})
+                            c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()},
+                            notes=[_split_note(c)])
     return {}
 
 
 @stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}/seed_{seed}",
                           "rlcf_modes": "data/metrics/cxr/rlcf_modes"},
        outs={"tables": "data/tables/cxr"},
-       params=("rl.cxr.variants", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise", "rl.cxr.prompt_repeats",
+       params=("generate.split", "rl.cxr.variants", "rl.cxr.rlcf_mode", "rl.cxr.rlcf_paired_noise", "rl.cxr.prompt_repeats",
                "rl.common.prompt_repeats", "rl.common.num_steps", "rl.common.eta", "rl.common.guidance_scale"),
        expand={"variants": {"variant": "rl.cxr.variants", "seed": "rl.cxr.seed"}},
        report=(Report("tables", _TABLE_PATTERNS, "table.rst", CXR_REPORT, "tables"),))
@@ -924,7 +939,7 @@ def tables_cxr(c: Ctx) -> dict:
     metrics = {k: read_json(d / "metrics.json") for k, d in dirs.items()}
     run_ids = {k: run_id_of(d, c.workspace) or "" for k, d in dirs.items()}
     build_cxrl_tables(metrics, run_ids, c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()},
-                      notes=[_cxr_setting_note(c)])
+                      notes=[_cxr_setting_note(c), _split_note(c)])
     build_rlcf_modes_table(read_json(c.deps["rlcf_modes"] / "metrics.json"),
                            run_id_of(c.deps["rlcf_modes"], c.workspace) or "", c.outs["tables"])
     return {}
@@ -944,7 +959,7 @@ def _cxr_setting_note(c: Ctx) -> str:
 
 
 @stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}/seed_{seed}"},
-       outs={"tables": "data/tables/cxr_seeds"}, params=("rl.seeds", "rl.cxr.seed_variants"),
+       outs={"tables": "data/tables/cxr_seeds"}, params=("rl.seeds", "rl.cxr.seed_variants", "generate.split"),
        expand={"variants": {"variant": "rl.cxr.seed_variants", "seed": "rl.seeds"}},
        report=(Report("tables", _TABLE_PATTERNS, "table.rst", CXR_REPORT, "tables over RL seeds"),))
 def tables_cxr_seeds(c: Ctx) -> dict:
@@ -960,7 +975,8 @@ def tables_cxr_seeds(c: Ctx) -> dict:
                 for s in c.params.rl.seeds}
     run_ids = {f"{v}-s{s}": run_id_of(d, c.workspace) or "" for (v, s), d in dirs.items()}
     run_ids["anchor"] = run_id_of(c.deps["anchor"], c.workspace) or ""
-    build_cxrl_seed_table(read_json(c.deps["anchor"] / "metrics.json"), per_seed, run_ids, c.outs["tables"])
+    build_cxrl_seed_table(read_json(c.deps["anchor"] / "metrics.json"), per_seed, run_ids, c.outs["tables"],
+                          notes=[_split_note(c)])
     return {}
 
 

@@ -120,6 +120,7 @@ class CxrPrepare(_S):
     max_tokens: int = Field(74, ge=4)
     n_train: int = Field(1000, ge=4)
     n_test: int = Field(200, ge=2)
+    n_val: int = Field(50, ge=0)  # PA validation reports (source split "validate"); generate.split: validation
     n_canonical: int = Field(500, ge=1)
     seed: Seed = 0
 
@@ -332,16 +333,29 @@ class RL(_S):
 class GenIsic(_S):
     n_per_prompt: int = Field(16, ge=1)
     seed: Seed = 1000
+    validation_seed: Seed = 500
 
 
 class GenCxr(_S):
     n_per_report: int = Field(2, ge=2)  # MS-SSIM diversity compares samples of one report
     seed: Seed = 2000
+    validation_seed: Seed = 3000
 
 
 class Generate(_S):
+    # test: the held-out samples the tables report; validation: other seeds (ISIC: the 32 prompts
+    # are the whole grammar) and the validation reports (CXR), for choosing settings
+    split: Literal["test", "validation"] = "test"
     isic: GenIsic = GenIsic()
     cxr: GenCxr = GenCxr()
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self):
+        for name, g in (("isic", self.isic), ("cxr", self.cxr)):
+            if g.seed == g.validation_seed:
+                raise ValueError(f"generate.{name}.validation_seed: expected a seed other than generate.{name}.seed "
+                                 f"({g.seed}), or validation would reuse the test noise")
+        return self
 
 
 class Metrics(_S):
@@ -363,6 +377,13 @@ class Params(_S):
     rl: RL = RL()
     generate: Generate = Generate()
     metrics: Metrics = Metrics()
+
+    @model_validator(mode="after")
+    def _validation_reports(self):
+        if self.generate.split == "validation" and self.cxr.prepare.n_val < 1:
+            raise ValueError("cxr.prepare.n_val: 0, but generate.split is validation; expected >= 1 validation "
+                             "reports to generate from")
+        return self
 
 
 # Dotted keys whose value, when set, must be an existing path.

@@ -24,7 +24,7 @@ rule tokenizer_cxr:
 
 
 rule prepare_cxr:
-    """PA/AP filter, impressions <= max_tokens, train/test pairs, labels, canonical CXR."""
+    """PA/AP filter, impressions <= max_tokens, train/test/validate pairs, labels, canonical CXR."""
     input:
         dataset='data/datasets/cxr',
         tokenizer='data/models/cxr/tokenizer',
@@ -220,7 +220,7 @@ rule rlcf_modes_cxr:
 
 
 rule generate_cxr_anchor:
-    """Anchor (base) samples for every test report."""
+    """Anchor (base) samples for every held-out report (generate.split: test or validate)."""
     input:
         base='data/models/cxr/base',
         prepared='data/prepared/cxr',
@@ -228,14 +228,14 @@ rule generate_cxr_anchor:
     output:
         samples=directory('data/samples/cxr/anchor'),
     params:
-        medrl=lambda wildcards: declared_keys(['generate.cxr', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
+        medrl=lambda wildcards: declared_keys(['generate.split', 'generate.cxr', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py generate_cxr_anchor'
 
 
 rule generate_cxr:
-    """Samples of one CXRL variant for every test report, same seeds as the anchor."""
+    """Samples of one CXRL variant for every held-out report, same seeds as the anchor."""
     input:
         base='data/models/cxr/base',
         rl='data/rl/cxr/{variant}/seed_{seed}',
@@ -244,7 +244,7 @@ rule generate_cxr:
     output:
         samples=directory('data/samples/cxr/{variant}/seed_{seed}'),
     params:
-        medrl=lambda wildcards: declared_keys(['generate.cxr', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
+        medrl=lambda wildcards: declared_keys(['generate.split', 'generate.cxr', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py generate_cxr --variant {wildcards.variant} --seed {wildcards.seed}'
@@ -298,7 +298,7 @@ rule tables_cxr:
     output:
         tables=report(directory('data/tables/cxr'), patterns=['{name,[a-z0-9_]+}.{ext,md|csv}'], caption='../report/table.rst', category='CXRL (chest X-ray)', subcategory='tables'),
     params:
-        medrl=lambda wildcards: declared_keys(['rl.cxr.variants', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.prompt_repeats', 'rl.common.prompt_repeats', 'rl.common.num_steps', 'rl.common.eta', 'rl.common.guidance_scale'], wildcards),
+        medrl=lambda wildcards: declared_keys(['generate.split', 'rl.cxr.variants', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.prompt_repeats', 'rl.common.prompt_repeats', 'rl.common.num_steps', 'rl.common.eta', 'rl.common.guidance_scale'], wildcards),
     shell: 'python workflow/entry.py tables_cxr'
 
 
@@ -311,5 +311,5 @@ rule tables_cxr_seeds:
     output:
         tables=report(directory('data/tables/cxr_seeds'), patterns=['{name,[a-z0-9_]+}.{ext,md|csv}'], caption='../report/table.rst', category='CXRL (chest X-ray)', subcategory='tables over RL seeds'),
     params:
-        medrl=lambda wildcards: declared_keys(['rl.seeds', 'rl.cxr.seed_variants'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.seeds', 'rl.cxr.seed_variants', 'generate.split'], wildcards),
     shell: 'python workflow/entry.py tables_cxr_seeds'

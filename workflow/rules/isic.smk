@@ -125,7 +125,7 @@ rule rl_isic:
 
 
 rule generate_sd_isic:
-    """N images per prompt from the fine-tuned SD baseline (held-out seeds)."""
+    """N images per prompt from the fine-tuned SD baseline (held-out seeds of generate.split)."""
     input:
         base='data/models/isic/base',
         prepared='data/prepared/isic',
@@ -133,7 +133,7 @@ rule generate_sd_isic:
     output:
         samples=directory('data/samples/isic/sd'),
     params:
-        medrl=lambda wildcards: declared_keys(['generate.isic', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
+        medrl=lambda wildcards: declared_keys(['generate.split', 'generate.isic', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py generate_sd_isic'
@@ -149,7 +149,7 @@ rule generate_rl_isic:
     output:
         samples=directory('data/samples/isic/rl/seed_{seed}'),
     params:
-        medrl=lambda wildcards: declared_keys(['generate.isic', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
+        medrl=lambda wildcards: declared_keys(['generate.split', 'generate.isic', 'rl.common.num_steps', 'rl.common.guidance_scale', 'rl.common.eta'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py generate_rl_isic --seed {wildcards.seed}'
@@ -212,7 +212,7 @@ rule tables_isic:
     output:
         tables=report(directory('data/tables/isic'), patterns=['{name,[a-z0-9_]+}.{ext,md|csv}'], caption='../report/table.rst', category='RL4Med-DDPO (ISIC)', subcategory='tables'),
     params:
-        medrl=lambda wildcards: declared_keys(['metrics.bootstrap', 'metrics.ci', 'metrics.seed'], wildcards),
+        medrl=lambda wildcards: declared_keys(['metrics.bootstrap', 'metrics.ci', 'metrics.seed', 'generate.split'], wildcards),
     shell: 'python workflow/entry.py tables_isic'
 
 
@@ -225,5 +225,5 @@ rule tables_isic_seeds:
     output:
         tables=report(directory('data/tables/isic_seeds'), patterns=['{name,[a-z0-9_]+}.{ext,md|csv}'], caption='../report/table.rst', category='RL4Med-DDPO (ISIC)', subcategory='tables over RL seeds'),
     params:
-        medrl=lambda wildcards: declared_keys(['rl.seeds'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.seeds', 'generate.split'], wildcards),
     shell: 'python workflow/entry.py tables_isic_seeds'

@@ -207,9 +207,11 @@ def prepare_cxr(
     n_test: int,
     n_canonical: int,
     seed: int,
+    n_val: int = 0,
 ) -> dict:
     """CXRL data: PA/AP views, impressions of <= max_tokens tokens, n_train train pairs
-    (PA + AP from split train), n_test PA test pairs (split test), labels, canonical CXR.
+    (PA + AP from split train), n_test PA test pairs (split test), n_val PA validation pairs
+    (split validate: the reports settings are chosen on), labels, canonical CXR.
 
     Labels: real metadata (no psi) keeps its CheXpert columns; phantom metadata is labelled
     by ``label_report`` on the impression and its true labels are kept as gt_<class>
@@ -228,17 +230,24 @@ def prepare_cxr(
     labels, truth = _cxr_labels(kept, phantom, meta_path)
 
     train_pool = np.flatnonzero((kept["split"] == "train").to_numpy())
-    test_pool = np.flatnonzero(((kept["split"] == "test") & (kept["view"] == "PA")).to_numpy())
+    pa = (kept["view"] == "PA").to_numpy()
+    test_pool = np.flatnonzero((kept["split"] == "test").to_numpy() & pa)
+    val_pool = np.flatnonzero((kept["split"] == "validate").to_numpy() & pa)
     why = f"(PA/AP, non-empty impression of <= {max_tokens} tokens)"
     if len(train_pool) < n_train:
         raise DataError(f"{meta_path}: only {len(train_pool)} train pairs {why} available; n_train={n_train} requested")
     if len(test_pool) < n_test:
         raise DataError(f"{meta_path}: only {len(test_pool)} PA test pairs {why} available; n_test={n_test} requested")
+    if len(val_pool) < n_val:
+        raise DataError(f"{meta_path}: only {len(val_pool)} PA validate pairs {why} available; n_val={n_val} requested")
     rng = np.random.default_rng(seed)
     train_idx = np.sort(rng.choice(train_pool, size=n_train, replace=False))
     test_idx = np.sort(rng.choice(test_pool, size=n_test, replace=False))
-    chosen = np.concatenate([train_idx, test_idx])
-    pairs = _cxr_pairs(kept, chosen, labels, truth, phantom, dataset_dir, meta_path, n_train=n_train, n_test=n_test)
+    # drawn after the others, so adding validation reports leaves the train and test pairs as they were
+    val_idx = np.sort(np.random.default_rng([seed, 1]).choice(val_pool, size=n_val, replace=False))
+    chosen = np.concatenate([train_idx, test_idx, val_idx])
+    splits = ["train"] * n_train + ["test"] * n_test + ["validate"] * n_val
+    pairs = _cxr_pairs(kept, chosen, labels, truth, phantom, dataset_dir, meta_path, splits=splits)
 
     canon_rows = np.sort(rng.choice(n_train, size=min(n_canonical, n_train), replace=False))
     acc = torch.zeros(1, size, size, dtype=torch.float64)
@@ -250,7 +259,8 @@ def prepare_cxr(
         "n_metadata": float(n_all), "n_pa_ap": float(len(meta) + int(no_imp.sum())),
         "n_no_impression": float(no_imp.sum()), "n_too_long": float(long.sum()),
         "n_train_available": float(len(train_pool)), "n_test_available": float(len(test_pool)),
-        "n_train": float(n_train), "n_test": float(n_test), "n_canonical": float(len(canon_rows)),
+        "n_train": float(n_train), "n_test": float(n_test), "n_val": float(n_val),
+        "n_val_available": float(len(val_pool)), "n_canonical": float(len(canon_rows)),
         "mean_tokens": float(pairs["n_tokens"].mean()), "max_tokens_kept": float(pairs["n_tokens"].max()),
         "frac_ap_train": float((pairs.loc[pairs.split == "train", "view"] == "AP").mean()),
         "phantom": float(phantom),
@@ -295,14 +305,14 @@ def _cxr_labels(kept: pd.DataFrame, phantom: bool, meta_path: Path) -> tuple[pd.
 
 
 def _cxr_pairs(kept: pd.DataFrame, chosen: np.ndarray, labels: pd.DataFrame, truth: pd.DataFrame | None,
-               phantom: bool, dataset_dir: Path, meta_path: Path, *, n_train: int, n_test: int) -> pd.DataFrame:
+               phantom: bool, dataset_dir: Path, meta_path: Path, *, splits: list[str]) -> pd.DataFrame:
     """pairs.csv rows of the ``chosen`` rows of ``kept``: image path, split, impression, labels
     (+ gt_<class> and the posture psi for phantoms)."""
     sel = kept.iloc[chosen].reset_index(drop=True)
     files = _find_images(dataset_dir / "images", sel["image"].tolist(), meta_path)
     pairs = pd.DataFrame({
         "image": sel["image"], "path": [workspace_path(f) for f in files],
-        "split": ["train"] * n_train + ["test"] * n_test, "view": sel["view"],
+        "split": splits, "view": sel["view"],
         "impression": sel["impression"], "n_tokens": sel["n_tokens"].astype(int),
     })
     for c in PATHOLOGIES:

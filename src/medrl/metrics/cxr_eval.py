@@ -80,8 +80,8 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
 
     ``evaluators``: {"aligner", "diag", "dualenc"} -> the independent evaluators' directories;
     every judged metric (``JUDGED_KEYS``) is computed with the reward nets and again, prefixed
-    ``eval_``, with the evaluators. ``judges`` holds each judge's accuracy on the held-out real
-    test pairs (``judge_accuracy``) and, per evaluator, whether it is ``independent``
+    ``eval_``, with the evaluators. ``held_out_split``: the pairs the samples' reports came from
+    (test or validate). ``judges`` holds each judge's accuracy on those real pairs (``judge_accuracy``) and, per evaluator, whether it is ``independent``
     (default: all; false when it is the released reward network itself).
 
     ``weights`` ({"l_align", "l_diag", "l_consist"}, a variant's) adds ``reward``: the combined
@@ -103,7 +103,7 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
     indep = {n: bool((independent or {}).get(n, True)) for n in NETS}
     result: dict[str, Any] = {"auroc_unmentioned": TRAIN_UNMENTIONED, "n_images": int(len(df)),
                               "n_reports": int(df["prompt_id"].astype(str).nunique()), "bootstrap_unit": "report",
-                              "judges": {}}
+                              "held_out_split": str(test["split"].iloc[0]), "judges": {}}
     per_image = df.copy()
     for judge, dirs in (("reward", {"aligner": aligner_dir, "diag": diag_dir, "dualenc": dualenc_dir}),
                         ("eval", evaluators)):
@@ -217,7 +217,9 @@ def judge_accuracy(nets: Mapping[str, Any], test: pd.DataFrame, *, size: int) ->
 
 
 def _samples_with_labels(samples_dir: Path, prepared_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
-    """(samples manifest in a model-independent order, test pairs by image, labels of each sample's report)."""
+    """(samples manifest in a model-independent order, the held-out pairs by image, labels of each
+    sample's report). The held-out pairs are the split (test or validate) the samples' reports came
+    from: the real images that FID and the judges' accuracy are measured on."""
     from medrl.data.reports import PATHOLOGIES
     from medrl.metrics.apr import read_manifest
     from medrl.metrics.fidelity import item_key
@@ -226,13 +228,20 @@ def _samples_with_labels(samples_dir: Path, prepared_dir: Path) -> tuple[pd.Data
     df["item"] = [item_key(Path(p)) for p in df["path"]]
     df = df.sort_values("item", kind="stable").reset_index(drop=True)
     pairs = read_table(prepared_dir / "pairs.csv", ["image", "split", "impression", "path", *PATHOLOGIES])
-    test = pairs[pairs.split == "test"].astype({"image": str}).drop_duplicates("image").set_index("image")
-    unknown = sorted(set(df["prompt_id"].astype(str)) - set(test.index))[:3]
-    if unknown:
-        raise DataError(f"{samples_dir / 'manifest.csv'}: prompt_id {unknown} not among the test pairs of "
-                        f"{prepared_dir / 'pairs.csv'}; expected samples generated from the test reports")
-    labels = test.loc[df["prompt_id"].astype(str), list(PATHOLOGIES)].to_numpy(np.float32)
-    return df, test, labels
+    pairs = pairs.astype({"image": str})
+    ids = set(df["prompt_id"].astype(str))
+    held_out = None
+    for name in ("test", "validate"):
+        rows = pairs[pairs.split == name].drop_duplicates("image").set_index("image")
+        if len(rows) and ids <= set(rows.index):
+            held_out = rows
+            break
+    if held_out is None:
+        raise DataError(f"{samples_dir / 'manifest.csv'}: prompt_id {sorted(ids)[:3]}... not all among the test "
+                        f"pairs nor all among the validate pairs of {prepared_dir / 'pairs.csv'}; expected samples "
+                        f"generated from one held-out split's reports")
+    labels = held_out.loc[df["prompt_id"].astype(str), list(PATHOLOGIES)].to_numpy(np.float32)
+    return df, held_out, labels
 
 
 def _diagnostic_metrics(result: dict[str, Any], probs: np.ndarray, labels: np.ndarray, items: list[str],

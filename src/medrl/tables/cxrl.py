@@ -506,6 +506,8 @@ def build_cxrl_seed_table(
     per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]],
     run_ids: Mapping[str, str],
     out_dir: str | Path,
+    *,
+    notes: Sequence[str] = (),
 ) -> dict[str, str]:
     """``cxrl_seeds``: the headline paired differences (``seed_comparisons``) on r_align, AUROC,
     similarity, FID and MS-SSIM in every RL seed, with mean, spread and the verdict over seeds
@@ -543,7 +545,7 @@ def build_cxrl_seed_table(
              "protocol). The verdicts are computed on the independent evaluator's differences only; the reward "
              "judge's rows are shown for reference.",
              *(judge_notes(anchor) if "judges" in anchor else []),
-             P.CXRL_SOURCE_NOTE, *run_notes, *_unpaired(problems)]
+             *notes, P.CXRL_SOURCE_NOTE, *run_notes, *_unpaired(problems)]
     return build_seed_table(rows, seeds, Path(out_dir) / "cxrl_seeds",
                             caption="CXRL: headline differences in every RL seed (verdicts on the independent "
                                     "evaluator)", label="tab:cxrl-seeds", notes=notes)

@@ -463,6 +463,7 @@ def build_rl4med_seed_table(
     out_dir: str | Path,
     *,
     sources: Mapping[str, str] | None = None,
+    notes: Sequence[str] = (),
 ) -> dict[str, str]:
     """``rl4med_seeds``: SD+RL - SD on every main column (the paired bootstrap of rl4med_main) in
     every RL seed, with mean, spread and the verdict over seeds (medrl.tables.seeds).
@@ -485,7 +486,7 @@ def build_rl4med_seed_table(
             for key, head, digits, hib in MAIN_COLUMNS]
     planted_rows, planted_notes = _planted_seed_rows(sd, rl_by_seed, keys, rid)
     notes = ["SD: one fine-tuned baseline (no RL seed), the same in every column; SD+RL: one DDPO run per seed.",
-             *planted_notes, P.RL4MED_PAPER_NOTE, *run_notes]
+             *notes, *planted_notes, P.RL4MED_PAPER_NOTE, *run_notes]
     rows += planted_rows
     return build_seed_table(rows, seeds, Path(out_dir) / "rl4med_seeds",
                             caption="RL4Med-DDPO: SD+RL - SD in every RL seed", label="tab:rl4med-seeds", notes=notes)
