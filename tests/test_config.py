@@ -280,3 +280,13 @@ def test_validation_split_is_checked():
     raw["generate"]["split"] = "valid"
     with pytest.raises(ParamsError, match=r"generate\.split"):
         validate_params(raw)
+
+
+def test_variant_prompt_repeats_is_checked():
+    """A variant's own prompt_repeats (the repeated-reports setting) must divide the CXR batch too."""
+    params = validate_params(_raw())
+    assert params.rl.cxr.variants["repeated"].prompt_repeats == 8 and params.rl.cxr.variants["full"].prompt_repeats is None
+    raw = _raw()
+    raw["rl"]["cxr"]["variants"]["repeated"]["prompt_repeats"] = 3
+    with pytest.raises(ParamsError, match=r"rl\.cxr\.variants\.repeated\.prompt_repeats': 3 does not divide"):
+        validate_params(raw)

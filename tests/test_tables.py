@@ -66,7 +66,7 @@ def _judges(independent: bool = True) -> dict:
 @pytest.fixture()
 def cxr_metrics():
     rng = np.random.default_rng(0)
-    shifts = {"anchor": 0.0, "full": 0.1, "no_ace": 0.03, "no_rlcf": 0.05}
+    shifts = {"anchor": 0.0, "full": 0.1, "no_ace": 0.03, "no_rlcf": 0.05, "repeated": 0.04}
     metrics = {m: _cxr_json(rng, s) for m, s in shifts.items()}
     metrics["anchor"]["judges"] = _judges()
     for m in ("align_only", "diag_only", "consist_only"):
@@ -173,6 +173,15 @@ def test_cxrl_optional_models_and_unpaired_differences(cxr_metrics, tmp_path):
     t2a = pd.read_csv(out["cxrl_table2a"]["csv"], dtype=str, keep_default_na=False)
     assert t2a.loc[t2a.Key == "full - anchor", "FID \u2193 (ours)"].iloc[0] == "n/a"
     assert "no_ace" not in set(t2a.Key)
+
+
+def test_cxrl_repeated_reports_setting_has_its_own_rows(cxr_metrics, tmp_path):
+    """The repeated-reports setting (issue 21 item 4): its own row and its difference to CXRL."""
+    metrics, run_ids = cxr_metrics
+    out = build_cxrl_tables(metrics, run_ids, tmp_path)
+    t1 = pd.read_csv(out["cxrl_table1"]["csv"], dtype=str, keep_default_na=False)
+    assert {"repeated", "full - repeated"} <= set(t1.Model)
+    assert "reports repeated per batch" in t1.loc[t1.Model == "repeated", "Method"].iloc[0]
 
 
 # ----------------------------------------------------------------------------- RL4Med

@@ -15,7 +15,7 @@ expands its template into several paths (``expand``).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -673,6 +673,8 @@ def rl_cxr(c: Ctx) -> dict:
                        diag_unmentioned=c.params.rl.cxr.diag_unmentioned, device=c.device)
     cfg = _ddpo_config(c, "cxr", use_ace=v.ace, ace_tokens=c.params.rl.cxr.ace_tokens,
                        rlcf_paired_noise=c.params.rl.cxr.rlcf_paired_noise)
+    if v.prompt_repeats is not None:  # the variant's own batch structure (e.g. the repeated-reports setting)
+        cfg = replace(cfg, prompt_repeats=v.prompt_repeats)
     return train_ddpo(c.deps["base"], c.outs["rl"], reward_fn=reward,
                       prompt_fn=lambda rng, n: [reports[i] for i in rng.integers(0, len(reports), n)],
                       cfg=cfg, ckpt_dir=c.ckpt, log_fn=c.log)
@@ -951,11 +953,14 @@ def _cxr_setting_note(c: Ctx) -> str:
     reps = common_reps if reps is None else reps
     mode = r.cxr.rlcf_mode + (f" (anchor shares the {noise} noise)" if r.cxr.rlcf_mode == "paired" else
                               " (per-report anchor means)")
-    batch = "reports drawn i.i.d." if reps == 1 else f"each drawn report repeated {reps}x per batch" + (
-        ": the per-report advantage statistics cancel the anchor means, so RLCF equals direct rewards"
-        if r.cxr.rlcf_mode == "bank" else "")
-    return (f"RL setting: RLCF mode {mode}; {batch}; sampler DDIM, {r.common.num_steps} steps, eta {r.common.eta:g}, "
-            f"guidance {r.common.guidance_scale:g}.")
+    def batch(reps: int) -> str:
+        return "reports drawn i.i.d." if reps == 1 else f"each drawn report repeated {reps}x per batch" + (
+            " (the per-report advantage statistics cancel the anchor means, so RLCF equals direct rewards)"
+            if r.cxr.rlcf_mode == "bank" else "")
+
+    own = [f"variant {n}: {batch(v.prompt_repeats)}" for n, v in r.cxr.variants.items() if v.prompt_repeats is not None]
+    return (f"RL setting: RLCF mode {mode}; {batch(reps)}{''.join('; ' + o for o in own)}; sampler DDIM, "
+            f"{r.common.num_steps} steps, eta {r.common.eta:g}, guidance {r.common.guidance_scale:g}.")
 
 
 @stage(track="cxr", deps={"anchor": "data/metrics/cxr/anchor", "variants": "data/metrics/cxr/{variant}/seed_{seed}"},

@@ -286,6 +286,7 @@ class Variant(_S):
     l_align: float = 1.0
     l_diag: float = 10.0
     l_consist: float = 10.0
+    prompt_repeats: int | None = Field(None, ge=1)  # overrides rl.cxr.prompt_repeats for this variant
 
 
 class RLCxr(RLTrack):
@@ -461,6 +462,10 @@ def validate_params(raw: dict[str, Any], *, source: str = "params.yaml", check_p
         raise ParamsError("\n".join(lines)) from None
     for t in ("isic", "cxr"):
         rl_track_settings(params.rl.common, getattr(params.rl, t), name=t, source=source)
+    for name, v in params.rl.cxr.variants.items():
+        if v.prompt_repeats is not None:
+            track = params.rl.cxr.model_copy(update={"prompt_repeats": v.prompt_repeats})
+            rl_track_settings(params.rl.common, track, name=f"cxr.variants.{name}", source=source)
     if check_paths:
         flat = flatten(params.model_dump())
         for key in PATH_KEYS:

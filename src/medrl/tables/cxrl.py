@@ -16,7 +16,7 @@ from medrl.tables.render import (NA, Recorder, fmt_num, need, need_metric, resol
 from medrl.tables.seeds import SeedRow, build_seed_table
 
 # Models of Tables 1, 2a and 3 (full schema) and the reward ablations of Table 2b (FID only).
-MAIN_MODELS = ("anchor", "full", "no_ace", "no_rlcf")
+MAIN_MODELS = ("anchor", "full", "no_ace", "no_rlcf", "repeated")
 REWARD_MODELS = ("align_only", "diag_only", "consist_only")
 REQUIRED_MODELS = ("anchor", "full")
 FULL_KEYS = ("r_align", "similarity", "fid", "kid", "msssim")
@@ -40,7 +40,7 @@ CXR_SCHEMA_DOC = """
         }
 
     Metric = {"value", "lo", "hi", "n"[, "ci", "method", "boot", "boot_key"]}
-    (medrl.metrics.bootstrap). Models ``anchor``, ``full``, ``no_ace``, ``no_rlcf`` need the
+    (medrl.metrics.bootstrap). Models ``anchor``, ``full``, ``no_ace``, ``no_rlcf``, ``repeated`` need the
     full schema; ``align_only``, ``diag_only``, ``consist_only`` (Table 2b) need ``fid``,
     ``n_images``, ``feature_extractor`` and ``eval_fid``; ``anchor`` also needs ``judges``.
     ``(ours)`` columns are the reward networks' numbers (the paper's protocol), ``(evaluator)``
@@ -145,7 +145,7 @@ def _paper_diff(table: Mapping[str, Mapping[str, float]], a: str, b: str, key: s
     return None
 
 
-_ORDER = ("anchor", "llm_cxr", "full", "no_ace", "no_rlcf")  # rows of Tables 1, 2a and 3
+_ORDER = ("anchor", "llm_cxr", "full", "no_ace", "no_rlcf", "repeated")  # rows of Tables 1, 2a and 3
 
 
 @dataclass
@@ -165,7 +165,7 @@ class _Build:
 
     @property
     def diff_pairs(self) -> list[tuple[str, str]]:
-        return [("full", b) for b in ("anchor", "no_ace", "no_rlcf") if b in self.metrics]
+        return [("full", b) for b in ("anchor", "no_ace", "no_rlcf", "repeated") if b in self.metrics]
 
     def diff(self, a: str, b: str, path: Sequence[str]) -> dict | None:
         return _diff(self.metrics, a, b, path, self.problems)

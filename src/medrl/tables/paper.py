@@ -35,6 +35,7 @@ CXRL_LABELS: dict[str, str] = {
     "full": "CXRL (Ours)",
     "no_ace": "w/o ACE",
     "no_rlcf": "w/o RLCF (direct feedback)",
+    "repeated": "CXRL, reports repeated per batch (not in the paper)",
     "align_only": "+ r_align",
     "diag_only": "+ r_diag",
     "consist_only": "+ r_consist",
