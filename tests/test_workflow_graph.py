@@ -124,6 +124,32 @@ def test_cxr_metrics_read_both_judges_and_rl_only_the_reward():
             assert evaluators.isdisjoint(s.deps.values()), s.name
 
 
+@pytest.mark.parametrize("track, override, lr, text", [
+    ("isic", {}, 2e-3, True),  # models.finetune_base's values
+    ("cxr", {"finetune_lr": 5e-4, "train_text_encoder": False}, 5e-4, False),  # the track's own
+])
+def test_base_finetune_takes_the_track_overrides(track, override, lr, text, monkeypatch, tmp_path):
+    """models.<track>.finetune_lr / train_text_encoder override models.finetune_base for one track,
+    and the stage declares them (a change reruns only that track's base)."""
+    import medrl.diffusion.finetune as ft
+    from graph import Ctx, stage_params
+    from medrl.config import validate_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["models"]["finetune_base"].update(lr=2e-3, train_text_encoder=True)
+    raw["models"]["isic"].update(finetune_lr=None, train_text_encoder=None)
+    raw["models"][track].update(override)
+    got = {}
+    monkeypatch.setattr(ft, "finetune_base", lambda *a, **kw: got.update(kw) or {})
+    stage = STAGES[f"finetune_base_{track}"]
+    assert {f"models.{track}.finetune_lr", f"models.{track}.train_text_encoder"} <= set(stage.params)
+    ctx = Ctx(params=stage_params(stage, validate_params(raw, check_paths=False), {}), deps={"stack": tmp_path,
+              "latents": tmp_path}, outs={"base": tmp_path}, wildcards={}, ckpt=tmp_path, device="cpu",
+              log=lambda m, s=None: None, log_artifact=lambda p: None, workspace=tmp_path)
+    stage.run(ctx)
+    assert got["lr"] == lr and got["train_text_encoder"] is text
+
+
 # ============================================================================= (b) both engines agree
 
 

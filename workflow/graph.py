@@ -406,15 +406,21 @@ def latents_cxr(c: Ctx) -> dict:
 def _finetune(c: Ctx, track: str) -> dict:
     from medrl.diffusion.finetune import finetune_base
 
-    f = c.params.models.finetune_base
+    f, t = c.params.models.finetune_base, getattr(c.params.models, track)
+    lr = f.lr if t.finetune_lr is None else t.finetune_lr
+    text = f.train_text_encoder if t.train_text_encoder is None else t.train_text_encoder
     return finetune_base(c.deps["stack"], c.deps["latents"], c.outs["base"], steps=f.steps, batch_size=f.batch_size,
-                         lr=f.lr, cond_dropout=f.cond_dropout, checkpoint_every=f.checkpoint_every, seed=f.seed,
-                         ckpt_dir=c.ckpt, unet_weights=getattr(c.params.models, track).unet_weights,
-                         train_text_encoder=f.train_text_encoder, device=c.device, mixed_precision=c.params.run.mixed_precision, log_fn=c.log)
+                         lr=lr, cond_dropout=f.cond_dropout, checkpoint_every=f.checkpoint_every, seed=f.seed,
+                         ckpt_dir=c.ckpt, unet_weights=t.unet_weights, train_text_encoder=text, device=c.device,
+                         mixed_precision=c.params.run.mixed_precision, log_fn=c.log)
+
+
+_FINETUNE = ("models.finetune_base", "unet_weights", "finetune_lr", "train_text_encoder")
 
 
 @stage(track="isic", deps={"stack": "data/models/isic/stack", "latents": "data/latents/isic"},
-       outs={"base": "data/models/isic/base"}, params=("models.finetune_base", "models.isic.unet_weights", "run.mixed_precision"),
+       outs={"base": "data/models/isic/base"},
+       params=(_FINETUNE[0], *(f"models.isic.{k}" for k in _FINETUNE[1:]), "run.mixed_precision"),
        gpu=True, accelerate=True, priority=10)
 def finetune_base_isic(c: Ctx) -> dict:
     """The 'SD fine-tuned on ISIC' baseline: supervised text-to-image fine-tuning of the UNet."""
@@ -422,7 +428,8 @@ def finetune_base_isic(c: Ctx) -> dict:
 
 
 @stage(track="cxr", deps={"stack": "data/models/cxr/stack", "latents": "data/latents/cxr"},
-       outs={"base": "data/models/cxr/base"}, params=("models.finetune_base", "models.cxr.unet_weights", "run.mixed_precision"),
+       outs={"base": "data/models/cxr/base"},
+       params=(_FINETUNE[0], *(f"models.cxr.{k}" for k in _FINETUNE[1:]), "run.mixed_precision"),
        gpu=True, accelerate=True, priority=10)
 def finetune_base_cxr(c: Ctx) -> dict:
     """The anchor (RoentGen's role): supervised report-to-CXR fine-tuning of the UNet."""

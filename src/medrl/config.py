@@ -135,6 +135,9 @@ class Cxr(_S):
 class TrackModel(_S):
     pretrained: Optional[str] = None
     unet_weights: Optional[str] = None
+    # this track's base fine-tune, over models.finetune_base (null keeps that value)
+    finetune_lr: Optional[float] = Field(None, gt=0)
+    train_text_encoder: Optional[bool] = None
 
 
 class Tiny(_S):
