@@ -254,6 +254,11 @@ def test_rl4med_tables(isic_inputs, tmp_path):
     apr_claim = claims[claims.Claim == "SD+RL beats SD on APR"].iloc[0]
     assert apr_claim["Verdict (ours)"].startswith("supported")  # boost of +0.3 on 128 images
     assert any(c.startswith("real+rl beats real-only") for c in claims.Claim)
+    # RL's synthetic images against SD's, paired on the same test images
+    vs_sd = claims[claims.Claim == "real+rl beats real+sd on overall AUROC"].iloc[0]
+    assert vs_sd["Difference"] == "real+rl - real+sd (overall AUROC)" and "[" in vs_sd["Ours difference [CI]"]
+    assert overall["AUROC - real+sd"] not in ("", "n/a")
+    assert set(aug.loc[aug.Condition != "real+rl", "AUROC - real+sd"]) == {""}
     tex = Path(out["rl4med_apr_per_prompt"]["tex"]).read_text()
     assert tex.count(r"\\") >= 33
 

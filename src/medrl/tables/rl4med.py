@@ -196,7 +196,7 @@ def build_rl4med_tables(
     written["rl4med_apr_per_prompt"] = _apr_per_prompt_table(sd, rl, rid, out_dir, common)
     if "planted" in sd and "planted" in rl:
         written["rl4med_planted"] = _planted_table(sd, rl, rid, out_dir, common)
-    aug_claims: list[tuple[str, dict | None]] = []
+    aug_claims: list[tuple[str, str, dict | None]] = []
     if augment is not None:
         written["rl4med_augment"], aug_claims = _augment_table(augment, rid["augment"], out_dir, common)
     written["rl4med_claims"] = _claims_table(diffs, aug_claims, rid, out_dir, common)
@@ -361,7 +361,7 @@ def _planted_rows(rec: Recorder, sd: Mapping[str, Any], rl: Mapping[str, Any], j
     return rows
 
 
-def _claims_table(diffs: Mapping[str, dict | None], aug_claims: list[tuple[str, dict | None]],
+def _claims_table(diffs: Mapping[str, dict | None], aug_claims: list[tuple[str, str, dict | None]],
                   rid: Mapping[str, str], out_dir: Path, common: list[str]) -> dict[str, str]:
     """rl4med_claims: the direction of each claim (SD+RL vs SD, synthetic augmentation vs real), measured."""
     pair_run = f"{rid['rl']} - {rid['sd']}"
@@ -375,8 +375,8 @@ def _claims_table(diffs: Mapping[str, dict | None], aug_claims: list[tuple[str, 
                      "Ours difference [CI]": rec.ours(head, "RL - SD", diffs[key], model="rl-sd",
                                                               run_id=pair_run, digits=digits, source="diff"),
                      "Verdict (ours)": verdict(diffs[key], hib, digits), "MLflow runs": pair_run})
-    for claim, d in aug_claims:
-        rows.append({"Claim": claim, "Difference": f"{claim.split(' ')[0]} - real (overall AUROC)",
+    for claim, label, d in aug_claims:
+        rows.append({"Claim": claim, "Difference": f"{label} (overall AUROC)",
                      "Better": "higher",
                      "Ours difference [CI]": rec.ours(claim, "diff", d, model="augment",
                                                               run_id=rid["augment"], digits=3, source="diff"),
@@ -390,6 +390,18 @@ def _claims_table(diffs: Mapping[str, dict | None], aug_claims: list[tuple[str, 
                              label="tab:rl4med-claims", notes=claim_notes)
 
 
+def _auroc_delta(conds: Mapping[str, Any], ref_cond: str, kind: str, name: str, auc: dict | None, where: str,
+                 cond: str) -> dict | None:
+    """Paired AUROC difference ``cond`` - ``ref_cond`` on one subgroup; None where either lacks replicates."""
+    ref = conds.get(ref_cond, {}).get(kind, {}).get(name, {}).get("auroc")
+    if not (isinstance(ref, Mapping) and isinstance(auc, Mapping) and auc.get("boot") is not None):
+        return None
+    try:
+        return diff_from_boot(auc, ref, where=f"{where}: {cond} - {ref_cond}")
+    except DataError:
+        return None
+
+
 def _as_metric(v: Any, where: str) -> dict[str, Any] | None:
     """Augment cells may be Metrics, plain floats (no CI) or None/NaN."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -400,7 +412,7 @@ def _as_metric(v: Any, where: str) -> dict[str, Any] | None:
 
 
 def _augment_table(augment: Mapping[str, Any], run: str, out_dir: Path,
-                   common: list[str]) -> tuple[dict[str, str], list[tuple[str, dict | None]]]:
+                   common: list[str]) -> tuple[dict[str, str], list[tuple[str, str, dict | None]]]:
     where = "augment"
     conds = need(augment, ["conditions"], where=where, expected="{condition: {overall, artifact, subset}}")
     if not isinstance(conds, Mapping) or not conds:
@@ -408,7 +420,7 @@ def _augment_table(augment: Mapping[str, Any], run: str, out_dir: Path,
     rec = Recorder("rl4med_augment")
     rows = []
     no_ci = False
-    claims: list[tuple[str, dict | None]] = []
+    claims: list[tuple[str, str, dict | None]] = []
     for cond, entry in conds.items():
         for kind in ("overall", "artifact", "subset"):
             groups = need(entry, [kind], where=f"{where}.conditions.{cond}", expected="{group: {n, acc, auroc}}")
@@ -418,16 +430,12 @@ def _augment_table(augment: Mapping[str, Any], run: str, out_dir: Path,
                 acc = _as_metric(need(g, ["acc"], where=w, expected="Metric or float"), f"{w}.acc")
                 auc = _as_metric(need(g, ["auroc"], where=w, expected="Metric or float"), f"{w}.auroc")
                 no_ci |= any(m is not None and m.get("lo") is None for m in (acc, auc))
-                delta = None
-                if cond != "real" and "real" in conds:
-                    ref = conds["real"].get(kind, {}).get(name, {}).get("auroc")
-                    if isinstance(ref, Mapping) and isinstance(auc, Mapping) and auc.get("boot") is not None:
-                        try:
-                            delta = diff_from_boot(auc, ref, where=f"{w}: {cond} - real")
-                        except DataError:
-                            delta = None
-                    if kind == "overall":
-                        claims.append((f"{cond} beats real-only training on overall AUROC", delta))
+                delta = _auroc_delta(conds, "real", kind, name, auc, w, cond) if cond != "real" else None
+                vs_sd = _auroc_delta(conds, "real+sd", kind, name, auc, w, cond) if cond == "real+rl" else None
+                if cond != "real" and "real" in conds and kind == "overall":
+                    claims.append((f"{cond} beats real-only training on overall AUROC", f"{cond} - real", delta))
+                if cond == "real+rl" and "real+sd" in conds and kind == "overall":
+                    claims.append(("real+rl beats real+sd on overall AUROC", "real+rl - real+sd", vs_sd))
                 label = f"{cond} / {name}"
                 rows.append({
                     "Condition": cond, "Subgroup kind": kind, "Subgroup": name,
@@ -438,12 +446,16 @@ def _augment_table(augment: Mapping[str, Any], run: str, out_dir: Path,
                     "AUROC - real": ("" if cond == "real" else
                                      rec.ours(label, "AUROC - real", delta, model=f"{cond}-real", run_id=run,
                                               digits=3, source="diff")),
+                    "AUROC - real+sd": ("" if cond != "real+rl" else
+                                        rec.ours(label, "AUROC - real+sd", vs_sd, model="real+rl-real+sd", run_id=run,
+                                                 digits=3, source="diff")),
                     "paper": "", "MLflow run": run,
                 })
     notes = common + [
         "MEL-vs-NV classifier trained on real data alone or real + generated images, evaluated on the real test "
         "split overall and per artifact subgroup (artifact present/absent; exact artifact subset).",
-        "n/a AUROC: the subgroup has one label value. AUROC - real: paired bootstrap over the same test images.",
+        "n/a AUROC: the subgroup has one label value. AUROC - real, AUROC - real+sd (RL's images against SD's, "
+        "e.g. on the planted artifact's subgroup): paired bootstrap over the same test images.",
     ]
     if no_ci:
         notes.append("Cells without [CI] come from an augmentation summary with point values only.")
