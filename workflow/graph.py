@@ -415,12 +415,12 @@ def _finetune(c: Ctx, track: str) -> dict:
                          mixed_precision=c.params.run.mixed_precision, log_fn=c.log)
 
 
-_FINETUNE = ("models.finetune_base", "unet_weights", "finetune_lr", "train_text_encoder")
+_FINETUNE_TRACK_KEYS = ("unet_weights", "finetune_lr", "train_text_encoder")  # models.<track>.*
 
 
 @stage(track="isic", deps={"stack": "data/models/isic/stack", "latents": "data/latents/isic"},
        outs={"base": "data/models/isic/base"},
-       params=(_FINETUNE[0], *(f"models.isic.{k}" for k in _FINETUNE[1:]), "run.mixed_precision"),
+       params=("models.finetune_base", *(f"models.isic.{k}" for k in _FINETUNE_TRACK_KEYS), "run.mixed_precision"),
        gpu=True, accelerate=True, priority=10)
 def finetune_base_isic(c: Ctx) -> dict:
     """The 'SD fine-tuned on ISIC' baseline: supervised text-to-image fine-tuning of the UNet."""
@@ -429,7 +429,7 @@ def finetune_base_isic(c: Ctx) -> dict:
 
 @stage(track="cxr", deps={"stack": "data/models/cxr/stack", "latents": "data/latents/cxr"},
        outs={"base": "data/models/cxr/base"},
-       params=(_FINETUNE[0], *(f"models.cxr.{k}" for k in _FINETUNE[1:]), "run.mixed_precision"),
+       params=("models.finetune_base", *(f"models.cxr.{k}" for k in _FINETUNE_TRACK_KEYS), "run.mixed_precision"),
        gpu=True, accelerate=True, priority=10)
 def finetune_base_cxr(c: Ctx) -> dict:
     """The anchor (RoentGen's role): supervised report-to-CXR fine-tuning of the UNet."""
