@@ -150,6 +150,33 @@ def test_base_finetune_takes_the_track_overrides(track, override, lr, text, monk
     assert got["lr"] == lr and got["train_text_encoder"] is text
 
 
+@pytest.mark.parametrize("variant, reps", [("full", 1), ("repeated", 8)])
+def test_a_variant_may_set_its_own_prompt_repeats(variant, reps, monkeypatch, tmp_path):
+    """rl.cxr.variants.<v>.prompt_repeats (the repeated-reports setting) reaches the trainer; the
+    other variants keep rl.cxr's i.i.d. reports."""
+    import medrl.rewards.cxr as rc
+    import medrl.rl.trainer as tr
+    import pandas as pd
+    from graph import Ctx, stage_params
+    from medrl.config import validate_params
+    from medrl.data.reports import PATHOLOGIES
+
+    got = {}
+    monkeypatch.setattr(tr, "train_ddpo", lambda *a, cfg, **kw: got.update(cfg=cfg) or {})
+    monkeypatch.setattr(rc, "CXRReward", lambda *a, **kw: None)
+    (tmp_path / "prepared").mkdir()
+    pd.DataFrame({"image": ["a"], "path": ["a.png"], "split": ["train"], "impression": ["No finding."],
+                  **{c: [float("nan")] for c in PATHOLOGIES}}
+                 ).to_csv(tmp_path / "prepared" / "pairs.csv", index=False)
+    params = validate_params(yaml.safe_load((REPO / "params.yaml").read_text()), check_paths=False)
+    stage, wc = STAGES["rl_cxr"], {"variant": variant, "seed": "0"}
+    deps = {k: tmp_path / k for k in stage.deps}
+    ctx = Ctx(params=stage_params(stage, params, wc), deps=deps, outs={"rl": tmp_path / "rl"}, wildcards=wc,
+              ckpt=tmp_path, device="cpu", log=lambda m, s=None: None, log_artifact=lambda p: None, workspace=tmp_path)
+    stage.run(ctx)
+    assert got["cfg"].prompt_repeats == reps
+
+
 # ============================================================================= (b) both engines agree
 
 

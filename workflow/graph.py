@@ -15,7 +15,7 @@ expands its template into several paths (``expand``).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -602,14 +602,15 @@ CXR_JOBS = ({"variant": "rl.cxr.variants", "seed": "rl.cxr.seed"},
 _RL_TRACK = ("epochs", "sample_batch_size", "sample_batches_per_epoch", "lr", "kl_coef", "skip_last_steps", "prompt_repeats")
 
 
-def _ddpo_config(c: Ctx, track: str, **extra: Any):
+def _ddpo_config(c: Ctx, track: str, track_overrides: dict[str, Any] | None = None, **extra: Any):
     """The trainer's settings: rl.<track> over rl.common (medrl.config.rl_track_settings; only
-    the RLTrack keys of rl.cxr, so rl_cxr does not depend on every variant) + run.mixed_precision;
-    the seed is the job's {seed} wildcard."""
+    the RLTrack keys of rl.cxr, so rl_cxr does not depend on every variant), ``track_overrides``
+    (a variant's own RLTrack keys) over those, + run.mixed_precision; the seed is the job's {seed}
+    wildcard."""
     from medrl.rl.trainer import DDPOConfig
 
     t = getattr(c.params.rl, track)  # a ParamsView: read only the declared RLTrack leaves
-    settings = {k: getattr(t, k) for k in _RL_TRACK} | {"seed": int(c.wildcards["seed"])}
+    settings = {k: getattr(t, k) for k in _RL_TRACK} | (track_overrides or {}) | {"seed": int(c.wildcards["seed"])}
     return DDPOConfig.from_params(c.params.rl.common, settings, track_name=track,
                                   mixed_precision=c.params.run.mixed_precision, **extra)
 
@@ -678,10 +679,10 @@ def rl_cxr(c: Ctx) -> dict:
                        l_consist=v.l_consist, rlcf=v.rlcf, rlcf_mode=c.params.rl.cxr.rlcf_mode,
                        labels_for=labels.__getitem__, anchor_bank=c.deps["bank"] / "bank.csv",
                        diag_unmentioned=c.params.rl.cxr.diag_unmentioned, device=c.device)
-    cfg = _ddpo_config(c, "cxr", use_ace=v.ace, ace_tokens=c.params.rl.cxr.ace_tokens,
+    # a variant's own batch structure (the repeated-reports setting) overrides rl.cxr's
+    own = {"prompt_repeats": v.prompt_repeats} if v.prompt_repeats is not None else None
+    cfg = _ddpo_config(c, "cxr", own, use_ace=v.ace, ace_tokens=c.params.rl.cxr.ace_tokens,
                        rlcf_paired_noise=c.params.rl.cxr.rlcf_paired_noise)
-    if v.prompt_repeats is not None:  # the variant's own batch structure (e.g. the repeated-reports setting)
-        cfg = replace(cfg, prompt_repeats=v.prompt_repeats)
     return train_ddpo(c.deps["base"], c.outs["rl"], reward_fn=reward,
                       prompt_fn=lambda rng, n: [reports[i] for i in rng.integers(0, len(reports), n)],
                       cfg=cfg, ckpt_dir=c.ckpt, log_fn=c.log)
