@@ -81,7 +81,8 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
     ``evaluators``: {"aligner", "diag", "dualenc"} -> the independent evaluators' directories;
     every judged metric (``JUDGED_KEYS``) is computed with the reward nets and again, prefixed
     ``eval_``, with the evaluators. ``held_out_split``: the pairs the samples' reports came from
-    (test or validate). ``judges`` holds each judge's accuracy on those real pairs (``judge_accuracy``) and, per evaluator, whether it is ``independent``
+    (test or validate). ``judges`` holds each judge's accuracy on those real pairs
+    (``judge_accuracy``) and, per evaluator, whether it is ``independent``
     (default: all; false when it is the released reward network itself).
 
     ``weights`` ({"l_align", "l_diag", "l_consist"}, a variant's) adds ``reward``: the combined
