@@ -11,10 +11,13 @@ export PATH := $(abspath $(BIN)):$(PATH)
 .PHONY: setup run test dvc-repro bench lock clean-data
 
 # exact versions and hashes from requirements.lock (torch 2.14.1 / torchvision 0.29.1 lie on
-# the machine's disk); medrl itself on top, without re-resolving anything
+# the machine's disk); medrl itself on top, without re-resolving anything. pip byte-compiles on
+# one core; compileall does the same on all of them (a few files meant for newer Pythons fail
+# to compile, as they do under pip, hence the ignored status)
 $(BIN)/medrl: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-compile --require-hashes -r requirements.lock
+	-$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/medrl env --check-lock requirements.lock
 	touch $(BIN)/medrl

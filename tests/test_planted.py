@@ -51,7 +51,13 @@ def test_planted_table_reports_rates_and_gap(tmp_path):
     assert len(table) == 4 and table["Prompts"][0] == "MEL prompts asking for ruler (planted low), H=4 evaluator"
     d = diff_from_boot(rl["rate"], sd["rate"])
     assert d["lo"] > 0  # the paired CI of the asked rate excludes zero
-    assert table["gap closed"][0].endswith("%")
+    assert table["gap to NV closed"][0].endswith("%")
+    assert table["gap to ceiling closed"].isna().all()  # no VAE ceiling in these metrics: no such gap
+    vc = {"vae_roundtrip": {"fires_when_present": {"ruler": 0.9}, "fires_when_absent": {"ruler": 0.1}}}
+    paths = _planted_table({"planted": sd, "vae_ceiling": vc}, {"planted": rl}, {"sd": "r1", "rl": "r2"}, tmp_path, [])
+    table = pd.read_csv(paths["csv"])
+    want = (rl["rate"]["value"] - sd["rate"]["value"]) / (0.9 - sd["rate"]["value"])
+    assert table["gap to ceiling closed"][0] == f"{100 * want:.0f} %"
     assert "planted rate of ruler where asked is 0.42" in (tmp_path / "rl4med_planted.md").read_text()
 
 

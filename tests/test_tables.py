@@ -496,7 +496,7 @@ def test_rl4med_seed_table_rows_of_the_planted_gap(isic_inputs, tmp_path):
     t = pd.read_csv(out["csv"], dtype=str, keep_default_na=False).set_index("Metric")
     assert t.loc["ruler rate, MEL prompts asking for it", "Verdict"] == "better in every seed"
     assert t.loc["ruler rate, MEL prompts not asking for it", "Verdict"] == "better in every seed"  # it fell
-    assert "Planted gap closed by RL" in Path(out["md"]).read_text()
+    assert "Planted gap to the other lesion's rate closed by RL" in Path(out["md"]).read_text()
 
 
 def test_cxrl_seed_table(cxr_metrics, tmp_path):

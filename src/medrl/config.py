@@ -270,6 +270,7 @@ class RLCommon(_S):
     base_reward_samples: int = Field(16, ge=2)
     kl_coef: float = Field(0.0, ge=0)  # KL penalty towards the frozen base per denoising step (0 = DDPO)
     checkpoint_every: int = Field(5, ge=1)
+    fuse_micro_steps: int = Field(1, ge=1)  # PPO micro-steps per forward/backward: execution only, same gradient
 
 
 class RLTrack(_S):

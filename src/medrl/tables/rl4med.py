@@ -331,18 +331,23 @@ def _planted_table(sd_all: Mapping[str, Any], rl_all: Mapping[str, Any], rid: Ma
 
 
 def _gap_note(target: Mapping[str, float] | None, artifact: str) -> str:
+    note = ("Gap to the other lesion closed = (SD+RL - SD) / (reference - SD), the reference being SD's rate on the "
+            "other lesion's prompts, whose captions are truthful: the gap the planting made.")
     if target is None:
-        return "Gap closed = (SD+RL - SD) / (reference - SD), the reference being SD's rate on the other lesion's prompts."
-    return (f"Gap closed = (SD+RL - SD) / (target - SD), the target being what a model that follows every prompt scores "
-            f"here: the H=4 evaluator on real test images after a round trip through the VAE finds {artifact} on "
-            f"{_pct(target['rate'])} of those that have it and on {_pct(target['false_rate'])} of those that do not.")
+        return note
+    return note + (f" Gap to ceiling closed = (SD+RL - SD) / (target - SD), the target being what a model that follows "
+                   f"every prompt scores here: the H=4 evaluator on real test images after a round trip through the VAE "
+                   f"finds {artifact} on {_pct(target['rate'])} of those that have it and on "
+                   f"{_pct(target['false_rate'])} of those that do not.")
 
 
 def _planted_rows(rec: Recorder, sd: Mapping[str, Any], rl: Mapping[str, Any], judge: str, words: Mapping[str, str],
                   rid: Mapping[str, str], target: Mapping[str, float] | None) -> list[dict[str, Any]]:
     from medrl.metrics.planted import gap_closed
 
-    closed = gap_closed(sd, rl, target) if judge.startswith("H=4") else {}
+    h4 = judge.startswith("H=4")
+    closed = gap_closed(sd, rl) if h4 else {}  # the planted gap: to SD's rate on the other lesion
+    closed_ceiling = gap_closed(sd, rl, target) if h4 and target is not None else {}
     pair_run = f"{rid['rl']} - {rid['sd']}"
     rows = []
     for key, label in _PLANTED_ROWS.items():
@@ -355,7 +360,8 @@ def _planted_rows(rec: Recorder, sd: Mapping[str, Any], rl: Mapping[str, Any], j
             "SD+RL": rec.ours(name, "SD+RL", rl[key], model="rl", run_id=rid["rl"], digits=3),
             "RL - SD": rec.ours(name, "RL - SD", diff_from_boot(rl[key], sd[key], where=f"planted {key}"),
                                 model="rl-sd", run_id=pair_run, digits=3, source="diff"),
-            "gap closed": _pct(closed[key]) if key in closed else "",
+            f"gap to {words['other']} closed": _pct(closed.get(key)) if key in closed else "",
+            "gap to ceiling closed": _pct(closed_ceiling.get(key)) if key in closed_ceiling else "",
             "n (SD/RL)": f"{sd[key]['n']}/{rl[key]['n']}",
         })
     return rows
@@ -519,11 +525,15 @@ def _planted_seed_rows(sd: Mapping[str, Any], rl_by_seed: Mapping[int, Mapping[s
                     run_ids={s: f"{rid[keys[s]]} - {rid['sd']}" for s in rl_by_seed})
             for key, what, hib in (("rate", "asking for it", True), ("false_rate", "not asking for it", False))]
     target = ceiling_rates(sd.get("vae_ceiling"), plant["artifact"])
-    closed = {s: gap_closed(p, m["planted"], target) for s, m in rl_by_seed.items()}
-    note = ("Planted gap closed by RL (H=4 evaluator; (SD+RL - SD) / (target - SD), see rl4med_planted): "
-            + "; ".join(f"seed {s}: asked {_pct(c['rate'])}, not asked {_pct(c['false_rate'])}"
-                        for s, c in closed.items()) + ".")
-    return rows, [note]
+    notes = []
+    for what, goal in (("to the other lesion's rate", None), ("to the VAE ceiling", target)):
+        if what.endswith("ceiling") and goal is None:
+            continue
+        closed = {s: gap_closed(p, m["planted"], goal) for s, m in rl_by_seed.items()}
+        notes.append(f"Planted gap {what} closed by RL (H=4 evaluator, see rl4med_planted): "
+                     + "; ".join(f"seed {s}: asked {_pct(c['rate'])}, not asked {_pct(c['false_rate'])}"
+                                 for s, c in closed.items()) + ".")
+    return rows, notes
 
 
 build_rl4med_tables.__doc__ = (build_rl4med_tables.__doc__ or "") + ISIC_SCHEMA_DOC
