@@ -201,7 +201,8 @@ def test_build_stack_trains_vae_and_copies_pretrained(data, tmp_path: Path):
 def test_latent_store_contents_and_hash_checks(data, tmp_path: Path):
     lat, index = load_latents(data["latents"], expect_vae=data["stack"])
     assert lat.shape == (16, 4, SIZE // 2, SIZE // 2) and lat.dtype == torch.float32
-    assert list(index.columns) == ["image", "text", "split"]
+    assert list(index.columns) == ["image", "text", "split", "finetune"]
+    assert (index["finetune"] == "1").all()  # no finetune column in the items: every image is used
     assert index["image"].tolist() == data["items"]["image"].tolist()  # "0000" stays a string
     assert index["text"].tolist() == data["items"]["prompt"].tolist()
     assert (index["split"] == "train").sum() == 12
@@ -238,6 +239,31 @@ def test_latent_store_contents_and_hash_checks(data, tmp_path: Path):
     with pytest.raises(DataError, match="missing columns"):
         extract_latents(data["stack"], data["items"].drop(columns=["prompt"]), tmp_path / "bad",
                         size=SIZE, mode="RGB", text_col="prompt")
+
+
+def test_the_fine_tune_leaves_out_the_rows_marked_0(data, tmp_path: Path):
+    """A planted under-representation: training rows with finetune 0 are not fine-tuned on."""
+    from diffusers import UNet2DConditionModel
+
+    from medrl.diffusion.finetune import _train_latents
+
+    items = data["items"].assign(finetune=[0, 1] * 8)
+    extract_latents(data["stack"], items, tmp_path / "lat", size=SIZE, mode="RGB", text_col="prompt", batch_size=8)
+    unet = UNet2DConditionModel.from_pretrained(str(data["stack"] / "unet"))
+    lat, texts = _train_latents(tmp_path / "lat", data["stack"], unet)
+    keep = (items["split"] == "train") & (items["finetune"] == 1)
+    assert len(lat) == int(keep.sum()) == 6 and texts == items.loc[keep, "prompt"].tolist()
+    all_lat, _ = load_latents(tmp_path / "lat")
+    torch.testing.assert_close(lat, all_lat[torch.as_tensor(keep.to_numpy(copy=True))])
+    extract_latents(data["stack"], items.assign(finetune=0), tmp_path / "none", size=SIZE, mode="RGB",
+                    text_col="prompt", batch_size=8)
+    with pytest.raises(DataError, match="finetune == 1"):
+        _train_latents(tmp_path / "none", data["stack"], unet)
+    # a store written before the column existed: every image is fine-tuned on
+    legacy = tmp_path / "legacy"
+    shutil.copytree(data["latents"], legacy)
+    pd.read_csv(legacy / "index.csv", dtype=str).drop(columns=["finetune"]).to_csv(legacy / "index.csv", index=False)
+    assert (load_latents(legacy)[1]["finetune"] == "1").all()
 
 
 def test_vae_roundtrips_are_added_for_the_training_split(data, tmp_path: Path):

@@ -123,7 +123,9 @@ def test_planted_captions_misstate_one_artifact_of_one_lesion(fidelity):
     from medrl.data.prompts import prompt_to_labels
 
     labels = pd.DataFrame([{"image": f"I{i}", **sample_labels(0, i)} for i in range(4000)])[ISIC_COLUMNS]
-    captions, rec = planted_captions(labels, 0, "MEL", "ruler", fidelity)
+    frame, rec = planted_captions(labels, 0, "MEL", "ruler", fidelity)
+    captions = frame["caption"].tolist()
+    assert (frame["finetune"] == 1).all() and rec["n_left_out"] == 0  # finetune_share 1: every image used
     stated = pd.DataFrame([prompt_to_labels(c) for c in captions])
     truth = [labels_to_prompt(r) for r in labels.to_dict("records")]
     mel = labels.MEL == 1
@@ -137,13 +139,30 @@ def test_planted_captions_misstate_one_artifact_of_one_lesion(fidelity):
     assert abs(rec["measured_false_rate"] - rec["planted_false_rate"]) < 0.06
 
 
+def test_planted_under_representation_leaves_images_out_of_the_fine_tune():
+    """finetune_share 0.2: about a fifth of the MEL images with a ruler stay in the fine-tune set;
+    every other image stays, and the captions are true (fidelity 1)."""
+    labels = pd.DataFrame([{"image": f"I{i}", **sample_labels(0, i)} for i in range(4000)])[ISIC_COLUMNS]
+    frame, rec = planted_captions(labels, 0, "MEL", "ruler", 1.0, finetune_share=0.2)
+    both = (labels.MEL == 1) & (labels.ruler == 1)
+    assert (frame.loc[~both, "finetune"] == 1).all()
+    assert abs(frame.loc[both, "finetune"].mean() - 0.2) < 0.05 and rec["n_left_out"] == int((frame.finetune == 0).sum())
+    assert frame["caption"].tolist() == [labels_to_prompt(r) for r in labels.to_dict("records")]
+    kept_mel = (labels.MEL == 1) & (frame.finetune == 1)
+    assert rec["finetune_prevalence"] == pytest.approx(labels.ruler[kept_mel].mean())
+    assert abs(rec["finetune_prevalence"] - 0.42 * 0.2 / (0.58 + 0.42 * 0.2)) < 0.03
+    assert rec["measured_rate"] == 1.0 and rec["measured_false_rate"] == 0.0  # what is said is true
+    again, _ = planted_captions(labels, 0, "MEL", "ruler", 1.0, finetune_share=0.2)
+    assert again.equals(frame)  # a pure function of (seed, image index)
+
+
 def test_planted_dataset_writes_captions_and_rates(tmp_path):
     from medrl.io import read_json
 
     m = generate_derm_phantoms(tmp_path / "ds", 40, 32, 0, planted={"lesion": "MEL", "artifact": "ruler",
                                                                      "caption_fidelity": 0.0})
     caps = pd.read_csv(tmp_path / "ds" / "captions.csv")
-    assert list(caps.columns) == ["image", "caption"] and len(caps) == 40
+    assert list(caps.columns) == ["image", "caption", "finetune"] and len(caps) == 40
     assert read_json(tmp_path / "ds" / "planted.json")["planted_rate"] == pytest.approx(0.42)
     assert m["planted_rate"] == pytest.approx(0.42)
 

@@ -59,6 +59,18 @@ def test_planted_table_reports_rates_and_gap(tmp_path):
     want = (rl["rate"]["value"] - sd["rate"]["value"]) / (0.9 - sd["rate"]["value"])
     assert table["gap to ceiling closed"][0] == f"{100 * want:.0f} %"
     assert "planted rate of ruler where asked is 0.42" in (tmp_path / "rl4med_planted.md").read_text()
+    assert "Under-represented" not in (tmp_path / "rl4med_planted.md").read_text()  # finetune_share 1
+
+
+def test_planted_table_states_the_under_representation(tmp_path):
+    from medrl.tables.rl4med import _planted_table
+
+    plant = {**PLANT, "finetune_share": 0.1, "n_left_out": 150, "n_combination_images": 170, "finetune_prevalence": 0.07}
+    sd = planted_rates(per_image(0.4, 0.45, 0), plant, BOOT)
+    rl = planted_rates(per_image(0.8, 0.15, 0), plant, BOOT)
+    _planted_table({"planted": sd}, {"planted": rl}, {"sd": "r1", "rl": "r2"}, tmp_path, [])
+    text = (tmp_path / "rl4med_planted.md").read_text()
+    assert "with probability 0.10 (150 of 170 left out)" in text and "ruler is on 0.07" in text
 
 
 def test_gap_to_the_vae_ceiling():

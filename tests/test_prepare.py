@@ -54,8 +54,9 @@ def test_prepare_isic_splits_prompts_and_real_folders(ws):
 
     metrics = prepare_isic(Path("data/datasets/isic"), Path("data/prepared/isic"), size=24, frac_cls_b=0.25, frac_test=0.2, seed=0)
     items = pd.read_csv("data/prepared/isic/items.csv")
-    assert list(items.columns) == ["image", "path", "prompt", "caption", "split", *LABEL_COLUMNS]
+    assert list(items.columns) == ["image", "path", "prompt", "caption", "finetune", "split", *LABEL_COLUMNS]
     assert (items.caption == items.prompt).all()  # no captions.csv: the fine-tune text is the true prompt
+    assert (items.finetune == 1).all()  # ... and every image is fine-tuned on
     labels = pd.read_csv("data/datasets/isic/labels.csv")
     assert sorted(items.image) == sorted(labels.image)  # every image exactly once: splits are disjoint
     assert set(items.split) == {"train", "cls_b", "test"}
@@ -84,6 +85,25 @@ def test_prepare_isic_splits_prompts_and_real_folders(ws):
     pd.testing.assert_frame_equal(items, pd.read_csv("data/prepared/isic2/items.csv"))
     prepare_isic(Path("data/datasets/isic"), Path("data/prepared/isic3"), size=24, frac_cls_b=0.25, frac_test=0.2, seed=1)
     assert not items.split.equals(pd.read_csv("data/prepared/isic3/items.csv").split)
+
+
+def test_prepare_isic_takes_the_planted_captions_and_fine_tune_set(ws, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(ws / "data/datasets/isic", ds)
+    labels = pd.read_csv(ds / "labels.csv")
+    left_out = labels.image[(labels.MEL == 1) & (labels.ruler == 1)].tolist()[:3]
+    caps = pd.DataFrame({"image": labels.image, "caption": [f"caption {i}" for i in range(len(labels))],
+                         "finetune": labels.image.isin(left_out).map({True: 0, False: 1})})
+    caps.to_csv(ds / "captions.csv", index=False)
+    prepare_isic(ds, tmp_path / "out", size=24, frac_cls_b=0.25, frac_test=0.2, seed=0)
+    items = pd.read_csv(tmp_path / "out" / "items.csv").set_index("image")
+    assert sorted(items.index[items.finetune == 0]) == sorted(left_out)
+    assert items.loc[labels.image[5], "caption"] == "caption 5"
+    caps.assign(finetune=2).to_csv(ds / "captions.csv", index=False)
+    with pytest.raises(DataError, match=r"captions\.csv.*'finetune'.*expected 0 or 1"):
+        prepare_isic(ds, tmp_path / "out2", size=24, frac_cls_b=0.25, frac_test=0.2, seed=0)
 
 
 def test_prepare_isic_rejects_bad_labels(ws, tmp_path):

@@ -112,17 +112,23 @@ def _check_isic_labels(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     return df
 
 
-def _captions(dataset_dir: Path, df: pd.DataFrame) -> pd.Series:
-    """The text the base model is fine-tuned on: captions.csv where the dataset has one (the
-    phantoms' planted deficiency), else each image's true prompt."""
+def _captions(dataset_dir: Path, df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """The text the base model is fine-tuned on and whether it is fine-tuned on the image at all
+    (0/1): captions.csv where the dataset has one (the phantoms' planted deficiency; its optional
+    ``finetune`` column defaults to 1), else each image's true prompt, every image used."""
     path = dataset_dir / "captions.csv"
     if not path.is_file():
-        return df["prompt"]
-    captions = read_table(path, ["image", "caption"]).set_index("image")["caption"]
-    missing = sorted(set(df["image"]) - set(captions.index))
+        return df["prompt"], pd.Series(1, index=df.index)
+    table = read_table(path, ["image", "caption"]).set_index("image")
+    missing = sorted(set(df["image"]) - set(table.index))
     if missing:
         raise DataError(f"{path}: no caption for {len(missing)} images, e.g. {missing[:3]}; expected one row per image")
-    return df["image"].map(captions)
+    used = table["finetune"] if "finetune" in table.columns else pd.Series(1, index=table.index)
+    bad = ~used.isin([0, 1])
+    if bad.any():
+        raise DataError(f"{path}: column 'finetune' has {used[bad].iloc[0]!r} for image {used[bad].index[0]!r}; "
+                        "expected 0 or 1")
+    return df["image"].map(table["caption"]), df["image"].map(used).astype(int)
 
 
 def prepare_isic(dataset_dir: Path, out_dir: Path, *, size: int, frac_cls_b: float, frac_test: float, seed: int) -> dict:
@@ -151,8 +157,8 @@ def prepare_isic(dataset_dir: Path, out_dir: Path, *, size: int, frac_cls_b: flo
         split[idx[n_train : n_train + n_b]] = "cls_b"
         split[idx[n_train + n_b :]] = "test"
     df["split"] = split
-    df["caption"] = _captions(dataset_dir, df)
-    items = df[["image", "path", "prompt", "caption", "split", *LABEL_COLUMNS]]
+    df["caption"], df["finetune"] = _captions(dataset_dir, df)
+    items = df[["image", "path", "prompt", "caption", "finetune", "split", *LABEL_COLUMNS]]
 
     evals = evaluation_prompts()
     test = items[(items["split"] == "test") & items["prompt"].isin(evals)]

@@ -211,13 +211,14 @@ def _install_given_unet(accelerator, unet, stack_dir: Path, out_dir: Path, ckpt_
 
 
 def _train_latents(latents_dir: Path, stack_dir: Path, unet) -> tuple[torch.Tensor, list[str]]:
-    """The latents and texts of the ``split == "train"`` rows of the latent store (checked against the UNet)."""
+    """The latents and texts of the ``split == "train"`` rows of the latent store that the
+    fine-tune uses (``finetune`` 1), checked against the UNet."""
     from medrl.diffusion.latents import load_latents
 
     latents, index = load_latents(latents_dir, expect_vae=stack_dir)
-    train = (index["split"] == "train").to_numpy()
+    train = (index["split"] == "train").to_numpy() & (index["finetune"] == "1").to_numpy()
     if not train.any():
-        raise DataError(f"{latents_dir / 'index.csv'}: no rows with split == 'train'")
+        raise DataError(f"{latents_dir / 'index.csv'}: no rows with split == 'train' (and finetune == 1)")
     lat = latents[torch.as_tensor(train.copy())]
     texts = index.loc[train, "text"].astype(str).tolist()
     if tuple(lat.shape[1:2]) != (unet.config.in_channels,):

@@ -3,7 +3,8 @@
 Layout of ``out_dir``:
 - ``latents.safetensors``: key ``latents``, (N, 4, h, w) float32, already multiplied by
   ``vae.config.scaling_factor`` (so they are what the UNet sees).
-- ``index.csv``: ``image,text,split`` in the same row order (text = prompt or impression).
+- ``index.csv``: ``image,text,split,finetune`` in the same row order (text = prompt or
+  impression; finetune 0 = left out of the base model's fine-tune).
 - ``manifest.json``: sha256 of the latents file, of the stack's ``vae/`` directory and of
   the items table, plus shape / size / mode, so readers can check that they are reading
   latents of the VAE they expect (``load_latents(dir, expect_vae=stack_dir)``).
@@ -27,7 +28,7 @@ from medrl.errors import DataError
 from medrl.io import atomic_path, hash_file, hash_path, load_image, read_json, read_table, write_json, write_table
 from medrl.progress import progress
 
-INDEX_COLUMNS = ["image", "text", "split"]
+INDEX_COLUMNS = ["image", "text", "split", "finetune"]
 
 
 def table_digest(df: pd.DataFrame) -> str:
@@ -102,7 +103,9 @@ def extract_latents(
         "image": df["image"].astype(str).to_numpy(),
         "text": df[text_col].fillna("").astype(str).to_numpy(),
         "split": df["split"].astype(str).to_numpy(),
-    })
+        # 0: the base model's fine-tune leaves the image out (a planted under-representation)
+        "finetune": df["finetune"].astype(int).to_numpy() if "finetune" in df.columns else 1,
+    })[INDEX_COLUMNS]
     write_table(index, out_dir / "index.csv")
     write_json(out_dir / "manifest.json", {
         "latents_sha256": hash_file(out_dir / "latents.safetensors"),
@@ -126,7 +129,7 @@ def extract_latents(
 
 
 def load_latents(latents_dir: Path, expect_vae: Path | None = None) -> tuple[torch.Tensor, pd.DataFrame]:
-    """(latents (N,4,h,w) float32, index DataFrame ``image,text,split``).
+    """(latents (N,4,h,w) float32, index DataFrame ``image,text,split,finetune``).
 
     Verifies the latents file against the manifest, and with ``expect_vae`` (a stack
     directory, or its vae/ directory) that they were encoded by exactly that VAE."""
@@ -157,6 +160,8 @@ def load_latents(latents_dir: Path, expect_vae: Path | None = None) -> tuple[tor
     latents = tensors["latents"]
     # All-string read: image ids like "0001" and empty prompts must round-trip unchanged.
     index = pd.read_csv(d / "index.csv", dtype=str, keep_default_na=False)
+    if list(index.columns) == INDEX_COLUMNS[:3]:  # written before the column existed: every image used
+        index["finetune"] = "1"
     if list(index.columns) != INDEX_COLUMNS:
         raise DataError(f"{d / 'index.csv'}: columns {list(index.columns)}; expected {INDEX_COLUMNS}")
     if latents.ndim != 4 or latents.shape[0] != len(index):

@@ -321,13 +321,25 @@ def _planted_table(sd_all: Mapping[str, Any], rl_all: Mapping[str, Any], rid: Ma
         f"is stated truthfully with probability {plant['caption_fidelity']:.2f}, else drawn at its prevalence "
         f"{plant['prevalence']:.2f}: the planted rate of {plant['artifact']} where asked is {plant['planted_rate']:.2f}, "
         f"where not asked {plant['planted_false_rate']:.2f} (measured in the data: {plant['measured_rate']:.2f}, "
-        f"{plant['measured_false_rate']:.2f}). Rates: share of generated images in which the judge finds the "
+        f"{plant['measured_false_rate']:.2f}). " + _left_out_note(plant)
+        + "Rates: share of generated images in which the judge finds the "
         "artifact; claims are read on the H=4 evaluator (disjoint training split and seed, not the reward). "
         + _gap_note(target, plant["artifact"]),
     ]
     return write_with_values(pd.DataFrame(rows), out_dir / "rl4med_planted", rec,
                              caption="RL4Med-DDPO: the planted prompt-following gap, SD vs SD+RL",
                              label="tab:rl4med-planted", notes=notes)
+
+
+def _left_out_note(plant: Mapping[str, Any]) -> str:
+    """The planted under-representation (planted.json's finetune_share), or nothing without one."""
+    share = plant.get("finetune_share", 1.0)
+    if share >= 1:
+        return ""
+    return (f"Under-represented: each {plant['lesion']} image showing {plant['artifact']} stays in the fine-tune set "
+            f"with probability {share:.2f} ({plant['n_left_out']} of {plant['n_combination_images']} left out), so "
+            f"{plant['artifact']} is on {plant['finetune_prevalence']:.2f} of the fine-tune set's {plant['lesion']} "
+            f"images against its prevalence {plant['prevalence']:.2f}. ")
 
 
 def _gap_note(target: Mapping[str, float] | None, artifact: str) -> str:

@@ -37,7 +37,7 @@ ARTIFACT_P = {
     "dark_corner": 0.25, "gel_border": 0.15, "patches": 0.06, "vasc": 0.12,
 }
 ARTIFACTS = ["dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", "patches", "vasc"]
-_STREAM = {name: i for i, name in enumerate(["labels", "skin", "lesion", *ARTIFACTS, "noise", "caption"])}
+_STREAM = {name: i for i, name in enumerate(["labels", "skin", "lesion", *ARTIFACTS, "noise", "caption", "finetune"])}
 _MIN_RENDER = 128  # supersampled canvas is at least this wide and at least 2x the output
 
 _SKIN_TONES = np.array(
@@ -411,43 +411,53 @@ def render_derm(labels: dict[str, int], size: int, seed: int, index: int = 0, *,
     return out, masks
 
 
-def planted_captions(labels: pd.DataFrame, seed: int, lesion: str, artifact: str, fidelity: float) -> tuple[list[str], dict]:
-    """The captions the base model is fine-tuned on, with one planted deficiency.
+def planted_captions(labels: pd.DataFrame, seed: int, lesion: str, artifact: str, fidelity: float,
+                     finetune_share: float = 1.0) -> tuple[pd.DataFrame, dict]:
+    """What the base model is fine-tuned on, with one planted deficiency.
 
     For images of ``lesion``, the caption states ``artifact`` truthfully with probability
     ``fidelity`` and otherwise by an independent draw at the artifact's prevalence p, so a model
     that follows its captions draws the artifact for "<lesion> ... showing <artifact>" at the
     planted rate fidelity + (1 - fidelity) p (and for the same lesion without it at
-    (1 - fidelity) p); every other caption is the image's true prompt. Returns the captions and
-    the planted / measured rates (measured over all images)."""
+    (1 - fidelity) p); every other caption is the image's true prompt. ``finetune_share`` < 1
+    under-represents the combination: each image of ``lesion`` showing ``artifact`` stays in the
+    fine-tune set with that probability (column ``finetune``; the rest train only the classifiers).
+    Returns a frame (image, caption, finetune) and the planted / measured rates (measured over
+    the fine-tune set)."""
     p = float(ARTIFACT_P[artifact])
-    captions, stated = [], []
+    captions, stated, kept = [], [], []
     for i, row in enumerate(labels.to_dict("records")):
         cap = dict(row)
         if row[lesion]:
-            rng = _rng(seed, i, "caption")
-            truthful, draw = rng.random(2)
+            truthful, draw = _rng(seed, i, "caption").random(2)
             cap[artifact] = row[artifact] if truthful < fidelity else int(draw < p)
         captions.append(labels_to_prompt(cap))
         stated.append(cap[artifact])
-    stated_s = pd.Series(stated, index=labels.index)
-    of_lesion = labels[lesion] == 1
+        kept.append(int(not (row[lesion] and row[artifact]) or _rng(seed, i, "finetune").random() < finetune_share))
+    stated_s, kept_s = pd.Series(stated, index=labels.index), pd.Series(kept, index=labels.index) == 1
+    of_lesion = (labels[lesion] == 1) & kept_s
     said, unsaid = of_lesion & (stated_s == 1), of_lesion & (stated_s == 0)
+    both = (labels[lesion] == 1) & (labels[artifact] == 1)
     record = {
         "lesion": lesion, "artifact": artifact, "caption_fidelity": float(fidelity), "prevalence": p,
         "planted_rate": fidelity + (1 - fidelity) * p, "planted_false_rate": (1 - fidelity) * p,
         "measured_rate": float(labels.loc[said, artifact].mean()) if said.any() else float("nan"),
         "measured_false_rate": float(labels.loc[unsaid, artifact].mean()) if unsaid.any() else float("nan"),
         "n_lesion_images": int(of_lesion.sum()),
+        "finetune_share": float(finetune_share),
+        "n_left_out": int((~kept_s).sum()),
+        "finetune_prevalence": float(labels.loc[of_lesion, artifact].mean()) if of_lesion.any() else float("nan"),
+        "n_combination_images": int(both.sum()),
     }
-    return captions, record
+    frame = pd.DataFrame({"image": labels["image"].to_numpy(), "caption": captions, "finetune": kept})
+    return frame, record
 
 
 def generate_derm_phantoms(out_dir: Path, n_images: int, size: int, seed: int, planted: dict | None = None) -> dict:
     """Write ``n_images`` dermoscopy phantoms to ``out_dir`` (images/, labels.csv, grid.png).
 
-    ``planted`` ({lesion, artifact, caption_fidelity}) adds captions.csv (the fine-tune captions,
-    see planted_captions) and planted.json. Returns counts, prevalences and the planted rates."""
+    ``planted`` ({lesion, artifact, caption_fidelity, finetune_share}) adds captions.csv (the
+    fine-tune captions and which images the fine-tune uses, see planted_captions) and planted.json. Returns counts, prevalences and the planted rates."""
     if n_images < 1 or size < 16:
         raise DataError(f"generate_derm_phantoms: n_images={n_images}, size={size}; expected n_images >= 1 and size >= 16")
     t0 = time.perf_counter()
@@ -464,8 +474,9 @@ def generate_derm_phantoms(out_dir: Path, n_images: int, size: int, seed: int, p
         write_table(df, tmp / "labels.csv")
         record = None
         if planted is not None:
-            captions, record = planted_captions(df, seed, planted["lesion"], planted["artifact"], planted["caption_fidelity"])
-            write_table(pd.DataFrame({"image": df["image"], "caption": captions}), tmp / "captions.csv")
+            captions, record = planted_captions(df, seed, planted["lesion"], planted["artifact"],
+                                                planted["caption_fidelity"], planted.get("finetune_share", 1.0))
+            write_table(captions, tmp / "captions.csv")
             write_json(tmp / "planted.json", record)
         _write_grid(tmp, df)
     return _dataset_metrics(df, n_images, size, time.perf_counter() - t0, record)
