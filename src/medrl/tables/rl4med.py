@@ -372,8 +372,8 @@ def _planted_rows(rec: Recorder, sd: Mapping[str, Any], rl: Mapping[str, Any], j
             "SD+RL": rec.ours(name, "SD+RL", rl[key], model="rl", run_id=rid["rl"], digits=3),
             "RL - SD": rec.ours(name, "RL - SD", diff_from_boot(rl[key], sd[key], where=f"planted {key}"),
                                 model="rl-sd", run_id=pair_run, digits=3, source="diff"),
-            f"gap to {words['other']} closed": _pct(closed.get(key)) if key in closed else "",
-            "gap to ceiling closed": _pct(closed_ceiling.get(key)) if key in closed_ceiling else "",
+            f"gap to {words['other']} closed": _pct(closed[key]) if key in closed else "",
+            "gap to ceiling closed": _pct(closed_ceiling[key]) if key in closed_ceiling else "",
             "n (SD/RL)": f"{sd[key]['n']}/{rl[key]['n']}",
         })
     return rows
@@ -537,10 +537,9 @@ def _planted_seed_rows(sd: Mapping[str, Any], rl_by_seed: Mapping[int, Mapping[s
                     run_ids={s: f"{rid[keys[s]]} - {rid['sd']}" for s in rl_by_seed})
             for key, what, hib in (("rate", "asking for it", True), ("false_rate", "not asking for it", False))]
     target = ceiling_rates(sd.get("vae_ceiling"), plant["artifact"])
+    goals = [("to the other lesion's rate", None)] + ([("to the VAE ceiling", target)] if target else [])
     notes = []
-    for what, goal in (("to the other lesion's rate", None), ("to the VAE ceiling", target)):
-        if what.endswith("ceiling") and goal is None:
-            continue
+    for what, goal in goals:
         closed = {s: gap_closed(p, m["planted"], goal) for s, m in rl_by_seed.items()}
         notes.append(f"Planted gap {what} closed by RL (H=4 evaluator, see rl4med_planted): "
                      + "; ".join(f"seed {s}: asked {_pct(c['rate'])}, not asked {_pct(c['false_rate'])}"

@@ -457,7 +457,8 @@ def generate_derm_phantoms(out_dir: Path, n_images: int, size: int, seed: int, p
     """Write ``n_images`` dermoscopy phantoms to ``out_dir`` (images/, labels.csv, grid.png).
 
     ``planted`` ({lesion, artifact, caption_fidelity, finetune_share}) adds captions.csv (the
-    fine-tune captions and which images the fine-tune uses, see planted_captions) and planted.json. Returns counts, prevalences and the planted rates."""
+    fine-tune captions and which images the fine-tune uses, see planted_captions) and
+    planted.json. Returns counts, prevalences and the planted rates."""
     if n_images < 1 or size < 16:
         raise DataError(f"generate_derm_phantoms: n_images={n_images}, size={size}; expected n_images >= 1 and size >= 16")
     t0 = time.perf_counter()
@@ -474,9 +475,9 @@ def generate_derm_phantoms(out_dir: Path, n_images: int, size: int, seed: int, p
         write_table(df, tmp / "labels.csv")
         record = None
         if planted is not None:
-            captions, record = planted_captions(df, seed, planted["lesion"], planted["artifact"],
-                                                planted["caption_fidelity"], planted.get("finetune_share", 1.0))
-            write_table(captions, tmp / "captions.csv")
+            fine_tune, record = planted_captions(df, seed, planted["lesion"], planted["artifact"],
+                                                 planted["caption_fidelity"], planted.get("finetune_share", 1.0))
+            write_table(fine_tune, tmp / "captions.csv")
             write_json(tmp / "planted.json", record)
         _write_grid(tmp, df)
     return _dataset_metrics(df, n_images, size, time.perf_counter() - t0, record)
