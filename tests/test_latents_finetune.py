@@ -201,8 +201,9 @@ def test_build_stack_trains_vae_and_copies_pretrained(data, tmp_path: Path):
 def test_latent_store_contents_and_hash_checks(data, tmp_path: Path):
     lat, index = load_latents(data["latents"], expect_vae=data["stack"])
     assert lat.shape == (16, 4, SIZE // 2, SIZE // 2) and lat.dtype == torch.float32
-    assert list(index.columns) == ["image", "text", "split", "finetune"]
+    assert list(index.columns) == ["image", "text", "split", "finetune", "prompt"]
     assert (index["finetune"] == "1").all()  # no finetune column in the items: every image is used
+    assert index["prompt"].tolist() == index["text"].tolist()  # no prompt column given: the text
     assert index["image"].tolist() == data["items"]["image"].tolist()  # "0000" stays a string
     assert index["text"].tolist() == data["items"]["prompt"].tolist()
     assert (index["split"] == "train").sum() == 12
@@ -250,7 +251,7 @@ def test_the_fine_tune_leaves_out_the_rows_marked_0(data, tmp_path: Path):
     items = data["items"].assign(finetune=[0, 1] * 8)
     extract_latents(data["stack"], items, tmp_path / "lat", size=SIZE, mode="RGB", text_col="prompt", batch_size=8)
     unet = UNet2DConditionModel.from_pretrained(str(data["stack"] / "unet"))
-    lat, texts = _train_latents(tmp_path / "lat", data["stack"], unet)
+    lat, texts, _ = _train_latents(tmp_path / "lat", data["stack"], unet)
     keep = (items["split"] == "train") & (items["finetune"] == 1)
     assert len(lat) == int(keep.sum()) == 6 and texts == items.loc[keep, "prompt"].tolist()
     all_lat, _ = load_latents(tmp_path / "lat")
@@ -262,8 +263,13 @@ def test_the_fine_tune_leaves_out_the_rows_marked_0(data, tmp_path: Path):
     # a store written before the column existed: every image is fine-tuned on
     legacy = tmp_path / "legacy"
     shutil.copytree(data["latents"], legacy)
-    pd.read_csv(legacy / "index.csv", dtype=str).drop(columns=["finetune"]).to_csv(legacy / "index.csv", index=False)
+    pd.read_csv(legacy / "index.csv", dtype=str).drop(columns=["finetune", "prompt"]).to_csv(legacy / "index.csv",
+                                                                                          index=False)
     assert (load_latents(legacy)[1]["finetune"] == "1").all()
+    pd.read_csv(tmp_path / "lat" / "index.csv", dtype=str).drop(columns=["prompt"]).to_csv(legacy / "index.csv",
+                                                                                         index=False)
+    index = load_latents(legacy)[1]  # written before the prompt column: the captions were the prompts
+    assert index["prompt"].tolist() == index["text"].tolist() and index["finetune"].tolist() == ["0", "1"] * 8
 
 
 def test_vae_roundtrips_are_added_for_the_training_split(data, tmp_path: Path):
@@ -357,6 +363,40 @@ def test_finetune_can_train_the_text_encoder_and_resumes_exactly(data, tmp_path:
     finetune_base(data["stack"], data["latents"], tmp_path / "b", ckpt_dir=tmp_path / "cb", **kw)
     for sub in ("unet", "text_encoder"):
         assert hash_path(tmp_path / "a" / sub) == hash_path(tmp_path / "b" / sub), sub
+
+
+def test_text_pretraining_learns_the_true_prompts_then_leaves_the_captions_to_the_unet(data, tmp_path: Path):
+    """text_pretrain_steps: the text encoder trains on the true prompts only, so planted captions
+    change the UNet and not the text encoder; the switch survives a kill and resume."""
+    from medrl.io import hash_path
+
+    planted = data["items"].assign(caption=[p.replace(" with hair", "") for p in data["items"]["prompt"]])
+    extract_latents(data["stack"], planted, tmp_path / "lat", size=SIZE, mode="RGB", text_col="caption",
+                    prompt_col="prompt", batch_size=8)
+    assert load_latents(tmp_path / "lat")[1]["prompt"].tolist() == data["items"]["prompt"].tolist()
+    kw = dict(steps=6, batch_size=4, lr=1e-3, cond_dropout=0.5, checkpoint_every=2, seed=1, train_text_encoder=True)
+    finetune_base(data["stack"], tmp_path / "lat", tmp_path / "p", ckpt_dir=tmp_path / "cp", text_pretrain_steps=3, **kw)
+    finetune_base(data["stack"], data["latents"], tmp_path / "t", ckpt_dir=tmp_path / "ct", text_pretrain_steps=3, **kw)
+    finetune_base(data["stack"], tmp_path / "lat", tmp_path / "all", ckpt_dir=tmp_path / "ca", **kw)
+    text = {run: hash_path(tmp_path / run / "text_encoder") for run in ("p", "t", "all")}
+    assert text["p"] == text["t"] != hash_path(data["stack"] / "text_encoder")  # the captions never reached it
+    assert text["all"] != text["p"]  # trained on the captions throughout: another encoder
+    assert hash_path(tmp_path / "p" / "unet") != hash_path(tmp_path / "t" / "unet")  # the UNet saw the captions
+
+    def kill(step: int, loss: float) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # resumes from step 4, after the switch
+        finetune_base(data["stack"], tmp_path / "lat", tmp_path / "k", ckpt_dir=tmp_path / "ck",
+                      text_pretrain_steps=3, callback=kill, **kw)
+    finetune_base(data["stack"], tmp_path / "lat", tmp_path / "k", ckpt_dir=tmp_path / "ck", text_pretrain_steps=3, **kw)
+    for sub in ("unet", "text_encoder"):
+        assert hash_path(tmp_path / "k" / sub) == hash_path(tmp_path / "p" / sub), sub
+    for bad in (dict(kw, train_text_encoder=False), dict(kw, steps=3)):
+        with pytest.raises(DataError, match="text_pretrain_steps=3"):
+            finetune_base(data["stack"], tmp_path / "lat", tmp_path / "x", ckpt_dir=tmp_path / "cx",
+                          text_pretrain_steps=3, **bad)
 
 
 def test_finetune_resume_after_kill_matches_uninterrupted(data, tmp_path: Path):

@@ -341,13 +341,14 @@ def prepare_cxr(c: Ctx) -> dict:
 
 # ============================================================================= diffusion stack
 
-_ITEMS = {"isic": ("items.csv", "caption", "RGB"), "cxr": ("pairs.csv", "impression", "L")}
+# track -> (items table, fine-tune text column, true prompt column, image mode)
+_ITEMS = {"isic": ("items.csv", "caption", "prompt", "RGB"), "cxr": ("pairs.csv", "impression", "impression", "L")}
 
 
 def _train_paths(prepared: Path, track: str) -> list[Path]:
     from medrl.io import read_table
 
-    fname, _, _ = _ITEMS[track]
+    fname = _ITEMS[track][0]
     items = read_table(prepared / fname, ["path", "split"])
     return [Path(p) for p in items.loc[items.split == "train", "path"]]
 
@@ -359,7 +360,7 @@ def _stack(c: Ctx, track: str) -> dict:
     size = getattr(c.params, track).prepare.size
     return build_stack(c.outs["stack"], pretrained=getattr(m, track).pretrained, tokenizer_dir=c.deps["tokenizer"],
                        train_images=_train_paths(c.deps["prepared"], track), image_size=size,
-                       channels_mode=_ITEMS[track][2], tiny=m.tiny.model_dump(), vae_train=m.vae_train.model_dump(),
+                       channels_mode=_ITEMS[track][3], tiny=m.tiny.model_dump(), vae_train=m.vae_train.model_dump(),
                        ckpt_dir=c.ckpt, seed=c.params.run.seed, device=c.device)
 
 
@@ -383,10 +384,10 @@ def _latents(c: Ctx, track: str) -> dict:
     from medrl.io import read_table
     from medrl.diffusion.latents import extract_latents
 
-    fname, text_col, mode = _ITEMS[track]
-    items = read_table(c.deps["prepared"] / fname, ["path", "split", text_col])
+    fname, text_col, prompt_col, mode = _ITEMS[track]
+    items = read_table(c.deps["prepared"] / fname, ["path", "split", text_col, prompt_col])
     return extract_latents(c.deps["stack"], items, c.outs["latents"], size=getattr(c.params, track).prepare.size,
-                           mode=mode, text_col=text_col, device=c.device)
+                           mode=mode, text_col=text_col, prompt_col=prompt_col, device=c.device)
 
 
 @stage(track="isic", deps={"stack": "data/models/isic/stack", "prepared": "data/prepared/isic"},
@@ -411,11 +412,12 @@ def _finetune(c: Ctx, track: str) -> dict:
     text = f.train_text_encoder if t.train_text_encoder is None else t.train_text_encoder
     return finetune_base(c.deps["stack"], c.deps["latents"], c.outs["base"], steps=f.steps, batch_size=f.batch_size,
                          lr=lr, cond_dropout=f.cond_dropout, checkpoint_every=f.checkpoint_every, seed=f.seed,
-                         ckpt_dir=c.ckpt, unet_weights=t.unet_weights, train_text_encoder=text, device=c.device,
+                         ckpt_dir=c.ckpt, unet_weights=t.unet_weights, train_text_encoder=text,
+                         text_pretrain_steps=t.text_pretrain_steps, device=c.device,
                          mixed_precision=c.params.run.mixed_precision, log_fn=c.log)
 
 
-_FINETUNE_TRACK_KEYS = ("unet_weights", "finetune_lr", "train_text_encoder")  # models.<track>.*
+_FINETUNE_TRACK_KEYS = ("unet_weights", "finetune_lr", "train_text_encoder", "text_pretrain_steps")  # models.<track>.*
 
 
 @stage(track="isic", deps={"stack": "data/models/isic/stack", "latents": "data/latents/isic"},

@@ -139,6 +139,8 @@ class TrackModel(_S):
     # this track's base fine-tune, over models.finetune_base (null keeps that value)
     finetune_lr: Optional[float] = Field(None, gt=0)
     train_text_encoder: Optional[bool] = None
+    # first steps of that fine-tune: the text encoder learns from the true prompts, then is frozen
+    text_pretrain_steps: int = Field(0, ge=0)
 
 
 class Tiny(_S):

@@ -72,7 +72,7 @@ rule finetune_base_cxr:
     output:
         base=directory('data/models/cxr/base'),
     params:
-        medrl=lambda wildcards: declared_keys(['models.finetune_base', 'models.cxr.unet_weights', 'models.cxr.finetune_lr', 'models.cxr.train_text_encoder', 'run.mixed_precision'], wildcards),
+        medrl=lambda wildcards: declared_keys(['models.finetune_base', 'models.cxr.unet_weights', 'models.cxr.finetune_lr', 'models.cxr.train_text_encoder', 'models.cxr.text_pretrain_steps', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
     priority: 10

@@ -71,7 +71,7 @@ rule finetune_base_isic:
     output:
         base=directory('data/models/isic/base'),
     params:
-        medrl=lambda wildcards: declared_keys(['models.finetune_base', 'models.isic.unet_weights', 'models.isic.finetune_lr', 'models.isic.train_text_encoder', 'run.mixed_precision'], wildcards),
+        medrl=lambda wildcards: declared_keys(['models.finetune_base', 'models.isic.unet_weights', 'models.isic.finetune_lr', 'models.isic.train_text_encoder', 'models.isic.text_pretrain_steps', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
     priority: 10

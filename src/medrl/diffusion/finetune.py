@@ -6,7 +6,11 @@ UNet's prediction onto the noise (or v, if the scheduler predicts v) with MSE. P
 replaced by "" with probability ``cond_dropout`` so classifier-free guidance works. With
 ``train_text_encoder`` the text encoder is trained with the UNet (the embedded stack's tiny CLIP
 is random: frozen, it passes the later words of a prompt to the UNet as little more than noise);
-otherwise it is frozen and the embedding of every distinct prompt is computed once.
+otherwise it is frozen and the embedding of every distinct prompt is computed once. With
+``text_pretrain_steps`` N the first N steps train the text encoder (and the UNet) on each image's
+true prompt and the rest train the UNet alone on the captions: as SD's CLIP learnt its words
+elsewhere, planted caption noise then lands in the UNet, where RL can reach it, and not in the
+text condition (NOTEBOOK ISIC-13).
 
 Every random draw of step ``s`` comes from a generator seeded by (seed, s) (batch order by
 (seed, epoch)), so a run resumed from a checkpoint follows exactly the same trajectory as
@@ -89,6 +93,7 @@ def finetune_base(
     ckpt_dir: Path,
     unet_weights: str | None = None,
     train_text_encoder: bool = False,
+    text_pretrain_steps: int = 0,
     device: str = "cpu",
     mixed_precision: str = "no",
     callback: Callable[[int, float], None] | None = None,
@@ -100,7 +105,8 @@ def finetune_base(
 
     ``unet_weights``: load that UNet state dict instead of training (e.g. the RL4Med
     authors' ``pretrained_unet.safetensors``). ``train_text_encoder``: train the text encoder
-    too (written to ``out_dir/text_encoder``). ``callback(step, loss)`` runs after each
+    too (written to ``out_dir/text_encoder``); with ``text_pretrain_steps`` only for that many first
+    steps, on the true prompts (index column ``prompt``). ``callback(step, loss)`` runs after each
     step (and after its checkpoint); an exception there aborts the run as a kill would.
     ``log_fn(metrics, step)`` gets the running loss every ``log_every`` steps (main
     process). Under ``accelerate launch`` each process draws its own slice of the batch
@@ -109,37 +115,36 @@ def finetune_base(
     from medrl.diffusion.stack import load_components
 
     stack_dir, latents_dir, out_dir, ckpt_dir = Path(stack_dir), Path(latents_dir), Path(out_dir), Path(ckpt_dir)
-    if not 0.0 <= cond_dropout < 1.0:
-        raise DataError(f"cond_dropout={cond_dropout}: expected a probability in [0, 1)")
+    _check_settings(cond_dropout, steps, train_text_encoder, text_pretrain_steps)
     accelerator = _accelerator(device, mixed_precision)
     dev, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
-
     c = load_components(str(stack_dir), unet_weights=unet_weights)
     if unet_weights is not None:
         return _install_given_unet(accelerator, c.unet, stack_dir, out_dir, ckpt_dir)
-    lat, texts = _train_latents(latents_dir, stack_dir, c.unet)
-    prompts, text_idx, emb = _prompt_conditions(c, texts, train_text_encoder)
+    lat, texts, truths = _train_latents(latents_dir, stack_dir, c.unet)
+    # the true prompts are only read while the text encoder pre-trains
+    prompts, (text_idx, truth_idx), emb = _prompt_conditions(c, [texts, truths if text_pretrain_steps else texts],
+                                                             train_text_encoder)
     n_train_t, pred_type = _noise_target(c.scheduler, stack_dir)
 
     unet = Denoiser(c.unet, c.text_encoder if train_text_encoder else None)
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
-    config = {"kind": "finetune_base", "unet": hash_path(stack_dir / "unet"),
-              "latents": (latents_dir / "manifest.json").read_text(), "steps": steps,
-              "batch_size": batch_size, "lr": lr, "cond_dropout": cond_dropout, "seed": seed,
-              "mixed_precision": mixed_precision, "processes": world}
-    if train_text_encoder:
-        config["text_encoder"] = hash_path(stack_dir / "text_encoder")
+    config = _run_config(stack_dir, latents_dir, steps=steps, batch_size=batch_size, lr=lr, cond_dropout=cond_dropout,
+                         seed=seed, mixed_precision=mixed_precision, processes=world,
+                         train_text_encoder=train_text_encoder, text_pretrain_steps=text_pretrain_steps)
     unet, opt, start, losses = _prepare_or_resume(accelerator, unet, opt, ckpt_dir, config)
-    emb, lat, text_idx = emb.to(dev), lat.to(dev), text_idx.to(dev)
-
+    emb, lat, text_idx, truth_idx = emb.to(dev), lat.to(dev), text_idx.to(dev), truth_idx.to(dev)
+    denoiser = accelerator.unwrap_model(unet)
     t0 = time.perf_counter()
     for step in progress(range(start, steps), desc="finetune unet", total=steps - start):
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr)
-        loss = _denoising_loss(accelerator, unet, c.scheduler, lat, emb, text_idx, step=step, seed=seed,
-                               batch_size=batch_size, cond_dropout=cond_dropout, n_train_t=n_train_t,
-                               pred_type=pred_type)
+        pretraining = step < text_pretrain_steps
+        denoiser.text_frozen = bool(text_pretrain_steps) and not pretraining
+        loss = _denoising_loss(accelerator, unet, c.scheduler, lat, emb, truth_idx if pretraining else text_idx,
+                               step=step, seed=seed, batch_size=batch_size, cond_dropout=cond_dropout,
+                               n_train_t=n_train_t, pred_type=pred_type)
         value = _optimizer_step(accelerator, unet, opt, loss, step)
         losses.append(value)
         done = step + 1
@@ -153,6 +158,26 @@ def finetune_base(
 
     _write_finetuned(accelerator, unet, stack_dir, out_dir, ckpt_dir, losses)
     return _finetune_metrics(steps, start, losses, elapsed, n_train=len(lat), n_prompts=len(prompts) - 1)
+
+
+def _run_config(stack_dir: Path, latents_dir: Path, *, train_text_encoder: bool, text_pretrain_steps: int,
+                **settings: Any) -> dict:
+    """What a checkpoint must match to be resumed: inputs, settings and the number of processes."""
+    config = {"kind": "finetune_base", "unet": hash_path(stack_dir / "unet"),
+              "latents": (latents_dir / "manifest.json").read_text(), **settings}
+    if train_text_encoder:
+        config["text_encoder"] = hash_path(stack_dir / "text_encoder")
+    if text_pretrain_steps:
+        config["text_pretrain_steps"] = text_pretrain_steps
+    return config
+
+
+def _check_settings(cond_dropout: float, steps: int, train_text_encoder: bool, text_pretrain_steps: int) -> None:
+    if not 0.0 <= cond_dropout < 1.0:
+        raise DataError(f"cond_dropout={cond_dropout}: expected a probability in [0, 1)")
+    if text_pretrain_steps and not (train_text_encoder and text_pretrain_steps < steps):
+        raise DataError(f"text_pretrain_steps={text_pretrain_steps}: expected 0, or fewer than steps={steps} "
+                        f"with train_text_encoder (got {train_text_encoder})")
 
 
 def _finetune_metrics(steps: int, start: int, losses: list[float], elapsed: float, *, n_train: int,
@@ -210,9 +235,9 @@ def _install_given_unet(accelerator, unet, stack_dir: Path, out_dir: Path, ckpt_
     return {"finetune_steps": 0.0, "unet_weights_loaded": 1.0}
 
 
-def _train_latents(latents_dir: Path, stack_dir: Path, unet) -> tuple[torch.Tensor, list[str]]:
-    """The latents and texts of the ``split == "train"`` rows of the latent store that the
-    fine-tune uses (``finetune`` 1), checked against the UNet."""
+def _train_latents(latents_dir: Path, stack_dir: Path, unet) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The latents, texts and true prompts of the ``split == "train"`` rows of the latent store
+    that the fine-tune uses (``finetune`` 1), checked against the UNet."""
     from medrl.diffusion.latents import load_latents
 
     latents, index = load_latents(latents_dir, expect_vae=stack_dir)
@@ -221,34 +246,38 @@ def _train_latents(latents_dir: Path, stack_dir: Path, unet) -> tuple[torch.Tens
         raise DataError(f"{latents_dir / 'index.csv'}: no rows with split == 'train' (and finetune == 1)")
     lat = latents[torch.as_tensor(train.copy())]
     texts = index.loc[train, "text"].astype(str).tolist()
+    truths = index.loc[train, "prompt"].astype(str).tolist()
     if tuple(lat.shape[1:2]) != (unet.config.in_channels,):
         raise DataError(f"{latents_dir}: latents have {lat.shape[1]} channels; the UNet of {stack_dir} "
                         f"expects {unet.config.in_channels}")
-    return lat, texts
+    return lat, texts, truths
 
 
 class Denoiser(torch.nn.Module):
-    """The UNet conditioned on prompt embeddings or, with a (trained) text encoder, on token ids."""
+    """The UNet conditioned on prompt embeddings or, with a (trained) text encoder, on token ids;
+    ``text_frozen`` runs that encoder without gradients (it then gets no update)."""
 
     def __init__(self, unet, text_encoder=None):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
+        self.text_frozen = False
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if self.text_encoder is not None:
-            cond = self.text_encoder(cond)[0]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.text_frozen):
+                cond = self.text_encoder(cond)[0]
         return self.unet(noisy, t, cond).sample
 
 
-def _prompt_conditions(c, texts: list[str], token_ids: bool) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(prompts, index of each text's prompt, one condition per prompt): the frozen text
-    encoder's embeddings, or with ``token_ids`` the padded token ids a trained encoder reads.
-    Row 0 is the unconditional ("") prompt used for dropped prompts."""
+def _prompt_conditions(c, columns: list[list[str]], token_ids: bool) -> tuple[list[str], list[torch.Tensor], torch.Tensor]:
+    """(prompts, per text column the index of each row's prompt, one condition per prompt): the
+    frozen text encoder's embeddings, or with ``token_ids`` the padded token ids a trained encoder
+    reads. Row 0 is the unconditional ("") prompt used for dropped prompts."""
     from medrl.diffusion.stack import encode_prompts
 
-    prompts = [""] + sorted(set(texts))
+    prompts = [""] + sorted(set().union(*columns))
     pos = {p: i for i, p in enumerate(prompts)}
-    text_idx = torch.tensor([pos[t] for t in texts])
+    text_idx = [torch.tensor([pos[t] for t in texts]) for texts in columns]
     if token_ids:
         tok = c.tokenizer(prompts, padding="max_length", max_length=c.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt")

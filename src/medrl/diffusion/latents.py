@@ -3,8 +3,9 @@
 Layout of ``out_dir``:
 - ``latents.safetensors``: key ``latents``, (N, 4, h, w) float32, already multiplied by
   ``vae.config.scaling_factor`` (so they are what the UNet sees).
-- ``index.csv``: ``image,text,split,finetune`` in the same row order (text = prompt or
-  impression; finetune 0 = left out of the base model's fine-tune).
+- ``index.csv``: ``image,text,split,finetune,prompt`` in the same row order (text = the caption
+  or impression the base model is fine-tuned on; finetune 0 = left out of that fine-tune;
+  prompt = the image's true prompt, which differs from text where captions were planted).
 - ``manifest.json``: sha256 of the latents file, of the stack's ``vae/`` directory and of
   the items table, plus shape / size / mode, so readers can check that they are reading
   latents of the VAE they expect (``load_latents(dir, expect_vae=stack_dir)``).
@@ -28,7 +29,7 @@ from medrl.errors import DataError
 from medrl.io import atomic_path, hash_file, hash_path, load_image, read_json, read_table, write_json, write_table
 from medrl.progress import progress
 
-INDEX_COLUMNS = ["image", "text", "split", "finetune"]
+INDEX_COLUMNS = ["image", "text", "split", "finetune", "prompt"]
 
 
 def table_digest(df: pd.DataFrame) -> str:
@@ -46,6 +47,23 @@ def _vae_dir(stack_or_vae: Path) -> Path:
 
 
 @torch.no_grad()
+def _read_items(items: pd.DataFrame | Path, required: list[str]) -> pd.DataFrame:
+    """The items table (a DataFrame or a CSV path), checked for ``required`` columns and rows."""
+    if isinstance(items, (str, Path)):
+        where = str(items)
+        read_table(items, required=required)
+        # Re-read the key columns as strings: ids like "0001" must not become integers.
+        df = pd.read_csv(items, dtype={c: str for c in required})
+    else:
+        df, where = items, "items table"
+        missing = [c for c in required if c not in df.columns]
+        if missing:
+            raise DataError(f"{where}: missing columns {missing}; expected at least {required}")
+    if len(df) == 0:
+        raise DataError(f"{where}: no rows; expected at least one image")
+    return df
+
+
 def extract_latents(
     stack_dir: Path,
     items: pd.DataFrame | Path,
@@ -54,32 +72,22 @@ def extract_latents(
     size: int,
     mode: str,
     text_col: str,
+    prompt_col: str | None = None,
     batch_size: int = 64,
     device: str = "cpu",
 ) -> dict:
     """Encode every row's image (column ``path``) with the stack's VAE into ``out_dir``.
 
-    ``mode`` "RGB" or "L" (grayscale, repeated to 3 channels for the VAE)."""
+    ``mode`` "RGB" or "L" (grayscale, repeated to 3 channels for the VAE). ``text_col`` holds
+    the fine-tune text, ``prompt_col`` the true prompt (None: the same column)."""
     from safetensors.torch import save_file
 
     from medrl.diffusion.stack import load_vae
 
     if mode not in ("RGB", "L"):
         raise DataError(f"image mode {mode!r}: expected 'RGB' or 'L'")
-    required = ["image", "path", "split", text_col]
-    if isinstance(items, (str, Path)):
-        where = str(items)
-        df = read_table(items, required=required)
-        # Re-read the key columns as strings: ids like "0001" must not become integers.
-        df = pd.read_csv(items, dtype={c: str for c in required})
-    else:
-        df = items
-        where = "items table"
-        missing = [c for c in required if c not in df.columns]
-        if missing:
-            raise DataError(f"{where}: missing columns {missing}; expected at least {required}")
-    if len(df) == 0:
-        raise DataError(f"{where}: no rows; expected at least one image")
+    prompt_col = prompt_col or text_col
+    df = _read_items(items, list(dict.fromkeys(["image", "path", "split", text_col, prompt_col])))
     stack_dir, out_dir = Path(stack_dir), Path(out_dir)
     vae_dir = _vae_dir(stack_dir)
     vae = load_vae(str(stack_dir), device=device)
@@ -105,6 +113,7 @@ def extract_latents(
         "split": df["split"].astype(str).to_numpy(),
         # 0: the base model's fine-tune leaves the image out (a planted under-representation)
         "finetune": df["finetune"].astype(int).to_numpy() if "finetune" in df.columns else 1,
+        "prompt": df[prompt_col].fillna("").astype(str).to_numpy(),
     })[INDEX_COLUMNS]
     write_table(index, out_dir / "index.csv")
     write_json(out_dir / "manifest.json", {
@@ -117,6 +126,7 @@ def extract_latents(
         "size": size,
         "mode": mode,
         "text_col": text_col,
+        "prompt_col": prompt_col,
         "encoding": "posterior_mean",
     })
     return {
@@ -129,7 +139,7 @@ def extract_latents(
 
 
 def load_latents(latents_dir: Path, expect_vae: Path | None = None) -> tuple[torch.Tensor, pd.DataFrame]:
-    """(latents (N,4,h,w) float32, index DataFrame ``image,text,split,finetune``).
+    """(latents (N,4,h,w) float32, index DataFrame ``image,text,split,finetune,prompt``).
 
     Verifies the latents file against the manifest, and with ``expect_vae`` (a stack
     directory, or its vae/ directory) that they were encoded by exactly that VAE."""
@@ -160,8 +170,11 @@ def load_latents(latents_dir: Path, expect_vae: Path | None = None) -> tuple[tor
     latents = tensors["latents"]
     # All-string read: image ids like "0001" and empty prompts must round-trip unchanged.
     index = pd.read_csv(d / "index.csv", dtype=str, keep_default_na=False)
-    if list(index.columns) == INDEX_COLUMNS[:3]:  # written before the column existed: every image used
+    # written before a column existed: every image used, captions true
+    if list(index.columns) == INDEX_COLUMNS[:3]:
         index["finetune"] = "1"
+    if list(index.columns) == INDEX_COLUMNS[:4]:
+        index["prompt"] = index["text"]
     if list(index.columns) != INDEX_COLUMNS:
         raise DataError(f"{d / 'index.csv'}: columns {list(index.columns)}; expected {INDEX_COLUMNS}")
     if latents.ndim != 4 or latents.shape[0] != len(index):

@@ -110,10 +110,6 @@ class DDPOConfig:
     adam_eps: float = 1e-8
     grid_every: int = 0  # sample grid every N epochs; 0 = every checkpoint_every epochs
 
-    def __post_init__(self) -> None:
-        if int(self.fuse_micro_steps) < 1:
-            raise ValueError(f"DDPOConfig.fuse_micro_steps={self.fuse_micro_steps}; expected >= 1 (1 = no fusion)")
-
     @classmethod
     def from_params(cls, common: RLCommon | dict[str, Any], track: RLTrack | dict[str, Any], *, track_name: str = "",
                     mixed_precision: str | None = None, use_ace: bool = False, ace_tokens: int | None = None,
