@@ -9,8 +9,8 @@ is random: frozen, it passes the later words of a prompt to the UNet as little m
 otherwise it is frozen and the embedding of every distinct prompt is computed once. With
 ``text_pretrain_steps`` N the first N steps train the text encoder (and the UNet) on each image's
 true prompt and the rest train the UNet alone on the captions: as SD's CLIP learnt its words
-elsewhere, planted caption noise then lands in the UNet, where RL can reach it, and not in the
-text condition (NOTEBOOK ISIC-13).
+elsewhere, planted caption noise then lands in the UNet, which RL's LoRA can change, and not in
+the text condition, which it cannot (NOTEBOOK ISIC-13).
 
 Every random draw of step ``s`` comes from a generator seeded by (seed, s) (batch order by
 (seed, epoch)), so a run resumed from a checkpoint follows exactly the same trajectory as
