@@ -46,7 +46,6 @@ def _vae_dir(stack_or_vae: Path) -> Path:
     raise DataError(f"{p}: no vae/ directory; expected a model stack directory (SD v1.5 layout)")
 
 
-@torch.no_grad()
 def _read_items(items: pd.DataFrame | Path, required: list[str]) -> pd.DataFrame:
     """The items table (a DataFrame or a CSV path), checked for ``required`` columns and rows."""
     if isinstance(items, (str, Path)):
@@ -64,6 +63,7 @@ def _read_items(items: pd.DataFrame | Path, required: list[str]) -> pd.DataFrame
     return df
 
 
+@torch.no_grad()
 def extract_latents(
     stack_dir: Path,
     items: pd.DataFrame | Path,
