@@ -173,7 +173,7 @@ COMPARE = ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "kl")
 def test_resume_after_kill_matches_uninterrupted(stack_eps, tmp_path):
     from safetensors.torch import load_file
 
-    cfg = small_cfg(epochs=3, use_ace=True, ace_tokens=2)
+    cfg = small_cfg(epochs=3, use_ace=True, ace_tokens=2, text_lora_rank=2)
     full, logs_full = _run(stack_eps, tmp_path / "a", cfg, tmp_path / "a" / "ckpt")
     assert full["finished"] == 1.0
 
@@ -198,6 +198,11 @@ def test_resume_after_kill_matches_uninterrupted(stack_eps, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
+    ta = load_file(str(tmp_path / "a" / "out" / "adapter" / "text_encoder_lora.safetensors"))
+    tb = load_file(str(tmp_path / "b" / "out" / "adapter" / "text_encoder_lora.safetensors"))
+    assert ta.keys() == tb.keys() and ta
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-7)
     aa = load_file(str(tmp_path / "a" / "out" / "adapter" / "ace.safetensors"))["embeddings"]
     ab = load_file(str(tmp_path / "b" / "out" / "adapter" / "ace.safetensors"))["embeddings"]
     torch.testing.assert_close(aa, ab, rtol=1e-5, atol=1e-7)
@@ -379,6 +384,33 @@ def test_ace_changes_condition_and_is_saved(stack_eps, tmp_path):
     assert y.shape == (2, 8, TINY["text_hidden_size"]) and torch.equal(y[:, 3:], x)
 
 
+def test_text_lora_trains_the_prompt_encoding_and_is_saved(stack_eps, tmp_path):
+    """rl.common.text_lora_rank: the policy's text encoder gets a LoRA that the PPO loss reaches;
+    the anchor (and the KL penalty's base) keep the base encoder, and "" stays the base's.
+    Generation loads the saved encoder LoRA; a loader without a text encoder is told what is missing."""
+    from medrl.diffusion.lora import TEXT_FILE, load_adapter
+    from medrl.diffusion.stack import encode_prompts, load_components
+    from medrl.errors import DataError
+
+    reward = AnchorReward()
+    cfg = small_cfg(epochs=2, lr=3e-2, checkpoint_every=10, rlcf_paired_noise="shared", text_lora_rank=2, kl_coef=0.1)
+    _run(stack_eps, tmp_path, cfg, tmp_path / "ckpt", reward=reward)
+    # Epoch 0: both LoRAs start as the identity, so the policy is the anchor (same noise, same images).
+    torch.testing.assert_close(reward.calls[0][0], reward.calls[0][1], rtol=0, atol=1e-6)
+    assert (reward.calls[-1][0] - reward.calls[-1][1]).abs().max() > 1e-4
+    adapter = tmp_path / "out" / "adapter"
+    assert (adapter / TEXT_FILE).is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["text_lora"]["rank"] == 2
+
+    base, tuned = load_components(str(stack_eps)), load_components(str(stack_eps))
+    load_adapter(tuned.unet, adapter, text_encoder=tuned.text_encoder)
+    with torch.no_grad():
+        moved = (encode_prompts(tuned, PROMPTS) - encode_prompts(base, PROMPTS)).abs().max().item()
+    assert moved > 1e-4, "the text encoder's LoRA did not learn"
+    with pytest.raises(DataError, match="text encoder"):
+        load_adapter(load_components(str(stack_eps)).unet, adapter)
+
+
 def test_full_finetune_with_anchor(stack_eps, tmp_path):
     reward = AnchorReward()
     cfg = small_cfg(epochs=2, full_finetune=True, lr=1e-3, checkpoint_every=10, rlcf_paired_noise="shared")
@@ -492,7 +524,7 @@ def reward(images, prompts, anchor_images=None):
         Path({first!r}, f"{{rank}}.txt").write_text(f"{{prompts}} {{round(float(r[0]), 6)}}")
     calls.append(1)
     return r, terms
-cfg = small_cfg(epochs=3, sample_batch_size=4, train_batch_size=2, checkpoint_every=2, use_ace=True)
+cfg = small_cfg(epochs=3, sample_batch_size=4, train_batch_size=2, checkpoint_every=2, use_ace=True, text_lora_rank=2)
 out = train_ddpo(Path({stack!r}), Path({out!r}), reward_fn=reward, prompt_fn=prompt_fn, cfg=cfg,
                  ckpt_dir=Path({ckpt!r}))
 print("SUMMARY", out, flush=True)
@@ -525,7 +557,7 @@ def test_two_process_gloo_cpu(stack_eps, tmp_path):
     assert np.isfinite(df[["reward_mean", "reward_std", "loss", "approx_kl", "kl"]].to_numpy()).all()
     assert ((df["reward_mean"] > 0) & (df["reward_mean"] < 1)).all()
     assert (df["reward_std"] > 0).all()
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "ace.safetensors").is_file()
+    assert all((out / "adapter" / f).is_file() for f in ("adapter_model.safetensors", "ace.safetensors", "text_encoder_lora.safetensors"))
     assert not ckpt.exists()
 
 

@@ -254,6 +254,7 @@ class RLCommon(_S):
     eta: float = Field(1.0, ge=0)
     guidance_scale: float = Field(5.0, ge=1)
     lora_rank: int = Field(4, ge=1)
+    text_lora_rank: int = Field(0, ge=0)  # LoRA on the text encoder's attention too; 0 = off
     full_finetune: bool = False
     lr: float = Field(3e-4, gt=0)
     clip_range: float = Field(1e-4, gt=0)
@@ -284,6 +285,7 @@ class RLTrack(_S):
     kl_coef: float | None = Field(None, ge=0)  # overrides rl.common.kl_coef for this track
     skip_last_steps: int | None = Field(None, ge=0)  # overrides rl.common.skip_last_steps for this track
     prompt_repeats: int | None = Field(None, ge=1)  # overrides rl.common.prompt_repeats for this track
+    text_lora_rank: int | None = Field(None, ge=0)  # overrides rl.common.text_lora_rank for this track
     seed: Seed = 0
 
 

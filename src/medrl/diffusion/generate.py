@@ -60,7 +60,8 @@ def generate(
 
     manifest columns: prompt_id, prompt, seed (the image's own seed), model ("<base_dir>" or
     "<base_dir>+<adapter_dir>"), path (relative to ``out_dir``). With ``adapter_dir`` the LoRA (or
-    full fine-tuned UNet) and the ACE tokens saved by ``medrl.diffusion.lora.save_adapter`` are applied.
+    full fine-tuned UNet), the ACE tokens and the text-encoder LoRA saved by
+    ``medrl.diffusion.lora.save_adapter`` are applied.
     """
     from medrl.diffusion.stack import encode_prompts, load_components
     from medrl.diffusion.lora import load_adapter
@@ -82,7 +83,9 @@ def generate(
         raise DataError("generate: prompt_ids are not unique; expected one folder per prompt")
 
     c = load_components(str(base_dir), device=device)
-    ace = load_adapter(c.unet, adapter_dir) if adapter_dir is not None else None
+    with torch.no_grad():  # "" is the base text encoder's, also under a text LoRA (as in training)
+        negative = encode_prompts(c, [""]).float()
+    ace = load_adapter(c.unet, adapter_dir, text_encoder=c.text_encoder) if adapter_dir is not None else None
     model_name = str(base_dir) if adapter_dir is None else f"{base_dir}+{adapter_dir}"
 
     # Flat job list (prompt index, image index), cut into batches regardless of prompt borders.
@@ -91,7 +94,7 @@ def generate(
     t0 = time.time()
     with torch.no_grad():
         # inference only, so LoRA runs merged into the base weights (faster; latents differ ~1e-5)
-        sampler = Sampler(c.unet, c.vae, c.scheduler, encode_prompts(c, [""]).float(), num_steps=num_steps,
+        sampler = Sampler(c.unet, c.vae, c.scheduler, negative, num_steps=num_steps,
                           guidance_scale=guidance_scale, eta=eta, merge_lora=True)
         for start in progress(range(0, len(jobs), batch_size), desc="generate", total=-(-len(jobs) // batch_size)):
             batch = jobs[start : start + batch_size]

@@ -324,8 +324,8 @@ def load_components(
     return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def encode_prompts(c: SDComponents, prompts: list[str]) -> torch.Tensor:
-    """(B, L, D) last hidden state of the text encoder, prompts padded to model_max_length."""
+def tokenize_prompts(c: SDComponents, prompts: list[str]) -> torch.Tensor:
+    """(B, L) token ids on the text encoder's device, prompts padded to model_max_length."""
     tok = c.tokenizer(
         list(prompts),
         padding="max_length",
@@ -333,7 +333,12 @@ def encode_prompts(c: SDComponents, prompts: list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     )
-    return c.text_encoder(tok.input_ids.to(c.text_encoder.device))[0]
+    return tok.input_ids.to(c.text_encoder.device)
+
+
+def encode_prompts(c: SDComponents, prompts: list[str]) -> torch.Tensor:
+    """(B, L, D) last hidden state of the text encoder, prompts padded to model_max_length."""
+    return c.text_encoder(tokenize_prompts(c, prompts))[0]
 
 
 # ----------------------------------------------------------------------------- stage

@@ -101,8 +101,11 @@ def compare_rlcf_modes(
 def _policy_and_anchor(base_dir: str | Path, adapter_dir: str | Path | None, device: str) -> tuple[Any, Any, Any]:
     """(stack whose UNet carries the adapter, a frozen copy of the base UNet as anchor, the ACE module or None)."""
     from medrl.diffusion.stack import load_components
-    from medrl.diffusion.lora import load_adapter
+    from medrl.diffusion.lora import load_adapter, read_adapter_config
 
+    if adapter_dir is not None and read_adapter_config(adapter_dir).get("text_lora"):
+        raise DataError(f"{adapter_dir}: the RLCF-mode comparison scores policy and anchor on one text encoding; "
+                        "expected an adapter without a text-encoder LoRA (rl.common.text_lora_rank: 0)")
     c = load_components(str(base_dir), device=device)
     anchor_unet = copy.deepcopy(c.unet).requires_grad_(False)  # a separate copy works for LoRA and full fine-tunes
     ace = load_adapter(c.unet, adapter_dir) if adapter_dir is not None else None

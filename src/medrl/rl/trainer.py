@@ -34,7 +34,7 @@ from torch import nn
 from medrl.config import RLCommon, RLCxr, RLTrack, Run, rl_track_settings
 from medrl.diffusion.ace import ACE
 from medrl.diffusion.ddim import ddim_step_gaussian, gaussian_kl, gaussian_logprob
-from medrl.diffusion.lora import DEFAULT_TARGETS, add_lora, save_adapter
+from medrl.diffusion.lora import DEFAULT_TARGETS, add_lora, add_text_lora, save_adapter, set_adapters_enabled
 from medrl.diffusion.rollout import guided_eps
 from medrl.diffusion.sampler import Noise, Sampler, derive_seed, paired_anchor_noise
 from medrl.errors import DataError
@@ -53,7 +53,7 @@ _RESUME_KEYS = (
     "num_steps", "eta", "guidance_scale", "lr", "clip_range", "adv_clip_max", "timestep_fraction",
     "num_inner_epochs", "per_prompt_buffer", "per_prompt_min_count", "lora_rank", "lora_alpha", "lora_target_modules",
     "full_finetune", "seed", "use_ace", "ace_tokens", "mixed_precision", "prompt_repeats", "rlcf_paired_noise", "kl_coef",
-    "skip_last_steps",
+    "skip_last_steps", "text_lora_rank",
 )
 
 
@@ -75,6 +75,7 @@ class DDPOConfig:
     eta: float
     guidance_scale: float
     lora_rank: int
+    text_lora_rank: int  # 0: the text encoder stays the base's
     full_finetune: bool
     lr: float
     clip_range: float
@@ -143,44 +144,58 @@ class DDPOConfig:
 
 
 # What a checkpoint written before a key existed ran with (not a default of the current schema).
-_LEGACY = {"skip_last_steps": 0, "kl_coef": 0.0, "prompt_repeats": 1, "rlcf_paired_noise": "initial"}
+_LEGACY = {"skip_last_steps": 0, "kl_coef": 0.0, "prompt_repeats": 1, "rlcf_paired_noise": "initial",
+           "text_lora_rank": 0}
 
 
 class Policy(nn.Module):
-    """UNet (+ LoRA) and optional ACE as one module, so DDP syncs both and one forward does CFG."""
+    """UNet (+ LoRA), optional ACE and optional text encoder with a LoRA (``rl.common.text_lora_rank``)
+    as one module, so DDP syncs all of them and one forward does CFG. The text LoRA, like ACE,
+    changes what a prompt means to the UNet, not the unconditional ("") branch."""
 
-    def __init__(self, unet: nn.Module, ace: ACE | None) -> None:
+    def __init__(self, unet: nn.Module, ace: ACE | None, text_encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.ace = ace
+        self.text_encoder = text_encoder
 
     def condition(self, text_embeds: torch.Tensor) -> torch.Tensor:
         return self.ace(text_embeds) if self.ace is not None else text_embeds
 
-    def forward(self, latents, t, text_embeds, negative_embeds, guidance_scale: float) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0].float()
+
+    def forward(self, latents, t, text_embeds, negative_embeds, guidance_scale: float,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if input_ids is not None:  # the adapted text encoder: embed here, so its LoRA gets gradients
+            text_embeds = self.embed(input_ids)
         return guided_eps(self.unet, latents, t, self.condition(text_embeds), negative_embeds, guidance_scale)
 
 
 # Purposes of the trainer's derived seeds, (seed, epoch, rank, purpose[, batch]) during an epoch and
 # (seed, rank, purpose) for the fixed base comparison. Fixed: checkpoints resume on these numbers.
-_P_EPOCH, _P_ROLLOUT, _P_ANCHOR_STEPS, _P_BASE_PROMPTS, _P_BASE_NOISE = 0, 1, 2, 4, 5
+_P_EPOCH, _P_ROLLOUT, _P_ANCHOR_STEPS, _P_BASE_PROMPTS, _P_BASE_NOISE, _P_TEXT_LORA = 0, 1, 2, 4, 5, 6
 
 
 @contextlib.contextmanager
 def _base_model(policy: Policy, anchor_unet: nn.Module | None):
-    """The frozen anchor (base) UNet: LoRA disabled, or a frozen copy for full fine-tuning."""
-    if anchor_unet is not None:
-        yield anchor_unet
-        return
-    unet = policy.unet
-    trainable = {n: p.requires_grad for n, p in unet.named_parameters()}
-    unet.disable_adapters()
+    """The frozen anchor (base) UNet: LoRA disabled, or a frozen copy for full fine-tuning. A text
+    encoder LoRA is off inside too, so prompts encoded there are the base's."""
+    text = policy.text_encoder
+    trainable = {n: p.requires_grad for n, p in policy.named_parameters()}
+    if text is not None:
+        set_adapters_enabled(text, False)
+    if anchor_unet is None:
+        policy.unet.disable_adapters()
     try:
-        yield unet
+        yield anchor_unet if anchor_unet is not None else policy.unet
     finally:
-        unet.enable_adapters()
+        if anchor_unet is None:
+            policy.unet.enable_adapters()
+        if text is not None:
+            set_adapters_enabled(text, True)
         # peft's enable/disable touch requires_grad; restore exactly what we had.
-        for n, p in unet.named_parameters():
+        for n, p in policy.named_parameters():
             p.requires_grad_(trainable[n])
 
 
@@ -313,8 +328,11 @@ def _setup(base_dir: Path, cfg: DDPOConfig, reward_fn: RewardFn, anchor: bool) -
         unet.requires_grad_(True)
     else:
         add_lora(unet, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_target_modules), seed=cfg.seed)
+    text_encoder = None
+    if cfg.text_lora_rank:  # c.text_encoder itself: encode_prompts(c, ...) then gives the policy's embeddings
+        text_encoder = add_text_lora(c.text_encoder, cfg.text_lora_rank, seed=derive_seed(cfg.seed, _P_TEXT_LORA))
     ace = ACE(cfg.ace_tokens, c.text_encoder.config.hidden_size, seed=cfg.seed).to(device) if cfg.use_ace else None
-    policy = Policy(unet, ace)
+    policy = Policy(unet, ace, text_encoder)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_eps
@@ -365,6 +383,7 @@ class _Rollouts:
     old_logp: torch.Tensor  # (N, T)
     timesteps: torch.Tensor  # (N, T)
     text_embeds: torch.Tensor  # (N, L, D), without ACE tokens
+    input_ids: torch.Tensor | None  # (N, L) the prompts' tokens, when the policy adapts the text encoder
     rewards_all: np.ndarray  # (N x processes,)
     terms_all: dict[str, np.ndarray]
     adv: torch.Tensor | None = None  # (N,) this process's advantages
@@ -378,7 +397,7 @@ def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn
     rank, batch)), score them, and turn the gathered rewards into per-prompt advantages."""
     from accelerate.utils import gather_object
 
-    from medrl.diffusion.stack import encode_prompts
+    from medrl.diffusion.stack import encode_prompts, tokenize_prompts
 
     cfg, acc = s.cfg, s.accelerator
     s.policy.eval()
@@ -396,7 +415,8 @@ def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn
                 anchor = paired_anchor_noise(noise, cfg.rlcf_paired_noise,
                                              own_steps=derive_seed(cfg.seed, epoch, s.rank, _P_ANCHOR_STEPS, b))
                 with _base_model(s.policy, s.anchor_unet) as base_unet:
-                    anchor_images = _sample(s, base_unet, _as_is, text, anchor).images
+                    base_text = encode_prompts(s.c, prompts).float() if s.policy.text_encoder is not None else text
+                    anchor_images = _sample(s, base_unet, _as_is, base_text, anchor).images
         r, terms = _check_rewards(reward_fn(traj.images, prompts, anchor_images=anchor_images), len(prompts))
         trajs.append(traj)
         texts.append(text)
@@ -413,7 +433,9 @@ def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn
     adv = torch.as_tensor(adv_all.reshape(acc.num_processes, -1)[s.rank], dtype=torch.float32, device=s.device)
     return _Rollouts(
         latents=torch.cat([t.latents for t in trajs]), old_logp=torch.cat([t.log_probs.float() for t in trajs]),
-        timesteps=torch.cat([t.timesteps for t in trajs]), text_embeds=torch.cat(texts), rewards_all=rewards_all,
+        timesteps=torch.cat([t.timesteps for t in trajs]), text_embeds=torch.cat(texts),
+        input_ids=tokenize_prompts(s.c, prompts_local) if s.policy.text_encoder is not None else None,
+        rewards_all=rewards_all,
         terms_all={k: acc.gather(torch.cat(v).to(s.device)).cpu().numpy() for k, v in terms_l.items()},
         adv=adv, first_images=trajs[0].images[:16].detach().cpu(),
     )
@@ -430,13 +452,15 @@ def _ppo_micro_steps(s: _Setup, ro: _Rollouts, parts: list[tuple[np.ndarray, np.
     x_t, x_prev = ro.latents[idx_t, step_idx], ro.latents[idx_t, step_idx + 1]
     t = ro.timesteps[idx_t, step_idx]
     text, neg = ro.text_embeds[idx_t], s.neg1.expand(len(idx_t), -1, -1)
+    ids = ro.input_ids[idx_t] if ro.input_ids is not None else None
     if cfg.kl_coef > 0:
         # The base's step at the same x_t (no grad; the LoRA is switched off for it).
         with torch.no_grad(), acc.autocast(), _base_model(s.policy, s.anchor_unet) as base_unet:
-            eps_base = guided_eps(base_unet, x_t, t, text, neg, cfg.guidance_scale)
+            base_text = s.policy.embed(ids) if ids is not None else text
+            eps_base = guided_eps(base_unet, x_t, t, base_text, neg, cfg.guidance_scale)
         mean_base, _ = ddim_step_gaussian(s.c.scheduler, eps_base.float(), t, x_t, eta=cfg.eta)
     with acc.autocast():
-        eps = s.model(x_t, t, text, neg, cfg.guidance_scale)
+        eps = s.model(x_t, t, text, neg, cfg.guidance_scale, input_ids=ids)
     mean, std = ddim_step_gaussian(s.c.scheduler, eps.float(), t, x_t, eta=cfg.eta)
     logp = gaussian_logprob(x_prev, mean, std)
     old_logp, adv = ro.old_logp[idx_t, step_idx], ro.adv[idx_t]
@@ -516,10 +540,9 @@ def _compare_with_base(s: _Setup, reward_fn: RewardFn, prompt_fn: PromptFn) -> d
         prompt_rng = np.random.default_rng(derive_seed(cfg.seed, s.rank, _P_BASE_PROMPTS))
         prompts = _check_prompts(prompt_fn(prompt_rng, n), n)
         noise = Noise.batch(derive_seed(cfg.seed, s.rank, _P_BASE_NOISE))
-        with torch.no_grad():
+        with torch.no_grad(), _base_model(s.policy, s.anchor_unet) as base_unet:
             text = encode_prompts(s.c, prompts).float()
-            with _base_model(s.policy, s.anchor_unet) as base_unet:
-                images = _sample(s, base_unet, _as_is, text, noise).images
+            images = _sample(s, base_unet, _as_is, text, noise).images
         # The base scored as if it were the policy (paired RLCF terms are then zero).
         r, terms = _check_rewards(reward_fn(images, prompts, anchor_images=images), n)
         s.base_eval = {"prompts": prompts, "text": text, "noise": noise, "images": images,
@@ -528,7 +551,8 @@ def _compare_with_base(s: _Setup, reward_fn: RewardFn, prompt_fn: PromptFn) -> d
     b = s.base_eval
     s.policy.eval()
     with torch.no_grad():
-        images = _sample(s, s.policy.unet, s.policy.condition, b["text"], b["noise"]).images
+        text = encode_prompts(s.c, b["prompts"]).float() if s.policy.text_encoder is not None else b["text"]
+        images = _sample(s, s.policy.unet, s.policy.condition, text, b["noise"]).images
     r, terms = _check_rewards(reward_fn(images, b["prompts"], anchor_images=b["images"]), n)
     gain = acc.gather(r.to(s.device)).cpu().numpy() - b["rewards"]
     out = {"base_reward_mean": float(b["rewards"].mean()), "reward_gain_vs_base": float(gain.mean()),
@@ -635,7 +659,9 @@ def train_ddpo(
     base_dir, out_dir, ckpt_dir = Path(base_dir), Path(out_dir), Path(ckpt_dir)
     s = _setup(base_dir, cfg, reward_fn, anchor)
     start_epoch, history = _resume(s, ckpt_dir, out_dir, log_fn)
-    with torch.no_grad():
+    # "" stays the base's (see Policy): encoded with a resumed text LoRA switched off
+    base_text = _base_model(s.policy, s.anchor_unet) if s.policy.text_encoder is not None else contextlib.nullcontext()
+    with torch.no_grad(), base_text:
         s.neg1 = encode_prompts(s.c, [""]).float()
     s.sampler = Sampler(s.policy.unet, s.c.vae, s.c.scheduler, s.neg1, num_steps=cfg.num_steps,
                         guidance_scale=cfg.guidance_scale, eta=cfg.eta)
@@ -658,7 +684,7 @@ def train_ddpo(
     summary = _summary(history, cfg)
     s.accelerator.wait_for_everyone()
     if summary["finished"] and s.accelerator.is_main_process:
-        save_adapter(s.policy.unet, s.policy.ace, out_dir / "adapter")
+        save_adapter(s.policy.unet, s.policy.ace, out_dir / "adapter", text_encoder=s.policy.text_encoder)
         write_table(pd.DataFrame(history), out_dir / "rewards.csv")
         plot_reward_curve(pd.DataFrame(history), out_dir / "reward_curve.png", title=f"DDPO, seed {cfg.seed}")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
