@@ -5,9 +5,11 @@ sampling steps is kept and the remaining steps are redrawn with fresh noise R ti
 the share of the prediction's variance that x_k already fixes is 1 - E[Var(y | x_k)] / Var(y);
 its rise between two k is what the step noise in between decides (the only part DDPO's policy
 gradient can act on; x_T is not an action). The last line gives the share of the reward's
-variance within a prompt that x_T alone fixes.
+variance within a prompt that x_T alone fixes. ``--head hair``: the same share for that head
+within each lesion's prompts that ask for it (ISIC-14: does x_T or the condition carry the
+planted combination?).
 
-    python docs/experiments/isic_decision_steps.py <workspace> [--n 4] [--repeats 4]
+    python docs/experiments/isic_decision_steps.py <workspace> [--n 4] [--repeats 4] [--branch 0 2 4 6 8] [--head hair]
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from medrl.data.prompts import evaluation_prompts
+from medrl.data.prompts import evaluation_prompts, prompt_to_labels
 from medrl.diffusion.ddim import ddim_step_with_logprob
 from medrl.diffusion.rollout import decode_latents, guided_eps, initial_latents
 from medrl.diffusion.stack import encode_prompts, load_components
@@ -62,15 +64,34 @@ def judge_continuations(workspace: Path, n: int, repeats: int, branch: list[int]
     return judge.heads, {k: torch.stack(v) for k, v in preds.items()}, {k: torch.stack(v) for k, v in rewards.items()}
 
 
+def print_asked_shares(heads: list[str], preds: dict, head: str) -> None:
+    """Per lesion, over its prompts asking for ``head``: the judge's rate, and the share of that
+    head's within-prompt variance fixed by x_k."""
+    j = heads.index(head)
+    labels = [prompt_to_labels(p) for p in evaluation_prompts()]
+    for lesion in ("MEL", "NV"):
+        idx = [i for i, lab in enumerate(labels) if lab[lesion] and lab[head]]
+        y = {k: v[:, idx, :, j] for k, v in preds.items()}  # (n, prompts, R)
+        k0 = min(y)
+        within_prompt = y[k0].permute(1, 0, 2).reshape(len(idx), -1).var(1).mean().clamp_min(1e-9)
+        shares = "  ".join(f"k={k} {1 - v.var(2).mean() / within_prompt:.2f}" for k, v in sorted(y.items()))
+        print(f"{lesion} prompts asking for {head}: rate {y[k0].mean():.3f}, share of its within-prompt "
+              f"variance fixed by x_k: {shares}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("workspace", type=Path)
     ap.add_argument("--n", type=int, default=4, help="trajectories per prompt")
     ap.add_argument("--repeats", type=int, default=4, help="continuations from each kept state")
+    ap.add_argument("--branch", type=int, nargs="+", default=[0, 2, 4, 6, 8], help="kept states x_k (0 first)")
+    ap.add_argument("--head", help="also per lesion, on the prompts asking for this artifact")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    branch = [0, 2, 4, 6, 8]
+    branch = args.branch
     heads, preds, rewards = judge_continuations(args.workspace, args.n, args.repeats, branch)
+    if args.head:
+        print_asked_shares(heads, preds, args.head)
     h = len(heads)
     total = preds[0].reshape(-1, h).var(0).clamp_min(1e-9)
     print("share of each head's variance fixed by x_k (prompt and x_T included at k=0)")
