@@ -397,29 +397,31 @@ def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn
     rank, batch)), score them, and turn the gathered rewards into per-prompt advantages."""
     from accelerate.utils import gather_object
 
-    from medrl.diffusion.stack import encode_prompts, tokenize_prompts
+    from medrl.diffusion.stack import tokenize_prompts
 
     cfg, acc = s.cfg, s.accelerator
     s.policy.eval()
-    trajs, texts, prompts_local, rewards_l, terms_l = [], [], [], [], {}
+    trajs, texts, ids_l, prompts_local, rewards_l, terms_l = [], [], [], [], [], {}
     for b in range(cfg.sample_batches_per_epoch):
         n_groups = cfg.sample_batch_size // cfg.prompt_repeats
         prompts = _check_prompts(prompt_fn(rng, n_groups), n_groups)
         prompts = [p for p in prompts for _ in range(cfg.prompt_repeats)]
         noise = Noise.batch(derive_seed(cfg.seed, epoch, s.rank, _P_ROLLOUT, b))
         with torch.no_grad():
-            text = encode_prompts(s.c, prompts).float()
+            ids = tokenize_prompts(s.c, prompts)
+            text = s.c.text_encoder(ids)[0].float()  # the policy's (text LoRA on, if any)
             traj = _sample(s, s.policy.unet, s.policy.condition, text, noise)
             anchor_images = None
             if s.reward_uses_anchor:
                 anchor = paired_anchor_noise(noise, cfg.rlcf_paired_noise,
                                              own_steps=derive_seed(cfg.seed, epoch, s.rank, _P_ANCHOR_STEPS, b))
                 with _base_model(s.policy, s.anchor_unet) as base_unet:
-                    base_text = encode_prompts(s.c, prompts).float() if s.policy.text_encoder is not None else text
+                    base_text = s.policy.embed(ids) if s.policy.text_encoder is not None else text
                     anchor_images = _sample(s, base_unet, _as_is, base_text, anchor).images
         r, terms = _check_rewards(reward_fn(traj.images, prompts, anchor_images=anchor_images), len(prompts))
         trajs.append(traj)
         texts.append(text)
+        ids_l.append(ids)
         prompts_local += prompts
         rewards_l.append(r)
         for k, v in terms.items():
@@ -434,7 +436,7 @@ def _collect_rollouts(s: _Setup, epoch: int, rng: np.random.Generator, reward_fn
     return _Rollouts(
         latents=torch.cat([t.latents for t in trajs]), old_logp=torch.cat([t.log_probs.float() for t in trajs]),
         timesteps=torch.cat([t.timesteps for t in trajs]), text_embeds=torch.cat(texts),
-        input_ids=tokenize_prompts(s.c, prompts_local) if s.policy.text_encoder is not None else None,
+        input_ids=torch.cat(ids_l) if s.policy.text_encoder is not None else None,
         rewards_all=rewards_all,
         terms_all={k: acc.gather(torch.cat(v).to(s.device)).cpu().numpy() for k, v in terms_l.items()},
         adv=adv, first_images=trajs[0].images[:16].detach().cpu(),
