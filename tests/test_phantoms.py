@@ -24,6 +24,7 @@ from medrl.data.phantoms.cxr import (
 from medrl.data.phantoms.derm import ARTIFACTS, generate_derm_phantoms, planted_captions, render_derm, sample_labels
 from medrl.data.prompts import ARTIFACTS4, ISIC_COLUMNS, evaluation_prompts, labels_to_prompt
 from medrl.data.reports import PATHOLOGIES, extract_impression, label_report
+from medrl.errors import DataError
 
 torch.set_num_threads(1)
 
@@ -139,6 +140,25 @@ def test_planted_captions_misstate_one_artifact_of_one_lesion(fidelity):
     assert abs(rec["measured_false_rate"] - rec["planted_false_rate"]) < 0.06
 
 
+def test_overclaimed_captions_keep_the_unasked_prompt_clean():
+    """caption_noise overclaim: an untruthful MEL caption says "ruler" although none is drawn, so
+    MEL captions without the word are always true and those with it carry a low, known rate."""
+    from medrl.data.prompts import prompt_to_labels
+
+    labels = pd.DataFrame([{"image": f"I{i}", **sample_labels(0, i)} for i in range(4000)])[ISIC_COLUMNS]
+    frame, rec = planted_captions(labels, 0, "MEL", "ruler", 0.2, noise="overclaim")
+    stated = pd.DataFrame([prompt_to_labels(c) for c in frame["caption"]])
+    mel = labels.MEL == 1
+    assert (stated.ruler[mel & (labels.ruler == 1)] == 1).all()  # a drawn ruler is always said
+    assert (labels.ruler[mel & (stated.ruler == 0)] == 0).all() and rec["planted_false_rate"] == 0.0
+    assert abs(stated.ruler[mel & (labels.ruler == 0)].mean() - 0.8) < 0.05
+    assert rec["planted_rate"] == pytest.approx(0.42 / (0.42 + 0.58 * 0.8))
+    assert abs(rec["measured_rate"] - rec["planted_rate"]) < 0.05 and rec["measured_false_rate"] == 0.0
+    assert rec["caption_noise"] == "overclaim"
+    with pytest.raises(DataError, match="noise='flip'"):
+        planted_captions(labels, 0, "MEL", "ruler", 0.2, noise="flip")
+
+
 def test_planted_under_representation_leaves_images_out_of_the_fine_tune():
     """finetune_share 0.2: about a fifth of the MEL images with a ruler stay in the fine-tune set;
     every other image stays, and the captions are true (fidelity 1)."""
@@ -152,6 +172,11 @@ def test_planted_under_representation_leaves_images_out_of_the_fine_tune():
     assert rec["finetune_prevalence"] == pytest.approx(labels.ruler[kept_mel].mean())
     assert abs(rec["finetune_prevalence"] - 0.42 * 0.2 / (0.58 + 0.42 * 0.2)) < 0.03
     assert rec["measured_rate"] == 1.0 and rec["measured_false_rate"] == 0.0  # what is said is true
+    assert rec["planted_rate"] == 1.0 and rec["planted_false_rate"] == 0.0
+    _, over = planted_captions(labels, 0, "MEL", "ruler", 0.2, finetune_share=0.3, noise="overclaim")
+    kept = 0.42 * 0.3 / (0.42 * 0.3 + 0.58)
+    assert over["planted_rate"] == pytest.approx(kept / (kept + (1 - kept) * 0.8))
+    assert abs(over["measured_rate"] - over["planted_rate"]) < 0.05
     again, _ = planted_captions(labels, 0, "MEL", "ruler", 1.0, finetune_share=0.2)
     assert again.equals(frame)  # a pure function of (seed, image index)
 

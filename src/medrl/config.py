@@ -65,6 +65,7 @@ class IsicPlanted(_S):
     lesion: Literal["MEL", "NV"] = "MEL"
     artifact: Literal["hair", "gel_bubble", "ruler", "ink"] = "ruler"
     caption_fidelity: float = Field(0.0, ge=0, le=1)
+    caption_noise: Literal["resample", "overclaim"] = "resample"  # what an untruthful caption states
     finetune_share: float = Field(1.0, gt=0, le=1)  # share of <lesion> images showing <artifact> the base is fine-tuned on
 
 

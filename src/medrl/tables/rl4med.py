@@ -318,8 +318,8 @@ def _planted_table(sd_all: Mapping[str, Any], rl_all: Mapping[str, Any], rid: Ma
                                   target if block == "planted" else None)
     notes = common + [
         f"Planted deficiency: in the base model's fine-tune captions of {plant['lesion']} images, '{plant['artifact']}' "
-        f"is stated truthfully with probability {plant['caption_fidelity']:.2f}, else drawn at its prevalence "
-        f"{plant['prevalence']:.2f}: the planted rate of {plant['artifact']} where asked is {plant['planted_rate']:.2f}, "
+        f"is stated truthfully with probability {plant['caption_fidelity']:.2f}, else {_untruthful(plant)}: "
+        f"the planted rate of {plant['artifact']} where asked is {plant['planted_rate']:.2f}, "
         f"where not asked {plant['planted_false_rate']:.2f} (measured in the data: {plant['measured_rate']:.2f}, "
         f"{plant['measured_false_rate']:.2f}). " + _left_out_note(plant)
         + "Rates: share of generated images in which the judge finds the "
@@ -329,6 +329,13 @@ def _planted_table(sd_all: Mapping[str, Any], rl_all: Mapping[str, Any], rid: Ma
     return write_with_values(pd.DataFrame(rows), out_dir / "rl4med_planted", rec,
                              caption="RL4Med-DDPO: the planted prompt-following gap, SD vs SD+RL",
                              label="tab:rl4med-planted", notes=notes)
+
+
+def _untruthful(plant: Mapping[str, Any]) -> str:
+    """What an untruthful planted caption says (planted.json's caption_noise; older files resample)."""
+    if plant.get("caption_noise", "resample") == "overclaim":
+        return "stated although absent"
+    return f"drawn at its prevalence {plant['prevalence']:.2f}"
 
 
 def _left_out_note(plant: Mapping[str, Any]) -> str:

@@ -412,25 +412,28 @@ def render_derm(labels: dict[str, int], size: int, seed: int, index: int = 0, *,
 
 
 def planted_captions(labels: pd.DataFrame, seed: int, lesion: str, artifact: str, fidelity: float,
-                     finetune_share: float = 1.0) -> tuple[pd.DataFrame, dict]:
+                     finetune_share: float = 1.0, noise: str = "resample") -> tuple[pd.DataFrame, dict]:
     """What the base model is fine-tuned on, with one planted deficiency.
 
     For images of ``lesion``, the caption states ``artifact`` truthfully with probability
-    ``fidelity`` and otherwise by an independent draw at the artifact's prevalence p, so a model
-    that follows its captions draws the artifact for "<lesion> ... showing <artifact>" at the
-    planted rate fidelity + (1 - fidelity) p (and for the same lesion without it at
-    (1 - fidelity) p); every other caption is the image's true prompt. ``finetune_share`` < 1
+    ``fidelity``. Otherwise, with ``noise="resample"``, by an independent draw at the artifact's
+    prevalence p, so a model that follows its captions draws the artifact for "<lesion> ...
+    showing <artifact>" at the planted rate fidelity + (1 - fidelity) p (and for the same lesion
+    without it at (1 - fidelity) p); with ``noise="overclaim"`` the caption states the artifact,
+    so "<lesion>" without it stays clean (planted false rate 0) while "<lesion> ... showing
+    <artifact>" keeps a distinct, low rate p / (p + (1 - p)(1 - fidelity)). Every other caption is
+    the image's true prompt. ``finetune_share`` < 1
     under-represents the combination: each image of ``lesion`` showing ``artifact`` stays in the
     fine-tune set with that probability (column ``finetune``; the rest train only the classifiers).
-    Returns a frame (image, caption, finetune) and the planted / measured rates (measured over
-    the fine-tune set)."""
+    Returns a frame (image, caption, finetune) and the expected / measured rates over the
+    fine-tune set (the formulas above with p replaced by its prevalence there)."""
     p = float(ARTIFACT_P[artifact])
     captions, stated, kept = [], [], []
     for i, row in enumerate(labels.to_dict("records")):
         cap = dict(row)
         if row[lesion]:
             truthful, draw = _rng(seed, i, "caption").random(2)
-            cap[artifact] = row[artifact] if truthful < fidelity else int(draw < p)
+            cap[artifact] = row[artifact] if truthful < fidelity else int(draw < p) if noise == "resample" else 1
         captions.append(labels_to_prompt(cap))
         stated.append(cap[artifact])
         kept.append(int(not (row[lesion] and row[artifact]) or _rng(seed, i, "finetune").random() < finetune_share))
@@ -438,9 +441,10 @@ def planted_captions(labels: pd.DataFrame, seed: int, lesion: str, artifact: str
     of_lesion = (labels[lesion] == 1) & kept_s
     said, unsaid = of_lesion & (stated_s == 1), of_lesion & (stated_s == 0)
     both = (labels[lesion] == 1) & (labels[artifact] == 1)
+    rate, false_rate = _planted_rates(p, fidelity, finetune_share, noise)
     record = {
-        "lesion": lesion, "artifact": artifact, "caption_fidelity": float(fidelity), "prevalence": p,
-        "planted_rate": fidelity + (1 - fidelity) * p, "planted_false_rate": (1 - fidelity) * p,
+        "lesion": lesion, "artifact": artifact, "caption_fidelity": float(fidelity), "caption_noise": noise,
+        "prevalence": p, "planted_rate": rate, "planted_false_rate": false_rate,
         "measured_rate": float(labels.loc[said, artifact].mean()) if said.any() else float("nan"),
         "measured_false_rate": float(labels.loc[unsaid, artifact].mean()) if unsaid.any() else float("nan"),
         "n_lesion_images": int(of_lesion.sum()),
@@ -453,10 +457,23 @@ def planted_captions(labels: pd.DataFrame, seed: int, lesion: str, artifact: str
     return frame, record
 
 
+def _planted_rates(p: float, fidelity: float, share: float, noise: str) -> tuple[float, float]:
+    """Expected artifact rate among the fine-tune images of the lesion whose caption states it,
+    and among those whose caption does not (0 where no caption omits it)."""
+    if noise not in ("resample", "overclaim"):
+        raise DataError(f"planted_captions: noise={noise!r}; expected 'resample' or 'overclaim'")
+    kept = p * share / (p * share + 1 - p)  # prevalence in the fine-tune set
+    said_if_shown = fidelity + (1 - fidelity) * p if noise == "resample" else 1.0
+    said_if_absent = (1 - fidelity) * p if noise == "resample" else 1 - fidelity
+    said = kept * said_if_shown + (1 - kept) * said_if_absent
+    unsaid = kept * (1 - said_if_shown) + (1 - kept) * (1 - said_if_absent)
+    return kept * said_if_shown / said, (kept * (1 - said_if_shown) / unsaid if unsaid > 0 else 0.0)
+
+
 def generate_derm_phantoms(out_dir: Path, n_images: int, size: int, seed: int, planted: dict | None = None) -> dict:
     """Write ``n_images`` dermoscopy phantoms to ``out_dir`` (images/, labels.csv, grid.png).
 
-    ``planted`` ({lesion, artifact, caption_fidelity, finetune_share}) adds captions.csv (the
+    ``planted`` ({lesion, artifact, caption_fidelity, caption_noise, finetune_share}) adds captions.csv (the
     fine-tune captions and which images the fine-tune uses, see planted_captions) and
     planted.json. Returns counts, prevalences and the planted rates."""
     if n_images < 1 or size < 16:
@@ -476,7 +493,8 @@ def generate_derm_phantoms(out_dir: Path, n_images: int, size: int, seed: int, p
         record = None
         if planted is not None:
             fine_tune, record = planted_captions(df, seed, planted["lesion"], planted["artifact"],
-                                                 planted["caption_fidelity"], planted.get("finetune_share", 1.0))
+                                                 planted["caption_fidelity"], planted.get("finetune_share", 1.0),
+                                                 planted.get("caption_noise", "resample"))
             write_table(fine_tune, tmp / "captions.csv")
             write_json(tmp / "planted.json", record)
         _write_grid(tmp, df)
