@@ -428,12 +428,14 @@ def planted_captions(labels: pd.DataFrame, seed: int, lesion: str, artifact: str
     Returns a frame (image, caption, finetune) and the expected / measured rates over the
     fine-tune set (the formulas above with p replaced by its prevalence there)."""
     p = float(ARTIFACT_P[artifact])
+    rate, false_rate = _planted_rates(p, fidelity, finetune_share, noise)
     captions, stated, kept = [], [], []
     for i, row in enumerate(labels.to_dict("records")):
         cap = dict(row)
         if row[lesion]:
             truthful, draw = _rng(seed, i, "caption").random(2)
-            cap[artifact] = row[artifact] if truthful < fidelity else int(draw < p) if noise == "resample" else 1
+            untruthful = int(draw < p) if noise == "resample" else 1
+            cap[artifact] = row[artifact] if truthful < fidelity else untruthful
         captions.append(labels_to_prompt(cap))
         stated.append(cap[artifact])
         kept.append(int(not (row[lesion] and row[artifact]) or _rng(seed, i, "finetune").random() < finetune_share))
@@ -441,7 +443,6 @@ def planted_captions(labels: pd.DataFrame, seed: int, lesion: str, artifact: str
     of_lesion = (labels[lesion] == 1) & kept_s
     said, unsaid = of_lesion & (stated_s == 1), of_lesion & (stated_s == 0)
     both = (labels[lesion] == 1) & (labels[artifact] == 1)
-    rate, false_rate = _planted_rates(p, fidelity, finetune_share, noise)
     record = {
         "lesion": lesion, "artifact": artifact, "caption_fidelity": float(fidelity), "caption_noise": noise,
         "prevalence": p, "planted_rate": rate, "planted_false_rate": false_rate,
