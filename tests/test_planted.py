@@ -48,7 +48,7 @@ def test_planted_table_reports_rates_and_gap(tmp_path):
     rl = planted_rates(per_image(0.8, 0.15, 0), PLANT, BOOT)
     paths = _planted_table({"planted": sd}, {"planted": rl}, {"sd": "r1", "rl": "r2"}, tmp_path, [])
     table = pd.read_csv(paths["csv"])
-    assert len(table) == 4 and table["Prompts"][0] == "MEL prompts asking for ruler (planted low), H=4 evaluator"
+    assert len(table) == 4 and table["Prompts"][0] == "MEL prompts asking for ruler (planted rate 0.42), H=4 evaluator"
     d = diff_from_boot(rl["rate"], sd["rate"])
     assert d["lo"] > 0  # the paired CI of the asked rate excludes zero
     assert table["gap to NV closed"][0].endswith("%")
@@ -84,3 +84,14 @@ def test_gap_to_the_vae_ceiling():
     closed = gap_closed(sd, rl, target)
     assert closed["rate"] == pytest.approx(0.5) and closed["false_rate"] == pytest.approx(0.5)
     assert gap_closed(sd, rl)["rate"] is None  # no reference rates and no target: nothing to close
+
+
+def test_a_gap_within_sds_own_interval_is_no_gap():
+    """The overclaiming plant leaves the unasked rate at the other lesion's (0.047 against 0.062
+    in the default run): a share of that gap divides by noise, so none is reported."""
+    sd = {"rate": {"value": 0.14, "lo": 0.09, "hi": 0.20}, "false_rate": {"value": 0.047, "lo": 0.016, "hi": 0.086},
+          "reference_rate": {"value": 0.93}, "reference_false_rate": {"value": 0.062}}
+    rl = {"rate": {"value": 0.45}, "false_rate": {"value": 0.062}}
+    closed = gap_closed(sd, rl)
+    assert closed["rate"] == pytest.approx((0.45 - 0.14) / (0.93 - 0.14)) and closed["false_rate"] is None
+    assert gap_closed(sd, rl, {"rate": 0.92, "false_rate": 0.02})["false_rate"] is None

@@ -71,13 +71,18 @@ def gap_closed(sd: Mapping[str, Any], rl: Mapping[str, Any], target: Mapping[str
     """Share of the planted gap RL closed, (RL - SD) / (target - SD), for the asked rate (should
     rise) and the false rate (should fall). ``target``: ``ceiling_rates`` (a model that follows
     every prompt, seen through the VAE); without it, SD's own rates on the other lesion's
-    prompts. None where there is no gap to close."""
+    prompts. None where there is no gap to close: the goal lies within SD's own 95 % interval
+    (where SD reports one), so any share would divide by sampling noise."""
     out: dict[str, float | None] = {}
     for name, ref in (("rate", "reference_rate"), ("false_rate", "reference_false_rate")):
         goal = target[name] if target is not None else (sd[ref]["value"] if ref in sd else None)
-        if name not in sd or name not in rl or goal is None:
+        if name not in sd or name not in rl or goal is None or _within_ci(goal, sd[name]):
             out[name] = None
             continue
         gap = goal - sd[name]["value"]
         out[name] = (rl[name]["value"] - sd[name]["value"]) / gap if abs(gap) > 1e-9 else None
     return out
+
+
+def _within_ci(x: float, stat: Mapping[str, Any]) -> bool:
+    return "lo" in stat and "hi" in stat and stat["lo"] <= x <= stat["hi"]

@@ -293,8 +293,8 @@ def _apr_per_prompt_table(sd: Mapping[str, Any], rl: Mapping[str, Any], rid: Map
 
 
 _PLANTED_ROWS = {
-    "rate": "{lesion} prompts asking for {artifact} (planted low)",
-    "false_rate": "{lesion} prompts without {artifact} (planted high)",
+    "rate": "{lesion} prompts asking for {artifact} (planted rate {planted_rate})",
+    "false_rate": "{lesion} prompts without {artifact} (planted rate {planted_false_rate})",
     "reference_rate": "{other} prompts asking for {artifact} (truthful captions)",
     "reference_false_rate": "{other} prompts without {artifact} (truthful captions)",
 }
@@ -306,7 +306,8 @@ def _planted_table(sd_all: Mapping[str, Any], rl_all: Mapping[str, Any], rid: Ma
     planted gap RL closed (metrics.planted), judged by the H=4 evaluator and by the reward model."""
     plant = sd_all["planted"]["planted"]
     words = {"lesion": plant["lesion"], "artifact": plant["artifact"],
-             "other": "NV" if plant["lesion"] == "MEL" else "MEL"}
+             "other": "NV" if plant["lesion"] == "MEL" else "MEL",
+             **{k: f"{plant[k]:.2f}" for k in ("planted_rate", "planted_false_rate")}}
     from medrl.metrics.planted import ceiling_rates
 
     target = ceiling_rates(sd_all.get("vae_ceiling"), plant["artifact"])
@@ -349,9 +350,17 @@ def _left_out_note(plant: Mapping[str, Any]) -> str:
             f"images against its prevalence {plant['prevalence']:.2f}. ")
 
 
+def _share(closed: Mapping[str, float | None], key: str) -> str:
+    """A share of the gap closed; 'no gap' where the target lies within SD's own interval."""
+    if key not in closed:
+        return ""
+    return "no gap" if closed[key] is None else _pct(closed[key])
+
+
 def _gap_note(target: Mapping[str, float] | None, artifact: str) -> str:
     note = ("Gap to the other lesion closed = (SD+RL - SD) / (reference - SD), the reference being SD's rate on the "
-            "other lesion's prompts, whose captions are truthful: the gap the planting made.")
+            "other lesion's prompts, whose captions are truthful: the gap the planting made ('no gap': the "
+            "reference lies within SD's own 95 % interval).")
     if target is None:
         return note
     return note + (f" Gap to ceiling closed = (SD+RL - SD) / (target - SD), the target being what a model that follows "
@@ -379,8 +388,8 @@ def _planted_rows(rec: Recorder, sd: Mapping[str, Any], rl: Mapping[str, Any], j
             "SD+RL": rec.ours(name, "SD+RL", rl[key], model="rl", run_id=rid["rl"], digits=3),
             "RL - SD": rec.ours(name, "RL - SD", diff_from_boot(rl[key], sd[key], where=f"planted {key}"),
                                 model="rl-sd", run_id=pair_run, digits=3, source="diff"),
-            f"gap to {words['other']} closed": _pct(closed[key]) if key in closed else "",
-            "gap to ceiling closed": _pct(closed_ceiling[key]) if key in closed_ceiling else "",
+            f"gap to {words['other']} closed": _share(closed, key),
+            "gap to ceiling closed": _share(closed_ceiling, key),
             "n (SD/RL)": f"{sd[key]['n']}/{rl[key]['n']}",
         })
     return rows
@@ -549,7 +558,7 @@ def _planted_seed_rows(sd: Mapping[str, Any], rl_by_seed: Mapping[int, Mapping[s
     for what, goal in goals:
         closed = {s: gap_closed(p, m["planted"], goal) for s, m in rl_by_seed.items()}
         notes.append(f"Planted gap {what} closed by RL (H=4 evaluator, see rl4med_planted): "
-                     + "; ".join(f"seed {s}: asked {_pct(c['rate'])}, not asked {_pct(c['false_rate'])}"
+                     + "; ".join(f"seed {s}: asked {_share(c, 'rate')}, not asked {_share(c, 'false_rate')}"
                                  for s, c in closed.items()) + ".")
     return rows, notes
 
