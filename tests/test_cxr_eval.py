@@ -81,7 +81,8 @@ LABEL0 = [0, 0, 0, np.nan, np.nan, 1, np.nan, 1, np.nan, 1, -1, 1]
 
 
 def _evaluate(root: Path, per_report: int, *, metrics_extra: dict | None = None,
-              independent: dict | None = None, split=lambda k: "test", sampled=lambda k: True) -> dict:
+              independent: dict | None = None, split=lambda k: "test", sampled=lambda k: True,
+              stack_dir: Path | None = None) -> dict:
     from medrl.io import read_json
     from medrl.metrics.cxr_eval import evaluate_cxr_samples
 
@@ -106,7 +107,8 @@ def _evaluate(root: Path, per_report: int, *, metrics_extra: dict | None = None,
                **(metrics_extra or {})}
     ev = root / EVAL
     evaluate_cxr_samples(root / "samples", root / "prepared", root, root, root, root / "out", metrics=metrics,
-                         evaluators={"aligner": ev, "diag": ev, "dualenc": ev}, independent=independent)
+                         evaluators={"aligner": ev, "diag": ev, "dualenc": ev}, independent=independent,
+                         stack_dir=stack_dir)
     return read_json(root / "out" / "metrics.json")
 
 
@@ -214,6 +216,37 @@ def test_each_judge_is_scored_on_the_held_out_real_pairs(stubs, tmp_path):
     assert judges["eval"]["diag"]["auroc"][PATHOLOGIES[0]] == pytest.approx(roc_auc_score(gt0, 1 - v))
     # image-report retrieval on the real test pairs
     assert judges["eval"]["dualenc"]["n"] == K and "i2t_recall@1" in judges["eval"]["dualenc"]
+
+
+def test_the_vae_ceiling_judges_real_test_images_before_and_after_a_vae_round_trip(stubs, tmp_path):
+    """Issue 21 item 2 (CXR): with the stack given, each diagnostic judge scores the held-out real
+    images as they are and after the stack's VAE (encode, mode, decode), per finding."""
+    from sklearn.metrics import roc_auc_score
+
+    from medrl.bench import tiny_stack
+    from medrl.diffusion.stack import load_vae
+
+    stack = tiny_stack(tmp_path / "stack", size=16)
+    m = _evaluate(tmp_path / "a", 1, stack_dir=stack)
+    vc, c0 = m["vae_ceiling"], PATHOLOGIES[0]
+    assert vc["n_images"] == K and set(vc) == {"n_images", "reward", "eval"}
+    gt0 = (np.arange(K) % 2).astype(bool)
+    v = 0.1 + 0.8 * np.arange(K) / (K - 1)
+    # real images, read as the samples are (report labels): here the samples are the real images
+    assert vc["reward"]["real"]["auroc"][c0] == pytest.approx(m["auroc"][c0]["value"])
+    assert vc["eval"]["real"]["auroc"][c0] == pytest.approx(m["eval_auroc"][c0]["value"])
+    # and against the exact labels: what the judges' accuracy saw
+    assert vc["reward"]["real"]["auroc_exact"][c0] == pytest.approx(m["judges"]["reward"]["diag"]["auroc"][c0])
+    assert vc["eval"]["real"]["auroc_exact"][c0] == pytest.approx(roc_auc_score(gt0, 1 - v))
+    assert vc["reward"]["real"]["recall"][c0] == pytest.approx((v[gt0] >= 0.5).mean())
+    assert vc["reward"]["real"]["false_rate"][c0] == pytest.approx((v[~gt0] >= 0.5).mean())
+    # round trips: the stub's score (mean intensity) of the decoded images
+    vae = load_vae(str(stack))
+    x = torch.stack([torch.from_numpy(np.full((3, 8, 8), round(t * 255) / 255 * 2 - 1, np.float32)) for t in v])
+    with torch.no_grad():
+        rt = ((vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2).mean(dim=(1, 2, 3))
+    assert vc["reward"]["vae_roundtrip"]["auroc_exact"][c0] == pytest.approx(roc_auc_score(gt0, rt.numpy()), abs=1e-6)
+    assert "vae_ceiling" not in _evaluate(tmp_path / "b", 1)
 
 
 def test_evaluators_are_required(stubs, tmp_path):

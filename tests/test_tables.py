@@ -676,3 +676,32 @@ def test_summary_reads_the_claims_tables_the_builders_write(isic_inputs, cxr_met
     assert list(df["Difference"]) == [f"{d}: {v}" for c, col in ((claims[0], "Ours difference [CI]"),
                                                                  (claims[1], "Evaluator difference [CI]"))
                                       for d, v in zip(c["Difference"], c[col])]
+
+
+def test_cxrl_table3_shows_the_vae_ceiling_and_the_share_of_its_gap_closed(cxr_metrics, tmp_path):
+    """Issue 21 item 2 (CXR): per finding, the evaluator's AUROC on real test images and after a
+    VAE round trip, and (CXRL - anchor) / (ceiling - anchor); 'no gap' where the ceiling lies
+    within the anchor's own interval."""
+    metrics, run_ids = cxr_metrics
+    anchor, full = metrics["anchor"]["eval_auroc"], metrics["full"]["eval_auroc"]
+    edema, effusion = "Edema", "Effusion"
+    ceiling = {c: 0.95 for c in P.CXR_CLASSES}
+    ceiling[effusion] = (anchor[effusion]["lo"] + anchor[effusion]["hi"]) / 2  # within the anchor's CI
+    ceiling["Fracture"] = anchor["Fracture"]["lo"] - 0.05  # below: a class the evaluator cannot read
+    ceiling["avg"] = 0.93
+    block = lambda auroc: {"auroc": auroc, "recall": {c: 0.5 for c in P.CXR_CLASSES},  # noqa: E731
+                           "false_rate": {c: 0.1 for c in P.CXR_CLASSES}}
+    metrics["anchor"]["vae_ceiling"] = {"n_images": 8, "eval": {"real": block({c: 0.97 for c in ceiling}),
+                                                                "vae_roundtrip": block(ceiling)}}
+    t3 = pd.read_csv(build_cxrl_tables(metrics, run_ids, tmp_path)["cxrl_table3"]["csv"], dtype=str,
+                     keep_default_na=False).set_index("Pathology")
+    closed = "Gap to the ceiling closed by CXRL (ours, evaluator)"
+    share = (full[edema]["value"] - anchor[edema]["value"]) / (0.95 - anchor[edema]["value"])
+    assert t3.loc[edema, closed] == f"{100 * share:.0f} %"
+    assert t3.loc[effusion, closed] == "no gap" and t3.loc["Fracture", closed] == "no gap"
+    assert t3.loc[edema, "Real test images through the VAE (ceiling) (ours, evaluator)"] == "0.950"
+    assert t3.loc["macro average", "Real test images (ours, evaluator)"] == "0.970"
+    # without a measured ceiling the columns are absent, not blank
+    del metrics["anchor"]["vae_ceiling"]
+    t3 = pd.read_csv(build_cxrl_tables(metrics, run_ids, tmp_path)["cxrl_table3"]["csv"], dtype=str)
+    assert closed not in t3.columns

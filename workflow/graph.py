@@ -861,15 +861,16 @@ def _metrics_cxr(c: Ctx, weights: dict[str, float] | None = None) -> dict:
     return evaluate_cxr_samples(c.deps["samples"], c.deps["prepared"], c.deps["aligner"], c.deps["diag"],
                                 c.deps["dualenc"], c.outs["metrics"], evaluators=evaluators, independent=independent,
                                 metrics=c.params.metrics.model_dump(), device=c.device,
-                                diag_unmentioned=c.params.rl.cxr.diag_unmentioned, weights=weights)
+                                diag_unmentioned=c.params.rl.cxr.diag_unmentioned, weights=weights,
+                                stack_dir=c.deps.get("stack"))
 
 
-@stage(track="cxr", deps={"samples": "data/samples/cxr/anchor", **_MET_CXR_DEPS},
+@stage(track="cxr", deps={"samples": "data/samples/cxr/anchor", "stack": "data/models/cxr/stack", **_MET_CXR_DEPS},
        outs={"metrics": "data/metrics/cxr/anchor"}, params=_MET_CXR_PARAMS)
 def metrics_cxr_anchor(c: Ctx) -> dict:
     """r_align, AUROC per pathology, r_diag, image-report similarity, FID (DenseNet features), MS-SSIM of the
     anchor, each judged by the reward nets and by the independent evaluators (eval_*), with each judge's
-    accuracy on the held-out real test pairs."""
+    accuracy on the held-out real test pairs and the AUROC per finding the stack's VAE leaves them."""
     return _metrics_cxr(c)
 
 

@@ -251,9 +251,10 @@ rule generate_cxr:
 
 
 rule metrics_cxr_anchor:
-    """r_align, AUROC per pathology, r_diag, image-report similarity, FID (DenseNet features), MS-SSIM of the anchor, each judged by the reward nets and by the independent evaluators (eval_*), with each judge's accuracy on the held-out real test pairs."""
+    """r_align, AUROC per pathology, r_diag, image-report similarity, FID (DenseNet features), MS-SSIM of the anchor, each judged by the reward nets and by the independent evaluators (eval_*), with each judge's accuracy on the held-out real test pairs and the AUROC per finding the stack's VAE leaves them."""
     input:
         samples='data/samples/cxr/anchor',
+        stack='data/models/cxr/stack',
         prepared='data/prepared/cxr',
         aligner='data/models/cxr/aligner',
         diag='data/models/cxr/diag',

@@ -9,7 +9,9 @@ MS-SSIM between samples of the same report. Every metric that a network judges i
 twice: by the reward networks (the paper's protocol; keys as named) and by the independent
 evaluators (``eval_``-prefixed keys), trained on the other half of the train pairs with another
 seed and width; ``judges`` holds each network's accuracy on the held-out real test pairs against
-exact ground truth (phantoms: true posture psi and true findings). Every metric carries a bootstrap CI; the samples of
+exact ground truth (phantoms: true posture psi and true findings); with the stack's VAE given,
+``vae_ceiling`` holds what each diagnostic judge reads on those real images after a VAE round
+trip: the best a generator on this stack's latents can score. Every metric carries a bootstrap CI; the samples of
 one report are not independent, so the CIs resample *reports* (cluster bootstrap over
 ``prompt_id``), not images. Rows are ordered by a model-independent key and resampled with the
 same seed, so "CXRL - other" differences are paired.
@@ -75,7 +77,8 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
                          out_dir: Path, *, evaluators: Mapping[str, Path], metrics: dict[str, Any],
                          device: str = "cpu", diag_unmentioned: str = "ignore",
                          weights: Mapping[str, float] | None = None,
-                         independent: Mapping[str, bool] | None = None) -> dict[str, float]:
+                         independent: Mapping[str, bool] | None = None,
+                         stack_dir: Path | None = None) -> dict[str, float]:
     """Write ``out_dir/metrics.json`` (tables.cxrl schema) and ``out_dir/per_image.csv``.
 
     ``evaluators``: {"aligner", "diag", "dualenc"} -> the independent evaluators' directories;
@@ -88,7 +91,10 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
     ``weights`` ({"l_align", "l_diag", "l_consist"}, a variant's) adds ``reward``: the combined
     *direct* reward on the held-out reports. With RLCF the training reward subtracts the
     anchor's score for the same report, so ``reward(variant) - reward(anchor)`` (paired,
-    ``medrl.metrics.bootstrap.linear_combination``) is the held-out RLCF reward."""
+    ``medrl.metrics.bootstrap.linear_combination``) is the held-out RLCF reward.
+
+    ``stack_dir`` (the stack whose VAE the samples were decoded by) adds ``vae_ceiling``
+    (``vae_finding_ceiling``) for the reward and the evaluator diagnostic models."""
     from medrl.metrics.msssim import msssim_within_groups
     from medrl.models.xrv_diag import TRAIN_UNMENTIONED
 
@@ -115,6 +121,10 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
         result["judges"][judge] = {n: {**acc[n], "independent": indep[n] if judge == "eval" else False}
                                    for n in NETS}
 
+    if stack_dir is not None:
+        result["vae_ceiling"] = vae_finding_ceiling(Path(stack_dir), test, {"reward": Path(diag_dir),
+                                                                          "eval": Path(evaluators["diag"])},
+                                                    size=int(images.shape[-1]), device=device)
     groups = {pid: [Path(p) for p in g["path"]] for pid, g in df.groupby("prompt_id", sort=True)}
     ms_pairs, ms = msssim_within_groups(groups, channels="L", device=device, n_boot=n_boot, ci=ci, seed=seed)
     result["msssim"] = {k: ms[k] for k in ("value", "lo", "hi", "n", "ci", "method", "boot", "boot_key") if k in ms}
@@ -215,6 +225,56 @@ def judge_accuracy(nets: Mapping[str, Any], test: pd.DataFrame, *, size: int) ->
                                                             embed_texts(nets["dualenc"], texts).cpu(), texts)}
     return {"aligner": {"psi": aligner, "reference": "exact posture psi" if cols else "none (no psi columns)"},
             "diag": diag, "dualenc": dualenc}
+
+
+def vae_finding_ceiling(stack_dir: Path, test: pd.DataFrame, diag_dirs: Mapping[str, Path], *, size: int,
+                        device: str = "cpu") -> dict[str, Any]:
+    """What can a generator on this stack's latents show at all? Each diagnostic model of
+    ``diag_dirs`` (judge -> directory) on the held-out real images as they are ("real") and after a round trip through
+    the stack's VAE ("vae_roundtrip": encode, posterior mode, decode), per finding
+    (``finding_accuracy``). A finding the round trip erases is one no RL reward can make the
+    generator draw recognisably."""
+    from medrl.diffusion.stack import load_vae
+    from medrl.diffusion.vae_train import load_images
+    from medrl.models.xrv_diag import load_diag, predict_probs
+
+    x = load_images([Path(p) for p in test["path"]], size, "L")  # [-1, 1], grey repeated to 3 channels
+    vae = load_vae(str(stack_dir), device=device)
+    with torch.no_grad():
+        rt = torch.cat([vae.decode(vae.encode(b.to(device)).latent_dist.mode()).sample.float().clamp(-1, 1).cpu()
+                        for b in x.split(64)])
+    out: dict[str, Any] = {"n_images": int(len(test))}
+    for judge, d in diag_dirs.items():
+        net = load_diag(d, device=device)
+        with torch.no_grad():
+            out[judge] = {name: finding_accuracy(predict_probs(net, ((imgs + 1) / 2).mean(1, keepdim=True)).numpy(),
+                                                 test) for name, imgs in (("real", x), ("vae_roundtrip", rt))}
+    return out
+
+
+def finding_accuracy(probs: np.ndarray, test: pd.DataFrame) -> dict[str, Any]:
+    """Per finding: ``auroc`` against the report labels, read as the samples' AUROC is
+    (unmentioned per ``xrv_diag.TRAIN_UNMENTIONED``, uncertain ignored), so a generator's AUROC and
+    this one compare like for like; ``auroc_exact`` against the exact labels where the data has
+    them (``xrv_diag.diag_accuracy``); and how often the model fires (p >= 0.5) on images that
+    have the finding (``recall``) and on those that do not (``false_rate``), by the exact labels
+    where present, else the report's."""
+    from medrl.data.reports import PATHOLOGIES
+    from medrl.metrics.auroc import per_class_auroc
+    from medrl.models.xrv_diag import TRAIN_UNMENTIONED, diag_accuracy
+
+    classes = list(PATHOLOGIES)
+    auroc = per_class_auroc(test[classes].to_numpy(np.float64), probs, classes,
+                            nan_as_negative=TRAIN_UNMENTIONED == "negative")
+    exact = diag_accuracy(probs, test)
+    recall, false_rate = {}, {}
+    for j, c in enumerate(classes):
+        y = test[f"gt_{c}"].to_numpy(float) if f"gt_{c}" in test.columns else test[c].to_numpy(float)
+        fires = probs[:, j] >= 0.5
+        recall[c] = float(fires[y == 1].mean()) if (y == 1).any() else None
+        false_rate[c] = float(fires[y == 0].mean()) if (y == 0).any() else None
+    return {"n": int(len(test)), "auroc": auroc, "auroc_exact": exact["auroc"], "exact_reference": exact["reference"],
+            "recall": recall, "false_rate": false_rate}
 
 
 def _samples_with_labels(samples_dir: Path, prepared_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:

@@ -76,12 +76,18 @@ def gap_closed(sd: Mapping[str, Any], rl: Mapping[str, Any], target: Mapping[str
     out: dict[str, float | None] = {}
     for name, ref in (("rate", "reference_rate"), ("false_rate", "reference_false_rate")):
         goal = target[name] if target is not None else (sd[ref]["value"] if ref in sd else None)
-        if name not in sd or name not in rl or goal is None or _within_ci(goal, sd[name]):
-            out[name] = None
-            continue
-        gap = goal - sd[name]["value"]
-        out[name] = (rl[name]["value"] - sd[name]["value"]) / gap if abs(gap) > 1e-9 else None
+        out[name] = share_closed(sd[name], rl[name], goal) if name in sd and name in rl else None
     return out
+
+
+def share_closed(before: Mapping[str, Any], after: Mapping[str, Any], goal: float | None) -> float | None:
+    """(after - before) / (goal - before) of two ``{"value", "lo", "hi"}`` statistics: the share of
+    the gap to ``goal`` that the change closed. None where there is no gap: no goal, or the goal
+    lies within ``before``'s own interval (any share would divide by sampling noise)."""
+    if goal is None or _within_ci(goal, before):
+        return None
+    gap = goal - before["value"]
+    return (after["value"] - before["value"]) / gap if abs(gap) > 1e-9 else None
 
 
 def _within_ci(x: float, stat: Mapping[str, Any]) -> bool:

@@ -9,6 +9,7 @@ import pandas as pd
 
 from medrl.errors import DataError
 from medrl.metrics.bootstrap import diff_from_boot
+from medrl.metrics.planted import share_closed
 from medrl.metrics.rlcf_modes import MODES, PAIRED_MODES
 from medrl.tables import paper as P
 from medrl.tables.render import (NA, Recorder, fmt_num, need, need_metric, resolve_run_ids, verdict,
@@ -382,6 +383,7 @@ def _table3(b: _Build) -> dict[str, str]:
             pv = P.CXRL_TABLE3.get(m, {}).get(c)
             if m in P.CXRL_TABLE3:
                 row[f"{label} (paper)"] = rec.paper(abbrev, label, pv, model=m, digits=P.CXRL_TABLE3_DIGITS)
+        row.update(_ceiling_cells(b, rec, c, abbrev))
         d = b.diff("full", "anchor", ["auroc", c])
         row["CXRL - anchor (ours)"] = rec.ours(abbrev, "CXRL - anchor", d, model="full-anchor",
                                                run_id=f"{rid('full')} - {rid('anchor')}", digits=3, source="diff")
@@ -401,10 +403,53 @@ def _table3(b: _Build) -> dict[str, str]:
         "among valid reports. Avg. = macro mean over classes with a defined AUROC.",
         "Valid reports per class (CXRL): " + ", ".join(f"{P.CXR_ABBREV[c]} {n}" for c, n in n_valid.items()) + ".",
         "The paper has no Table-3 numbers for w/o ACE / w/o RLCF.",
+        *_ceiling_notes(metrics["anchor"].get("vae_ceiling")),
     ]
     return write_with_values(pd.DataFrame(rows), b.out_dir / "cxrl_table3", rec,
                              caption="CXRL Table 3: per-pathology AUROC on generated CXRs", label="tab:cxrl3",
                              notes=t3_notes + _unpaired(b.problems))
+
+
+_REAL = f"Real test images {EVALUATOR}"
+_CEILING = f"Real test images through the VAE (ceiling) {EVALUATOR}"
+_CLOSED = f"Gap to the ceiling closed by CXRL {EVALUATOR}"
+
+
+def _ceiling_cells(b: _Build, rec: Recorder, c: str, abbrev: str) -> dict[str, str]:
+    """Table 3's ceiling columns for class ``c`` (none without the anchor's ``vae_ceiling``): the
+    evaluator's AUROC on real test images, after a VAE round trip, and the share of the anchor's
+    gap to that ceiling which CXRL closed."""
+    vc = b.metrics["anchor"].get("vae_ceiling")
+    if not vc:
+        return {}
+    anchor = b.metrics["anchor"]["eval_auroc"][c]
+    run = b.rid("anchor")
+    out = {}
+    for col, block in ((_REAL, "real"), (_CEILING, "vae_roundtrip")):
+        v = vc["eval"][block]["auroc"].get(c)
+        out[col] = rec.ours(abbrev, col, None if v is None or v != v else {"value": float(v)}, model="anchor",
+                            run_id=run, digits=3, source="vae_ceiling")
+    goal = vc["eval"]["vae_roundtrip"]["auroc"].get(c)
+    # a ceiling below the anchor's interval is a class the evaluator cannot read: no gap either
+    closed = (share_closed(anchor, b.metrics["full"]["eval_auroc"][c], float(goal))
+              if "full" in b.metrics and goal is not None and goal == goal and goal > anchor["lo"] else None)
+    out[_CLOSED] = "no gap" if closed is None else f"{100 * closed:.0f} %"
+    return out
+
+
+def _ceiling_notes(vc: Mapping[str, Any] | None) -> list[str]:
+    if not vc:
+        return []
+    rec = vc["eval"]
+    kept = ", ".join(f"{P.CXR_ABBREV[c]} {fmt_num(rec['real']['recall'][c], 2)} -> "
+                     f"{fmt_num(rec['vae_roundtrip']['recall'][c], 2)}"
+                     for c in P.CXR_CLASSES if rec["real"]["recall"].get(c) is not None)
+    return [f"VAE ceiling: the evaluator's diagnostic model on the {vc['n_images']} real held-out images as they are "
+            "and after a round trip through the stack's VAE (encode, decode), AUROC against the report labels read "
+            "as for generated images; a generator sampling in that latent space cannot exceed the second. Gap to the ceiling closed = (CXRL - "
+            "anchor) / (ceiling - anchor), evaluator AUROC ('no gap': the ceiling lies within or below the anchor's "
+            f"own 95 % interval). The evaluator's recall (p >= 0.5, exact labels) of each finding, real -> through the VAE: "
+            f"{kept}."]
 
 
 def _table3_run_row(b: _Build, t3_models: list[str]) -> dict[str, str]:
