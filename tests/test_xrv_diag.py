@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from medrl.data.reports import PATHOLOGIES
 from medrl.errors import DataError
-from medrl.io import save_image
+from medrl.io import load_image, save_image
 from medrl.models import xrv_diag
 from medrl.models.xrv_diag import (
     build_diag,
@@ -157,8 +157,8 @@ def test_finding_recall_counts_stated_positives_only():
     assert finding_recall(np.zeros((2, 11)), labels)[0] == 0.0  # an image read as normal
 
 
-def test_train_diag_learns_a_visible_pathology(tmp_path):
-    """Effusion = a bright lower band; everything else absent. 3 short epochs must find it."""
+def _effusion_pairs(tmp_path) -> tuple[pd.DataFrame, int]:
+    """Effusion = a bright lower band on every other image; everything else absent."""
     rng = np.random.default_rng(0)
     size, n = 32, 192
     rows = []
@@ -175,7 +175,12 @@ def test_train_diag_learns_a_visible_pathology(tmp_path):
             lab["Edema"] = -1.0  # uncertain: masked out of the loss
         rows.append({"image": str(i), "path": str(p), "split": "test" if i >= 160 else "train", **lab,
                      **{f"gt_{c}": (1.0 if (c == "Effusion" and eff) else 0.0) for c in PATHOLOGIES}})
-    pairs = pd.DataFrame(rows)
+    return pd.DataFrame(rows), size
+
+
+def test_train_diag_learns_a_visible_pathology(tmp_path):
+    """3 short epochs must find the effusion band."""
+    pairs, size = _effusion_pairs(tmp_path)
     m = train_diag(pairs, tmp_path / "diag", size=size, epochs=3, batch_size=16, lr=3e-3, growth_rate=4, seed=0,
                    ckpt_dir=tmp_path / "ckpt")
     assert m["auroc_Effusion"] > 0.9 and m["auroc_gt_Effusion"] == m["auroc_Effusion"]
@@ -185,6 +190,40 @@ def test_train_diag_learns_a_visible_pathology(tmp_path):
     assert model.medrl_input_size == size and model.pathologies == PATHOLOGIES
     cfg = json.loads((tmp_path / "diag" / "config.json").read_text())
     assert cfg["arch"]["growth_rate"] == 4
+
+
+def test_youden_thresholds_pick_each_class_operating_point():
+    """The cut maximising TPR - FPR over the labelled images; masked images ignored; a class
+    without positives keeps 0.5."""
+    from medrl.models.xrv_diag import youden_thresholds
+
+    probs = np.array([[0.05, 0.9], [0.10, 0.8], [0.20, 0.1], [0.30, 0.2], [0.90, 0.3]], dtype=np.float32)
+    targets = np.array([[0, 0], [0, 0], [1, 0], [1, 0], [0, 0]], dtype=np.float32)
+    mask = np.array([[1, 1], [1, 1], [1, 1], [1, 1], [0, 1]], dtype=np.float32)  # image 4 masked for class 0
+    thr = youden_thresholds(probs, targets, mask).numpy()
+    assert thr[0] == pytest.approx(0.20) and thr[1] == pytest.approx(0.5)
+
+
+def test_operating_point_moves_the_reward_cut_to_each_class_threshold(tmp_path):
+    """operating_point="youden": the saved model carries op_threshs (xrv's mechanism), so its 0.5
+    cut on the rescaled outputs fires exactly where the raw sigmoid reaches the class threshold;
+    AUROC is unchanged (a monotone rescaling)."""
+    from medrl.models.xrv_diag import predict_probs
+
+    pairs, size = _effusion_pairs(tmp_path)
+    kw = dict(size=size, epochs=1, batch_size=16, lr=3e-3, growth_rate=4, seed=0)
+    plain = train_diag(pairs, tmp_path / "plain", ckpt_dir=tmp_path / "c1", **kw)
+    m = train_diag(pairs, tmp_path / "op", ckpt_dir=tmp_path / "c2", operating_point="youden", **kw)
+    assert m["auroc_Effusion"] == pytest.approx(plain["auroc_Effusion"])
+    model = load_diag(tmp_path / "op")
+    op = model.op_threshs.clone()
+    assert op.shape == (len(PATHOLOGIES),) and 0 < float(op[PATHOLOGIES.index("Effusion")]) < 1
+    x = torch.stack([load_image(p, size=size, mode="L") for p in pairs["path"]])
+    rescaled = predict_probs(model, x)
+    model.op_threshs = None
+    raw = predict_probs(model, x)
+    assert torch.equal(rescaled >= 0.5, raw >= op[None, :])
+    assert not torch.equal(raw >= 0.5, raw >= op[None, :])  # the cut did move
 
 
 def test_train_diag_rejects_bad_labels(tmp_path):

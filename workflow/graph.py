@@ -543,7 +543,7 @@ def _diag(c: Ctx, judge: str) -> dict:
     seed, growth = (k.seed, k.growth_rate) if judge == "reward" else (k.seed + e.seed_offset, e.diag_growth_rate)
     return train_diag(_judge_pairs(c, judge), c.outs["model"], size=c.params.cxr.prepare.size, epochs=k.epochs,
                       batch_size=k.batch_size, lr=k.lr, growth_rate=growth, seed=seed, ckpt_dir=c.ckpt,
-                      device=c.device)
+                      device=c.device, operating_point=k.operating_point)
 
 
 @stage(track="cxr", deps={"prepared": "data/prepared/cxr"}, outs={"model": "data/models/cxr/diag"},

@@ -209,6 +209,7 @@ class Posture(TrainCfg):
 class Diag(TrainCfg):
     weights: Optional[str] = None
     growth_rate: int = Field(12, ge=4)
+    operating_point: Literal["youden", "none"] = "none"  # per-class op_threshs of a model trained here
 
 
 class DualEnc(TrainCfg):

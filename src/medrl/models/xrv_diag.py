@@ -408,6 +408,7 @@ def train_diag(
     ckpt_dir: str | Path,
     device: str = "cpu",
     base: str | Path | None = None,
+    operating_point: str = "none",
 ) -> dict[str, float]:
     """Train the embedded-default xrv DenseNet on ``split == train`` with masked multi-label
     BCE over the 11 classes (labels via ``label_targets``: NaN negative, -1 ignored), AdamW +
@@ -415,6 +416,9 @@ def train_diag(
     re-estimated with the final weights. Evaluates on ``split == test``: per-class AUROC
     against the report labels (1 vs 0/NaN, uncertain left out) and, when the pairs carry
     ``gt_<class>`` columns (phantoms), against the true labels; plus the reward's accuracy.
+    ``operating_point="youden"`` then sets per-class ``op_threshs`` (``youden_thresholds`` on the
+    training images), as torchxrayvision's released weights carry them, so that the reward's 0.5
+    cut is each class's operating point; "none" keeps the plain sigmoid and its 0.5 cut.
     Writes ``out_dir`` (``save_diag`` layout) and returns the metrics."""
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     classes = list(PATHOLOGIES)
@@ -452,6 +456,14 @@ def train_diag(
 
     recalibrate_bn(model, [xrv_normalize(to_unit(x_train[i : i + 256]), None) for i in range(0, n, 256)], device)
     model = model.cpu().eval()
+    if operating_point == "youden":
+        probs = predict_probs(model, to_unit(x_train)).numpy()
+        thr = youden_thresholds(probs, y_train.numpy(), m_train.numpy())
+        op = torch.full((len(model.pathologies),), 0.5)
+        op[torch.tensor(model.medrl_index)] = thr
+        model.op_threshs = op
+    elif operating_point != "none":
+        raise DataError(f"classifiers.diag.operating_point: {operating_point!r}; expected 'youden' or 'none'")
     metrics: dict[str, float] = {
         "train_loss_final": float(history[-1]["train_loss"]) if history else float("nan"),
         "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])) if history else float("nan"),
@@ -462,6 +474,23 @@ def train_diag(
     save_diag(model, out_dir, {"metrics": metrics, "history": history, "label_policy": "NaN->0, -1 masked"})
     discard_train_state(ckpt)
     return metrics
+
+
+def youden_thresholds(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    """Per class (column), the probability cut that maximises Youden's J (TPR - FPR) over the
+    images whose label counts (``mask``): the operating point a 0.5 cut on op_norm-rescaled outputs
+    then applies. A class without both a positive and a negative keeps 0.5."""
+    from sklearn.metrics import roc_curve
+
+    out = np.full(probs.shape[1], 0.5, dtype=np.float32)
+    for j in range(probs.shape[1]):
+        keep = mask[:, j] > 0
+        y, p = targets[keep, j], probs[keep, j]
+        if len(y) == 0 or y.min() == y.max():
+            continue
+        fpr, tpr, thr = roc_curve(y, p)
+        out[j] = float(np.clip(thr[int(np.argmax(tpr - fpr))], 1e-4, 1 - 1e-4))
+    return torch.from_numpy(out)
 
 
 def _diag_step(model: nn.Module, opt: torch.optim.Optimizer, x_train: torch.Tensor, y_train: torch.Tensor,
