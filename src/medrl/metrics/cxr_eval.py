@@ -11,10 +11,10 @@ evaluators (``eval_``-prefixed keys), trained on the other half of the train pai
 seed and width; ``judges`` holds each network's accuracy on the held-out real test pairs against
 exact ground truth (phantoms: true posture psi and true findings); with the stack's VAE given,
 ``vae_ceiling`` holds what each diagnostic judge reads on those real images after a VAE round
-trip: the best a generator on this stack's latents can score. Every metric carries a bootstrap CI; the samples of
-one report are not independent, so the CIs resample *reports* (cluster bootstrap over
-``prompt_id``), not images. Rows are ordered by a model-independent key and resampled with the
-same seed, so "CXRL - other" differences are paired.
+trip: the best a generator on this stack's latents can score. Every metric carries a bootstrap
+CI; the samples of one report are not independent, so the CIs resample *reports* (cluster
+bootstrap over ``prompt_id``), not images. Rows are ordered by a model-independent key and
+resampled with the same seed, so "CXRL - other" differences are paired.
 
 AUROC reads a class the report does not mention as a negative (uncertain -1 is ignored per
 class): the convention the diagnostic model is trained with (``xrv_diag.TRAIN_UNMENTIONED``).
@@ -230,10 +230,10 @@ def judge_accuracy(nets: Mapping[str, Any], test: pd.DataFrame, *, size: int) ->
 def vae_finding_ceiling(stack_dir: Path, test: pd.DataFrame, diag_dirs: Mapping[str, Path], *, size: int,
                         device: str = "cpu") -> dict[str, Any]:
     """What can a generator on this stack's latents show at all? Each diagnostic model of
-    ``diag_dirs`` (judge -> directory) on the held-out real images as they are ("real") and after a round trip through
-    the stack's VAE ("vae_roundtrip": encode, posterior mode, decode), per finding
-    (``finding_accuracy``). A finding the round trip erases is one no RL reward can make the
-    generator draw recognisably."""
+    ``diag_dirs`` (judge -> directory) on the held-out real images as they are ("real") and after
+    a round trip through the stack's VAE ("vae_roundtrip": encode, posterior mode, decode), per
+    finding (``finding_accuracy``). A finding the round trip erases is one no RL reward can make
+    the generator draw recognisably."""
     from medrl.diffusion.stack import load_vae
     from medrl.diffusion.vae_train import load_images
     from medrl.models.xrv_diag import load_diag, predict_probs
@@ -246,9 +246,8 @@ def vae_finding_ceiling(stack_dir: Path, test: pd.DataFrame, diag_dirs: Mapping[
     out: dict[str, Any] = {"n_images": int(len(test))}
     for judge, d in diag_dirs.items():
         net = load_diag(d, device=device)
-        with torch.no_grad():
-            out[judge] = {name: finding_accuracy(predict_probs(net, ((imgs + 1) / 2).mean(1, keepdim=True)).numpy(),
-                                                 test) for name, imgs in (("real", x), ("vae_roundtrip", rt))}
+        out[judge] = {name: finding_accuracy(predict_probs(net, ((imgs + 1) / 2).mean(1, keepdim=True)).numpy(), test)
+                      for name, imgs in (("real", x), ("vae_roundtrip", rt))}
     return out
 
 

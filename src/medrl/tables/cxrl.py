@@ -444,12 +444,12 @@ def _ceiling_notes(vc: Mapping[str, Any] | None) -> list[str]:
     kept = ", ".join(f"{P.CXR_ABBREV[c]} {fmt_num(rec['real']['recall'][c], 2)} -> "
                      f"{fmt_num(rec['vae_roundtrip']['recall'][c], 2)}"
                      for c in P.CXR_CLASSES if rec["real"]["recall"].get(c) is not None)
-    return [f"VAE ceiling: the evaluator's diagnostic model on the {vc['n_images']} real held-out images as they are "
-            "and after a round trip through the stack's VAE (encode, decode), AUROC against the report labels read "
-            "as for generated images; a generator sampling in that latent space cannot exceed the second. Gap to the ceiling closed = (CXRL - "
-            "anchor) / (ceiling - anchor), evaluator AUROC ('no gap': the ceiling lies within or below the anchor's "
-            f"own 95 % interval). The evaluator's recall (p >= 0.5, exact labels) of each finding, real -> through the VAE: "
-            f"{kept}."]
+    return [f"VAE ceiling: the evaluator's diagnostic model on the {vc['n_images']} real held-out images as they "
+            "are and after a round trip through the stack's VAE (encode, decode), AUROC against the report labels "
+            "read as for generated images; a generator sampling in that latent space cannot exceed the second. Gap "
+            "to the ceiling closed = (CXRL - anchor) / (ceiling - anchor), evaluator AUROC ('no gap': the ceiling "
+            "lies within or below the anchor's own 95 % interval). The evaluator's recall (p >= 0.5, exact labels) "
+            f"of each finding, real -> through the VAE: {kept}."]
 
 
 def _table3_run_row(b: _Build, t3_models: list[str]) -> dict[str, str]:
