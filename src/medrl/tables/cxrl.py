@@ -12,7 +12,7 @@ from medrl.metrics.bootstrap import diff_from_boot
 from medrl.metrics.planted import share_closed
 from medrl.metrics.rlcf_modes import MODES, PAIRED_MODES
 from medrl.tables import paper as P
-from medrl.tables.render import (NA, Recorder, fmt_num, need, need_metric, resolve_run_ids, verdict,
+from medrl.tables.render import (NA, Recorder, fmt_num, fmt_share, need, need_metric, resolve_run_ids, verdict,
                                  write_with_values)
 from medrl.tables.seeds import SeedRow, build_seed_table
 
@@ -433,7 +433,7 @@ def _ceiling_cells(b: _Build, rec: Recorder, c: str, abbrev: str) -> dict[str, s
     # a ceiling below the anchor's interval is a class the evaluator cannot read: no gap either
     closed = (share_closed(anchor, b.metrics["full"]["eval_auroc"][c], float(goal))
               if "full" in b.metrics and goal is not None and goal == goal and goal > anchor["lo"] else None)
-    out[_CLOSED] = "no gap" if closed is None else f"{100 * closed:.0f} %"
+    out[_CLOSED] = fmt_share(closed)
     return out
 
 

@@ -47,6 +47,16 @@ def fmt_num(x: Any, digits: int = 3) -> str:
     return s[1:] if s.startswith("-") and float(s) == 0 else s  # no "-0.000"
 
 
+def fmt_pct(v: Any) -> str:
+    """A share as a whole percentage; None -> 'n/a'."""
+    return NA if v is None else f"{100 * float(v):.0f} %"
+
+
+def fmt_share(share: float | None) -> str:
+    """A share of a gap closed (``metrics.planted.share_closed``); None -> 'no gap'."""
+    return "no gap" if share is None else fmt_pct(share)
+
+
 def fmt_ci(m: Mapping[str, Any] | Any, digits: int = 3) -> str:
     """``{"value","lo","hi"}`` -> ``"0.812 [0.790, 0.833]"``; no CI -> just the value.
 

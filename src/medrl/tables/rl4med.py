@@ -15,7 +15,8 @@ from medrl.errors import DataError
 from medrl.metrics.auroc import auroc_with_ci
 from medrl.metrics.bootstrap import bootstrap_ci, check_metric, diff_from_boot
 from medrl.tables import paper as P
-from medrl.tables.render import NA, Recorder, fmt_num, need, need_metric, resolve_run_ids, verdict, write_with_values
+from medrl.tables.render import (NA, Recorder, fmt_num, fmt_pct, fmt_share, need, need_metric, resolve_run_ids,
+                                 verdict, write_with_values)
 from medrl.tables.seeds import SeedRow, build_seed_table
 
 MODELS = ("sd", "rl")
@@ -152,10 +153,6 @@ def _validate(metrics: Mapping[str, Any], run_ids: Mapping[str, str], sources: M
                         f"{sorted(b - a)[:3]}); expected the same prompt set")
 
 
-def _pct(v: Any) -> str:
-    return "n/a" if v is None else f"{100 * float(v):.0f} %"
-
-
 def build_rl4med_tables(
     metrics: Mapping[str, Mapping[str, Any]],
     augment: Mapping[str, Any] | None,
@@ -258,7 +255,7 @@ def _vae_ceiling_rows(rec: Recorder, rows: list[dict], vc: Mapping[str, Any], sd
         "APR ceiling: the H=4 metric model on real held-out images as they are and after a round trip through "
         "the stack's VAE (encode, decode); a generator sampling in that latent space cannot exceed the second. "
         "H=4 recall per artifact (real -> through the VAE): " + ", ".join(
-            f"{h} {_pct(recall['real'].get(h))} -> {_pct(recall['vae_roundtrip'].get(h))}"
+            f"{h} {fmt_pct(recall['real'].get(h))} -> {fmt_pct(recall['vae_roundtrip'].get(h))}"
             for h in recall["real"]) + ".")
 
 
@@ -352,9 +349,7 @@ def _left_out_note(plant: Mapping[str, Any]) -> str:
 
 def _share(closed: Mapping[str, float | None], key: str) -> str:
     """A share of the gap closed; 'no gap' where the target lies within SD's own interval."""
-    if key not in closed:
-        return ""
-    return "no gap" if closed[key] is None else _pct(closed[key])
+    return fmt_share(closed[key]) if key in closed else ""
 
 
 def _gap_note(target: Mapping[str, float] | None, artifact: str) -> str:
@@ -365,8 +360,8 @@ def _gap_note(target: Mapping[str, float] | None, artifact: str) -> str:
         return note
     return note + (f" Gap to ceiling closed = (SD+RL - SD) / (target - SD), the target being what a model that follows "
                    f"every prompt scores here: the H=4 evaluator on real test images after a round trip through the VAE "
-                   f"finds {artifact} on {_pct(target['rate'])} of those that have it and on "
-                   f"{_pct(target['false_rate'])} of those that do not.")
+                   f"finds {artifact} on {fmt_pct(target['rate'])} of those that have it and on "
+                   f"{fmt_pct(target['false_rate'])} of those that do not.")
 
 
 def _planted_rows(rec: Recorder, sd: Mapping[str, Any], rl: Mapping[str, Any], judge: str, words: Mapping[str, str],
