@@ -39,6 +39,9 @@ def test_baseline_ratio_only_for_the_same_workload():
     # the baseline stepped the optimizer after every micro-step: accumulation is another workload
     assert compare_baseline({**row, "accumulate": 1}, base) != {}
     assert compare_baseline({**row, "accumulate": 4}, base) == {}
+    # the baseline's UNet had 8 heads; fewer heads keep the parameter count but not the cost
+    assert compare_baseline({**row, "attention_heads": 8}, base) != {}
+    assert compare_baseline({**row, "attention_heads": 2}, base) == {}
 
 
 def test_fused_training_phase_runs(tmp_path):
@@ -49,6 +52,14 @@ def test_fused_training_phase_runs(tmp_path):
                  "--baseline", "", "--out", str(out)]) == 0
     row = json.loads(out.read_text())["results"][0]
     assert row["accumulate"] == 3 and row["fuse"] == 2 and row["merge_lora"] and row["sample_timesteps_per_s"] > 0
+
+
+def test_attention_heads_override_sets_the_unet_and_the_workload(tmp_path):
+    out = tmp_path / "heads.json"
+    assert main(["--device", "cpu", "--steps", "2", "--batch", "2", "--train-batch", "2", "--train-micro-steps", "1",
+                 "--tiny-size", "16", "--attention-heads", "8", "--params", str(tmp_path / "absent.yaml"),
+                 "--baseline", "", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["attention_heads"] == 8
 
 
 def test_epoch_time_runs_the_trainer(tmp_path):

@@ -76,8 +76,10 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 BASELINE = Path(__file__).with_name("bench_baseline.json")
 # Workload keys that must match the baseline's for a ratio to mean anything.
 _SAME = ("model", "batch", "num_steps", "train_batch", "train_micro_steps", "latent", "unet_params_M", "lora_params_M",
-         "accumulate")
-_SAME_DEFAULT = {"accumulate": 1}  # what a baseline without the key ran
+         "accumulate", "attention_heads")
+# What a baseline without the key ran. The head count leaves the parameter count unchanged but
+# sets the attention's cost, so it is part of the workload.
+_SAME_DEFAULT = {"accumulate": 1, "attention_heads": 8}
 
 
 # ----------------------------------------------------------------------------- tiny stack
@@ -325,6 +327,7 @@ def bench_model(name: str, unet, vae, scheduler, *, embed_len: int, embed_dim: i
     row = {
         "model": name, "device": str(device), **dataclasses.asdict(w),
         "unet_params_M": sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n) / 1e6,
+        "attention_heads": unet.config.attention_head_dim,
         "lora_params_M": 0.0 if w.full_finetune else sum(p.numel() for p in params) / 1e6,
         "trainable_params_M": sum(p.numel() for p in params) / 1e6,
         "latent": list(traj.latents.shape[-3:]), "image": list(traj.images.shape[-3:]),
@@ -380,7 +383,10 @@ def _tiny(args, device: torch.device) -> dict[str, Any]:
     from medrl.diffusion.stack import load_components
 
     with tempfile.TemporaryDirectory(prefix="medrl-bench-") as tmp:
-        stack = tiny_stack(Path(tmp) / "stack", size=args.tiny_size, tiny=_tiny_cfg(args.params), seed=args.seed)
+        tiny = _tiny_cfg(args.params)
+        if args.attention_heads:
+            tiny["attention_head_dim"] = args.attention_heads
+        stack = tiny_stack(Path(tmp) / "stack", size=args.tiny_size, tiny=tiny, seed=args.seed)
         c = load_components(str(stack), device=str(device))
     return bench_model(
         f"tiny({args.tiny_size}px)", c.unet, c.vae, c.scheduler, embed_len=c.tokenizer.model_max_length,
@@ -543,6 +549,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--train-batch", type=int, default=8, help="samples per PPO micro-step (tiny)")
     add("--train-micro-steps", type=int, default=10, help="timed PPO micro-steps")
     add("--tiny-size", type=int, default=64, help="tiny model image size (isic.prepare.size)")
+    add("--attention-heads", type=int, default=None,
+        help="UNet attention heads (default: models.tiny.attention_head_dim; the baseline ran 8)")
     add("--lora-rank", type=int, default=4)
     add("--full-finetune", action="store_true", help="train the whole UNet instead of LoRA")
     add("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast (run.mixed_precision)")
