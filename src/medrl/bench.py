@@ -9,6 +9,8 @@ or CPU-sized with ``--sd15-tiny``):
     micro-steps (default 1, the baseline's workload) and ``--fuse K`` runs K micro-steps of a group
     in one forward/backward, as the trainer's ``fuse_micro_steps`` does (same gradient);
   * ``--merge-lora`` samples with LoRA merged into the base weights (Sampler.merge_lora);
+  * ``--attention-heads N`` builds the tiny UNet with N heads instead of ``models.tiny``'s: the
+    head count is part of the workload, so only the baseline's 8 are compared with it;
   * peak memory: CUDA ``max_memory_allocated`` per phase, or the process's peak RSS
     (``resource.getrusage``) on CPU (monotone over the process: it includes model building);
   * with ``--mixed-precision``/``--compile``/``--channels-last``: ``logprob_drift``, the largest

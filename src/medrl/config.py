@@ -148,7 +148,7 @@ class Tiny(_S):
     block_out_channels: list[Width] = Field([32, 64], min_length=1)
     layers_per_block: Width = 1
     cross_attention_dim: Width = 64
-    attention_head_dim: Width = 2
+    attention_head_dim: Width = 8
     text_hidden_size: Width = 64
     text_layers: Width = 2
     text_heads: Width = 4
