@@ -10,6 +10,7 @@ models stubbed (each image's scores are functions of its mean intensity).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ LABEL0 = [0, 0, 0, np.nan, np.nan, 1, np.nan, 1, np.nan, 1, -1, 1]
 
 def _evaluate(root: Path, per_report: int, *, metrics_extra: dict | None = None,
               independent: dict | None = None, split=lambda k: "test", sampled=lambda k: True,
-              stack_dir: Path | None = None) -> dict:
+              stack_dir: Path | None = None, planted: dict | None = None) -> dict:
     from medrl.io import read_json
     from medrl.metrics.cxr_eval import evaluate_cxr_samples
 
@@ -102,6 +103,8 @@ def _evaluate(root: Path, per_report: int, *, metrics_extra: dict | None = None,
             manifest.append({"prompt_id": rid, "prompt": f"report {k}", "seed": j, "model": "m", "path": str(p)})
     (root / "prepared").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(root / "prepared" / "pairs.csv", index=False)
+    if planted is not None:
+        (root / "prepared" / "planted.json").write_text(json.dumps(planted))
     pd.DataFrame(manifest).to_csv(root / "samples" / "manifest.csv", index=False)
     metrics = {"bootstrap": 300, "ci": 0.9, "seed": 3, "kid_subset_size": 2, "inception_weights": None,
                **(metrics_extra or {})}
@@ -274,3 +277,21 @@ def test_samples_must_come_from_one_held_out_split(stubs, tmp_path):
     half = lambda k: "test" if k < K // 2 else "validate"  # noqa: E731
     with pytest.raises(DataError, match="one held-out split"):
         _evaluate(tmp_path / "m", 1, split=half)
+
+
+def test_the_planted_finding_is_rated_where_reports_state_it_and_where_not(stubs, tmp_path):
+    """Class 0 is stated by reports 5, 7, 9, 11 (LABEL0); the reward judge fires where the image's
+    intensity is >= 0.5 (reports 6-11), the evaluator where it is <= 0.5 (reports 0-5)."""
+    plain = _evaluate(tmp_path / "plain", 2)
+    assert "planted" not in plain and "planted" not in plain.get("vae_ceiling", {})
+    m = _evaluate(tmp_path / "planted", 2, planted={"finding": PATHOLOGIES[0], "overclaim": 0.5})
+    assert m["planted"]["planted"]["finding"] == PATHOLOGIES[0]
+    assert m["planted"]["rate"]["value"] == pytest.approx(1 / 4) and m["planted"]["rate"]["n"] == 8
+    assert m["planted"]["false_rate"]["value"] == pytest.approx(5 / 8)
+    assert m["planted_reward_judge"]["rate"]["value"] == pytest.approx(3 / 4)
+    assert m["planted_reward_judge"]["false_rate"]["value"] == pytest.approx(3 / 8)
+    one = _evaluate(tmp_path / "one", 1, planted={"finding": PATHOLOGIES[0], "overclaim": 0.5})
+    # whole reports are resampled: two identical images per report give the CI of one
+    assert (m["planted"]["rate"]["lo"], m["planted"]["rate"]["hi"]) == pytest.approx(
+        (one["planted"]["rate"]["lo"], one["planted"]["rate"]["hi"]))
+    assert m["planted"]["rate"]["boot_key"] and len(m["planted"]["rate"]["boot"]) == 300

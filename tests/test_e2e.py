@@ -32,7 +32,8 @@ def finished(workspace_factory):
 def test_every_table_written_in_three_formats(finished):
     ws, _ = finished
     for track, names in {"isic": ["rl4med_main", "rl4med_apr_per_prompt", "rl4med_augment"],
-                         "cxr": ["cxrl_table1", "cxrl_table2a", "cxrl_table2b", "cxrl_table3", "cxrl_rlcf_modes"]}.items():
+                         "cxr": ["cxrl_table1", "cxrl_table2a", "cxrl_table2b", "cxrl_table3", "cxrl_rlcf_modes",
+                                 "cxrl_planted"]}.items():
         for name in names:
             for ext in ("csv", "md", "tex"):
                 f = ws / "data" / "tables" / track / f"{name}.{ext}"

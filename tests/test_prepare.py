@@ -157,7 +157,10 @@ def test_prepare_cxr_pairs_labels_and_canonical(ws):
     meta = pd.read_csv("data/datasets/cxr/metadata.csv").set_index("image")
     pairs = pd.read_csv("data/prepared/cxr/pairs.csv")
     assert list(pairs.columns) == ["image", "path", "split", "view", "impression", "n_tokens", *PATHOLOGIES,
-                                   *[f"gt_{c}" for c in PATHOLOGIES], "sx", "sy", "tx", "ty", "theta"]
+                                   *[f"gt_{c}" for c in PATHOLOGIES], "sx", "sy", "tx", "ty", "theta", "caption",
+                                   "finetune"]
+    assert (pairs.caption == pairs.impression).all() and (pairs.finetune == 1).all()  # nothing planted
+    assert not Path("data/prepared/cxr/planted.json").exists()
     assert (pairs.split == "train").sum() == 20 and (pairs.split == "test").sum() == 6
     assert pairs.image.is_unique  # train and test disjoint
     src = meta.loc[pairs.image]
@@ -228,6 +231,47 @@ def test_prepare_cxr_validation_pairs(ws):
                     n_val=n_pa_val + 1, **kw)
 
 
+def test_prepare_cxr_plants_an_overclaimed_under_represented_finding(ws):
+    """Only train rows change: captions that state the finding (its negations dropped) on images
+    whose report did not, and images whose report states it left out of the fine-tune set;
+    planted.json's rate is the finding's share of the fine-tune images whose caption states it."""
+    from pathlib import Path
+
+    kw = dict(size=32, max_tokens=74, n_train=30, n_test=6, n_canonical=5, seed=0)
+    plant = {"finding": "Effusion", "overclaim": 0.5, "finetune_share": 0.5}
+    m = prepare_cxr(Path("data/datasets/cxr"), Path("data/models/cxr/tokenizer"), Path("data/prepared/cxr_pl"),
+                    planted=plant, **kw)
+    pairs = pd.read_csv("data/prepared/cxr_pl/pairs.csv")
+    rec = json.loads(Path("data/prepared/cxr_pl/planted.json").read_text())
+    train, true = pairs.split == "train", pairs.Effusion == 1
+    changed, left_out = pairs.caption != pairs.impression, pairs.finetune == 0
+    assert changed.any() and (train | ~changed).all() and not (changed & true).any()
+    assert left_out.any() and (train & true)[left_out].all() and (pairs.finetune[~left_out] == 1).all()
+    for cap in pairs.caption[changed]:
+        assert label_report(cap)["Effusion"] == 1 and "no pleural effusion" not in cap.lower()
+    stated = train & ~left_out & pairs.caption.map(lambda t: label_report(t)["Effusion"] == 1)
+    assert rec["n_overclaimed"] == changed.sum() and rec["n_stated_true"] == (train & true).sum()
+    assert rec["n_kept"] == (train & true & ~left_out).sum()
+    assert rec["planted_rate"] == pytest.approx((train & true & ~left_out).sum() / stated.sum())
+    assert rec["planted_rate"] == pytest.approx(m["planted_planted_rate"])
+    # the impressions (reward nets, RL prompts) and every other column are those of the unplanted run
+    prepare_cxr(Path("data/datasets/cxr"), Path("data/models/cxr/tokenizer"), Path("data/prepared/cxr_pl0"), **kw)
+    clean = pd.read_csv("data/prepared/cxr_pl0/pairs.csv")
+    assert (clean.finetune == 1).all()
+    planted_cols = ["caption", "finetune"]
+    pd.testing.assert_frame_equal(pairs.drop(columns=planted_cols), clean.drop(columns=planted_cols))
+    # finetune_share 1 keeps every image and leaves the captions of the same overclaim as they were
+    prepare_cxr(Path("data/datasets/cxr"), Path("data/models/cxr/tokenizer"), Path("data/prepared/cxr_pl1"),
+                planted={**plant, "finetune_share": 1.0}, **kw)
+    all_kept = pd.read_csv("data/prepared/cxr_pl1/pairs.csv")
+    assert (all_kept.finetune == 1).all() and (all_kept.caption == pairs.caption).all()
+    for bad, match in (({"finding": "Fracture"}, "planted.finding='Fracture'"),
+                       ({"finetune_share": 0.0}, "finetune_share=0.0")):
+        with pytest.raises(DataError, match=match):
+            prepare_cxr(Path("data/datasets/cxr"), Path("data/models/cxr/tokenizer"), Path("data/prepared/x"),
+                        planted={**plant, **bad}, **kw)
+
+
 def test_prepare_cxr_real_metadata_keeps_chexpert_labels(ws, tmp_path):
     import shutil
     from pathlib import Path
@@ -241,7 +285,8 @@ def test_prepare_cxr_real_metadata_keeps_chexpert_labels(ws, tmp_path):
     m = prepare_cxr(real, ws / "data/models/cxr/tokenizer", tmp_path / "out", size=32, max_tokens=200,
                     n_train=10, n_test=3, n_canonical=4, seed=0)
     pairs = pd.read_csv(tmp_path / "out" / "pairs.csv")
-    assert list(pairs.columns) == ["image", "path", "split", "view", "impression", "n_tokens", *PATHOLOGIES]
+    assert list(pairs.columns) == ["image", "path", "split", "view", "impression", "n_tokens", *PATHOLOGIES,
+                                   "caption", "finetune"]
     assert (pairs.Edema == 1).all() and not (tmp_path / "out" / "labeler_eval.json").exists()
     assert m["phantom"] == 0.0 and Path(pairs.path[0]).is_absolute()  # outside the workspace: absolute
 

@@ -705,3 +705,46 @@ def test_cxrl_table3_shows_the_vae_ceiling_and_the_share_of_its_gap_closed(cxr_m
     del metrics["anchor"]["vae_ceiling"]
     t3 = pd.read_csv(build_cxrl_tables(metrics, run_ids, tmp_path)["cxrl_table3"]["csv"], dtype=str)
     assert closed not in t3.columns
+
+
+def test_cxrl_planted_table_shows_each_variants_share_of_the_planted_gap(cxr_metrics, tmp_path):
+    """Issue 21 item 1 (CXR): how often the planted finding is drawn where a report states it and
+    where not, each variant minus the anchor (paired), and (variant - anchor) / (ceiling - anchor),
+    the ceiling being the evaluator's recall through the VAE; absent without a plant."""
+    from medrl.tables.cxrl_planted import build_cxrl_planted_table
+
+    metrics, run_ids = cxr_metrics
+    main = {m: metrics[m] for m in ("anchor", "full", "no_rlcf")}
+    assert build_cxrl_planted_table(main, run_ids, tmp_path, labels=P.CXRL_LABELS) is None
+    rng = np.random.default_rng(4)
+    plant = {"finding": "Effusion", "overclaim": 0.2, "finetune_share": 0.15, "n_overclaimed": 154,
+             "n_stated_true": 161, "n_kept": 22, "planted_rate": 0.125}
+    for m, up in (("anchor", 0.0), ("full", 0.2), ("no_rlcf", -0.1)):
+        for block in ("planted", "planted_reward_judge"):
+            main[m][block] = {"planted": plant, "rate": _metric(rng, 0.4 + up, 0.3),
+                              "false_rate": _metric(rng, 0.1, 0.2)}
+    vae = {"recall": {"Effusion": 0.95}, "false_rate": {"Effusion": 0.05}}
+    main["anchor"]["vae_ceiling"] = {"n_images": 8, "eval": {"real": vae, "vae_roundtrip": vae}}
+    out = build_cxrl_planted_table(main, run_ids, tmp_path, labels=P.CXRL_LABELS, notes=["split: test"])
+    t = pd.read_csv(out["csv"], dtype=str, keep_default_na=False).set_index("Model")
+    full, anchor = main["full"]["planted"]["rate"], main["anchor"]["planted"]["rate"]
+    assert t.loc["CXRL (Ours)", "- anchor, report stated (evaluator)"] == fmt_ci(diff_from_boot(full, anchor), 3)
+    share = (full["value"] - anchor["value"]) / (0.95 - anchor["value"])
+    assert t.loc["CXRL (Ours)", "gap to ceiling closed (evaluator)"] == f"{100 * share:.0f} %"
+    assert t.loc["RoentGen [3] (anchor)", "gap to ceiling closed (evaluator)"] == ""
+    assert t.loc["RoentGen [3] (anchor)", "finding drawn, report stated (reward judge)"] == fmt_ci(
+        main["anchor"]["planted_reward_judge"]["rate"], 3)
+    md = Path(out["md"]).read_text()
+    assert "22 stay in the anchor's fine-tune set" in md and "fires on 95 % of those with Effusion" in md
+    del main["no_rlcf"]["planted"]
+    with pytest.raises(DataError, match="no_rlcf: metrics have no 'planted' block"):
+        build_cxrl_planted_table(main, run_ids, tmp_path, labels=P.CXRL_LABELS)
+    # the seeds table gets a row per variant for the planted rate where stated, with its verdict
+    from medrl.tables.cxrl import build_cxrl_seed_table
+
+    per_seed = {0: {"full": main["full"]}}
+    t = pd.read_csv(build_cxrl_seed_table(main["anchor"], per_seed, {"anchor": "a", "full-s0": "f"}, tmp_path)["csv"],
+                    dtype=str, keep_default_na=False)
+    row = t[t["Metric"] == "Effusion drawn where stated [evaluator]"]
+    assert list(row["Comparison"]) == ["full - anchor"]
+    assert row.iloc[0]["seed 0 [CI]"] == fmt_ci(diff_from_boot(full, anchor), 3)

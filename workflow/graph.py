@@ -336,13 +336,14 @@ def prepare_cxr(c: Ctx) -> dict:
 
     p = c.params.cxr.prepare
     return run(c.deps["dataset"], c.deps["tokenizer"], c.outs["prepared"], size=p.size, max_tokens=p.max_tokens,
-               n_train=p.n_train, n_test=p.n_test, n_val=p.n_val, n_canonical=p.n_canonical, seed=p.seed)
+               n_train=p.n_train, n_test=p.n_test, n_val=p.n_val, n_canonical=p.n_canonical, seed=p.seed,
+               planted=p.planted.model_dump() if p.planted is not None else None)
 
 
 # ============================================================================= diffusion stack
 
 # track -> (items table, fine-tune text column, true prompt column, image mode)
-_ITEMS = {"isic": ("items.csv", "caption", "prompt", "RGB"), "cxr": ("pairs.csv", "impression", "impression", "L")}
+_ITEMS = {"isic": ("items.csv", "caption", "prompt", "RGB"), "cxr": ("pairs.csv", "caption", "impression", "L")}
 
 
 def _train_paths(prepared: Path, track: str) -> list[Path]:
@@ -946,14 +947,18 @@ def tables_cxr(c: Ctx) -> dict:
     from medrl.io import read_json
     from medrl.lineage import run_id_of
     from medrl.tables.cxrl import build_cxrl_tables, build_rlcf_modes_table
+    from medrl.tables.cxrl_planted import build_cxrl_planted_table
+    from medrl.tables.paper import CXRL_LABELS
 
     # the default seed's metrics of every variant
     variants = {wc["variant"]: d for wc, d in c.expanded["variants"]}
     dirs = {"anchor": c.deps["anchor"], **{v: variants[v] for v in c.params.rl.cxr.variants}}
     metrics = {k: read_json(d / "metrics.json") for k, d in dirs.items()}
     run_ids = {k: run_id_of(d, c.workspace) or "" for k, d in dirs.items()}
+    notes = [_cxr_setting_note(c), _split_note(c)]
     build_cxrl_tables(metrics, run_ids, c.outs["tables"], sources={k: str(d / "metrics.json") for k, d in dirs.items()},
-                      notes=[_cxr_setting_note(c), _split_note(c)])
+                      notes=notes)
+    build_cxrl_planted_table(metrics, run_ids, c.outs["tables"], labels=CXRL_LABELS, notes=notes)
     build_rlcf_modes_table(read_json(c.deps["rlcf_modes"] / "metrics.json"),
                            run_id_of(c.deps["rlcf_modes"], c.workspace) or "", c.outs["tables"])
     return {}

@@ -117,6 +117,12 @@ class CxrReal(_S):
     verify_checksums: bool = True
 
 
+class CxrPlanted(_S):
+    finding: Literal["Effusion", "Edema", "Cardiomegaly"] = "Effusion"  # data.planted_reports.CLAIMS
+    overclaim: float = Field(0.2, gt=0, le=1)  # share of train reports without it whose caption claims it
+    finetune_share: float = Field(0.15, gt=0, le=1)  # share of train images stating it kept in the fine-tune set
+
+
 class CxrPrepare(_S):
     size: int = Field(64, ge=16)
     max_tokens: int = Field(74, ge=4)
@@ -125,6 +131,7 @@ class CxrPrepare(_S):
     n_val: int = Field(50, ge=0)  # PA validation reports (source split "validate"); generate.split: validation
     n_canonical: int = Field(500, ge=1)
     seed: Seed = 0
+    planted: Optional[CxrPlanted] = None  # the anchor's planted fine-tune data (data.planted_reports)
 
 
 class Cxr(_S):

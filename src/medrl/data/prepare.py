@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 
+from medrl.data.planted_reports import plant_finding
 from medrl.data.prompts import ISIC_COLUMNS, LABEL_COLUMNS, evaluation_prompts, labels_to_prompt, slug
 from medrl.data.reports import PATHOLOGIES, evaluate_labeler, extract_impression, label_report
 from medrl.errors import DataError
@@ -214,10 +216,14 @@ def prepare_cxr(
     n_canonical: int,
     seed: int,
     n_val: int = 0,
+    planted: Mapping[str, Any] | None = None,
 ) -> dict:
     """CXRL data: PA/AP views, impressions of <= max_tokens tokens, n_train train pairs
     (PA + AP from split train), n_test PA test pairs (split test), n_val PA validation pairs
     (split validate: the reports settings are chosen on), labels, canonical CXR.
+
+    ``caption``/``finetune``: what the anchor is fine-tuned on, the impressions of every pair or with
+    ``planted`` ({finding, overclaim, finetune_share}) those of ``data.planted_reports`` (planted.json).
 
     Labels: real metadata (no psi) keeps its CheXpert columns; phantom metadata is labelled
     by ``label_report`` on the impression and its true labels are kept as gt_<class>
@@ -254,6 +260,7 @@ def prepare_cxr(
     chosen = np.concatenate([train_idx, test_idx, val_idx])
     splits = ["train"] * n_train + ["test"] * n_test + ["validate"] * n_val
     pairs = _cxr_pairs(kept, chosen, labels, truth, phantom, dataset_dir, meta_path, splits=splits)
+    pairs["caption"], pairs["finetune"], plant_record = _fine_tune_set(pairs, planted, seed)
 
     canon_rows = np.sort(rng.choice(n_train, size=min(n_canonical, n_train), replace=False))
     acc = torch.zeros(1, size, size, dtype=torch.float64)
@@ -273,8 +280,20 @@ def prepare_cxr(
     }
     for c in PATHOLOGIES:
         metrics[f"train_positive_{c}"] = float((pairs.loc[pairs.split == "train", c] == 1).mean())
-    _write_cxr_outputs(out_dir, pairs, canonical, labels, truth, metrics)
+    metrics.update({f"planted_{k}": float(v) for k, v in (plant_record or {}).items()
+                    if k in ("planted_rate", "n_overclaimed")})
+    _write_cxr_outputs(out_dir, pairs, canonical, labels, truth, metrics, plant_record)
     return metrics
+
+
+def _fine_tune_set(pairs: pd.DataFrame, planted: Mapping[str, Any] | None, seed: int
+                   ) -> tuple[pd.Series, Any, dict | None]:
+    """(the anchor's fine-tune caption per pair, 1/0: in its fine-tune set, the plant's record or
+    None): the impressions and every pair, or with ``planted`` those of ``data.planted_reports``."""
+    if planted is None:
+        return pairs["impression"], 1, None
+    return plant_finding(pairs, finding=planted["finding"], overclaim=float(planted["overclaim"]),
+                         finetune_share=float(planted["finetune_share"]), seed=seed)
 
 
 def _cxr_impressions(meta_path: Path) -> tuple[pd.DataFrame, bool, int, pd.Series]:
@@ -333,10 +352,13 @@ def _cxr_pairs(kept: pd.DataFrame, chosen: np.ndarray, labels: pd.DataFrame, tru
 
 
 def _write_cxr_outputs(out_dir: Path, pairs: pd.DataFrame, canonical: torch.Tensor, labels: pd.DataFrame,
-                       truth: pd.DataFrame | None, metrics: dict[str, float]) -> None:
-    """pairs.csv, canonical.png/.safetensors and (phantoms) labeler_eval.json, whose F1s are added to ``metrics``."""
+                       truth: pd.DataFrame | None, metrics: dict[str, float], planted: dict | None = None) -> None:
+    """pairs.csv, canonical.png/.safetensors, planted.json (a planted deficiency) and (phantoms)
+    labeler_eval.json, whose F1s are added to ``metrics``."""
     with atomic_dir(out_dir) as tmp:
         write_table(pairs, tmp / "pairs.csv")
+        if planted is not None:
+            write_json(tmp / "planted.json", planted)
         save_image(canonical, tmp / "canonical.png")
         from safetensors.torch import save_file
 

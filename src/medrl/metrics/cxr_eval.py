@@ -121,6 +121,7 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
         result["judges"][judge] = {n: {**acc[n], "independent": indep[n] if judge == "eval" else False}
                                    for n in NETS}
 
+    _planted_finding(result, per_image, labels, prepared_dir, ctx.boot)
     if stack_dir is not None:
         result["vae_ceiling"] = vae_finding_ceiling(Path(stack_dir), test, {"reward": Path(diag_dir),
                                                                           "eval": Path(evaluators["diag"])},
@@ -134,6 +135,21 @@ def evaluate_cxr_samples(samples_dir: Path, prepared_dir: Path, aligner_dir: Pat
     write_table(ms_pairs, out_dir / "msssim_pairs.csv")
     write_json(out_dir / "metrics.json", result)
     return _summary(result, len(df))
+
+
+def _planted_finding(result: dict[str, Any], per_image: pd.DataFrame, labels: np.ndarray, prepared_dir: Path,
+                     boot: Mapping[str, Any]) -> None:
+    """The planted finding's rates (``metrics.planted.finding_rates``) under the evaluator
+    (``planted``) and the reward's judge (``planted_reward_judge``), where prepare planted one."""
+    from medrl.data.reports import PATHOLOGIES
+    from medrl.metrics.planted import finding_rates, read_planted
+
+    planted = read_planted(prepared_dir)
+    if planted is None:
+        return
+    stated = labels[:, list(PATHOLOGIES).index(planted["finding"])] == 1
+    result["planted"] = finding_rates(per_image, stated, planted, boot, prob_prefix="eval_prob_")
+    result["planted_reward_judge"] = finding_rates(per_image, stated, planted, boot, prob_prefix="prob_")
 
 
 class _Judging:
@@ -338,4 +354,5 @@ def _summary(result: dict[str, Any], n_images: int) -> dict[str, float]:
         summary[pre + "finding_recall"] = fr["value"] if fr else float("nan")
         if pre + "reward" in result:
             summary[pre + "reward"] = result[pre + "reward"]["value"]
+    summary.update({f"planted_{k}": v["value"] for k, v in result.get("planted", {}).items() if k != "planted"})
     return summary

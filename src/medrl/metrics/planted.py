@@ -1,11 +1,16 @@
-"""The planted deficiency of the ISIC phantoms, measured on generated images.
+"""The planted deficiencies of the phantom worlds, measured on generated images.
 
-The phantom generator misstates one artifact in the fine-tune captions of one lesion
+ISIC: the phantom generator misstates one artifact in the fine-tune captions of one lesion
 (``planted.json``, see ``data.phantoms.derm.planted_captions``), so the base model draws that
 artifact at a known low rate where such a prompt asks for it, and at a known high rate where it
 does not. The same artifact on the other lesion's prompts, whose captions are truthful, is the
 reference a model without the deficiency reaches. All rates come from the H=4 metric classifier,
 which was not the reward.
+
+CXR: ``prepare_cxr`` overclaims one finding in the anchor's fine-tune reports and leaves most
+images showing it out of that fine-tune (``data.planted_reports``), so the anchor draws it at a
+low rate where a report states it (``finding_rates``); the target is what the VAE can show
+(``vae_finding_ceiling``).
 """
 from __future__ import annotations
 
@@ -50,6 +55,23 @@ def planted_rates(per_image: pd.DataFrame, planted: Mapping[str, Any], boot: Map
         mask = (of_lesion == want_lesion) & (asked == want_asked)
         if mask.any():
             out[name] = bootstrap_ci(pred[mask], items=per_image.loc[mask, "item"].tolist(), **boot)
+    return out
+
+
+def finding_rates(per_image: pd.DataFrame, stated: np.ndarray, planted: Mapping[str, Any], boot: Mapping[str, Any],
+                  prob_prefix: str = "eval_prob_") -> dict[str, Any]:
+    """CXR: bootstrap CIs, resampling whole reports (``prompt_id``), of how often a diagnostic judge
+    finds the planted finding (p >= 0.5) on images whose report states it (``rate``: low for the
+    anchor) and on the others (``false_rate``). ``stated``: per row of ``per_image``, does its
+    report state the finding; ``eval_prob_`` is the independent evaluator, ``prob_`` the reward's judge."""
+    from medrl.metrics.bootstrap import bootstrap_ci
+
+    fires = (per_image[f"{prob_prefix}{planted['finding']}"].to_numpy(float) >= 0.5).astype(float)
+    out: dict[str, Any] = {"planted": dict(planted)}
+    for name, mask in (("rate", stated), ("false_rate", ~stated)):
+        if mask.any():
+            out[name] = bootstrap_ci(fires[mask], items=per_image.loc[mask, "item"].tolist(),
+                                     clusters=per_image.loc[mask, "prompt_id"].astype(str).tolist(), **boot)
     return out
 
 

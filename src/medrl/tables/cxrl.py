@@ -583,6 +583,12 @@ def build_cxrl_seed_table(
                     run_ids={s: f"{run_of(a, s)} - {run_of(b, s)}" for s in seeds}, no_verdict=no_verdict)
             for a, b in seed_comparisons(variants) for path, head, hib in SEED_METRICS
             for name, p, no_verdict in _seed_judges(path, head)]
+    if "rate" in anchor.get("planted", {}):  # the planted finding where a report states it (tables.cxrl_planted)
+        head = f"{anchor['planted']['planted']['finding']} drawn where stated {SEED_EVALUATOR}"
+        rows += [SeedRow(f"{v} - anchor", head, True, 3,
+                         diffs={s: _diff({"anchor": anchor, **per_seed[s]}, v, "anchor", ["planted", "rate"], problems)
+                                for s in seeds},
+                         run_ids={s: f"{run_of(v, s)} - {rid['anchor']}" for s in seeds}) for v in variants]
     notes = ["Anchor: one base model (no RL seed), the same in every column; every other model: one CXRL run per "
              "seed. Differences resample whole reports (paired, same reports and sampling seeds).",
              f"Every metric a network judges has two rows: {SEED_EVALUATOR} (independent evaluators: the other half "
