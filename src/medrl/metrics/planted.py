@@ -75,14 +75,17 @@ def finding_rates(per_image: pd.DataFrame, stated: np.ndarray, planted: Mapping[
     return out
 
 
-def ceiling_rates(vae_ceiling: Mapping[str, Any] | None, artifact: str) -> dict[str, float] | None:
+def ceiling_rates(vae_ceiling: Mapping[str, Any] | None, artifact: str,
+                  keys: tuple[str, str] = ("fires_when_present", "fires_when_absent")) -> dict[str, float] | None:
     """What a model that follows every prompt would score under the evaluator: how often it finds
-    the artifact on real test images after a round trip through the VAE (present: the asked rate's
-    target; absent: the false rate's), from ``metrics.isic_eval.vae_artifact_ceiling``."""
+    the artifact (or CXR finding) on real test images after a round trip through the VAE (present:
+    the asked rate's target; absent: the false rate's). ``vae_ceiling``: ISIC's
+    ``metrics.isic_eval.vae_artifact_ceiling``; for CXR the evaluator's block of
+    ``metrics.cxr_eval.vae_finding_ceiling`` with ``keys=("recall", "false_rate")``."""
     if not vae_ceiling:
         return None
     rt = vae_ceiling["vae_roundtrip"]
-    present, absent = rt["fires_when_present"].get(artifact), rt["fires_when_absent"].get(artifact)
+    present, absent = rt[keys[0]].get(artifact), rt[keys[1]].get(artifact)
     if present is None or absent is None:
         return None
     return {"rate": float(present), "false_rate": float(absent)}

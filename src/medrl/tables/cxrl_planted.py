@@ -9,7 +9,7 @@ import pandas as pd
 
 from medrl.errors import DataError
 from medrl.metrics.bootstrap import diff_from_boot
-from medrl.metrics.planted import share_closed
+from medrl.metrics.planted import ceiling_rates, share_closed
 from medrl.tables.render import Recorder, fmt_pct, fmt_share, write_with_values
 
 _JUDGES = (("planted", "evaluator"), ("planted_reward_judge", "reward judge"))
@@ -19,13 +19,7 @@ def planted_target(anchor: Mapping[str, Any], finding: str) -> dict[str, float] 
     """What a generator that draws every stated finding scores: the evaluator's firing rate on real
     held-out images with / without the finding after a VAE round trip (the anchor's ``vae_ceiling``)."""
     vc = anchor.get("vae_ceiling")
-    if not vc:
-        return None
-    rt = vc["eval"]["vae_roundtrip"]
-    rate, false_rate = rt["recall"].get(finding), rt["false_rate"].get(finding)
-    if rate is None or false_rate is None:
-        return None
-    return {"rate": float(rate), "false_rate": float(false_rate)}
+    return ceiling_rates(vc["eval"], finding, keys=("recall", "false_rate")) if vc else None
 
 
 def build_cxrl_planted_table(metrics: Mapping[str, Mapping[str, Any]], run_ids: Mapping[str, str],
