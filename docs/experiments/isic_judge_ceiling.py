@@ -1,0 +1,110 @@
+"""Is the APR ceiling bounded by the VAE or by the H=4 judge (NOTEBOOK ISIC-18)?
+
+The H=4 evaluator's per-head AUROC, recall and false rate (cut 0.5) and the exact-set APR on real
+phantoms of a split it was not trained on, as they are and after a round trip through the stack's
+VAE. The pipeline's ceiling row (``vae_artifact_ceiling``) reads the test split; this reads another,
+so that a render or judge can be chosen without the test images. A high AUROC with a low recall
+points at the cut; a low AUROC at what the round trip leaves.
+
+``--train SPLIT --epochs N [--batch-size B] --out DIR``: first train a fresh judge with the H=4 recipe (the
+pipeline's ``classifiers.isic`` defaults) on SPLIT's images and their round trips, then score it.
+Training on the larger ``train`` split and scoring on ``cls_b`` asks whether more data would help.
+``--occlusion``: instead, how much of each drawn artifact the layers above it leave visible, from the
+renderer's masks (an artifact labelled present can be hidden by the dark corner, bubbles or patches).
+
+    python docs/experiments/isic_judge_ceiling.py <workspace> [--split train]
+    python docs/experiments/isic_judge_ceiling.py <workspace> --train train --epochs 8 --split cls_b --out DIR
+    python docs/experiments/isic_judge_ceiling.py <workspace> --occlusion [--phantom-seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medrl.data.prompts import ARTIFACTS4
+from medrl.diffusion.latents import add_vae_roundtrips
+from medrl.io import read_table
+from medrl.models.classifiers import binary_metrics, load_classifier, predict_probs, train_classifier
+
+
+def _items(workspace: Path) -> pd.DataFrame:
+    items = read_table(workspace / "data/prepared/isic/items.csv", ["path", "split", *ARTIFACTS4])
+    return items.assign(path=[str(workspace / p) for p in items["path"]])
+
+
+def train_judge(workspace: Path, split: str, epochs: int, out: Path, seed: int, batch_size: int = 32) -> Path:
+    """A judge with the H=4 recipe trained on ``split`` and its round trips; returns its folder."""
+    items = add_vae_roundtrips(workspace / "data/models/isic/stack", _items(workspace), split, out / "roundtrips", size=64)
+    train_classifier(items, list(ARTIFACTS4), out / "clf", train_split=split, eval_split=split, size=64,
+                     epochs=epochs, batch_size=batch_size, lr=1e-3, seed=seed, imagenet_weights=None,
+                     ckpt_dir=out / "ckpt", pixel_branch=32)
+    return out / "clf"
+
+
+def judge_report(workspace: Path, clf_dir: Path, split: str, scratch: Path, n: int = 512) -> dict:
+    """Per head AUROC / recall / false rate and APR, real and through the VAE, on ``split``."""
+    items = _items(workspace)
+    rows = items[items["split"] == split].head(n).reset_index(drop=True)
+    rt = add_vae_roundtrips(workspace / "data/models/isic/stack", rows, split, scratch, size=64).iloc[len(rows):]
+    clf = load_classifier(clf_dir)
+    y = rows[list(clf.heads)].to_numpy(int)
+    out: dict = {"split": split, "n": len(rows)}
+    for name, imgs in (("real", rows), ("vae_roundtrip", rt)):
+        p = predict_probs(clf, imgs.reset_index(drop=True), size=64)
+        heads = {h: {"auroc": round(binary_metrics(p[:, j], y[:, j])["auroc"], 3),
+                     "recall": round(float((p[y[:, j] == 1, j] > 0.5).mean()), 3),
+                     "false": round(float((p[y[:, j] == 0, j] > 0.5).mean()), 3)} for j, h in enumerate(clf.heads)}
+        out[name] = {"apr": round(float(((p > 0.5) == (y == 1)).all(axis=1).mean()), 3), **heads}
+    return out
+
+
+def visible_shares(workspace: Path, seed: int, n: int = 400) -> dict:
+    """Per prompt artifact: the share of its drawn pixels (64 px masks) that no later layer covers,
+    over the first ``n`` phantoms that have it (quantiles, and the share of images under 30 %)."""
+    from medrl.data.phantoms.derm import render_derm
+
+    layers = ["vasc", "ink", "hair", "ruler", "gel_border", "gel_bubble", "patches", "dark_corner"]  # drawing order
+    labels = pd.read_csv(workspace / "data/datasets/isic/labels.csv").head(n)
+    shares: dict[str, list[float]] = {a: [] for a in ARTIFACTS4}
+    for i, row in labels.iterrows():
+        _, masks = render_derm({k: int(row[k]) for k in ["MEL", "NV", *layers]}, 64, seed, int(i), return_masks=True)
+        for a in ARTIFACTS4:
+            if a in masks and masks[a].any():
+                above = [masks[b] for b in layers[layers.index(a) + 1:] if b in masks and b != "gel_border"]
+                covered = np.logical_or.reduce(above) if above else np.zeros_like(masks[a])
+                shares[a].append(float((masks[a] & ~covered).sum() / masks[a].sum()))
+    return {a: {"n": len(v), "q05_q25_q50": np.round(np.quantile(v, [0.05, 0.25, 0.5]), 2).tolist(),
+                "under_30pct": round(float(np.mean(np.array(v) < 0.3)), 3)} for a, v in shares.items() if v}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workspace", type=Path)
+    ap.add_argument("--split", default="train", help="split scored (not the judge's own training split)")
+    ap.add_argument("--train", help="train a fresh judge on this split first")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32, help="images per step of the fresh judge")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("judge_ceiling"))
+    ap.add_argument("--occlusion", action="store_true", help="only the visible share of each drawn artifact")
+    ap.add_argument("--phantom-seed", type=int, default=0, help="isic.phantom.seed of the workspace")
+    a = ap.parse_args()
+    if a.occlusion:
+        print(json.dumps(visible_shares(a.workspace, a.phantom_seed), indent=1))
+        return
+    torch.set_grad_enabled(False)
+    if a.train:
+        with torch.enable_grad():
+            clf_dir = train_judge(a.workspace, a.train, a.epochs, a.out, a.seed, a.batch_size)
+    else:
+        clf_dir = a.workspace / "data/models/isic/clf_h4"
+    print(json.dumps(judge_report(a.workspace, clf_dir, a.split, a.out / "scored"), indent=1))
+
+
+if __name__ == "__main__":
+    main()
