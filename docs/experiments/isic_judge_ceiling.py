@@ -7,14 +7,14 @@ so that a render or judge can be chosen without the test images. A high AUROC wi
 points at the cut; a low AUROC at what the round trip leaves.
 
 ``--train SPLIT --epochs N [--batch-size B] --out DIR``: first train a fresh judge with the H=4 recipe (the
-pipeline's ``classifiers.isic`` defaults) on SPLIT's images and their round trips, then score it.
+workspace's ``classifiers.isic`` and image size) on SPLIT's images and their round trips, then score it.
 Training on the larger ``train`` split and scoring on ``cls_b`` asks whether more data would help.
 ``--occlusion``: instead, how much of each drawn artifact the layers above it leave visible, from the
 renderer's masks (an artifact labelled present can be hidden by the dark corner, bubbles or patches).
 
     python docs/experiments/isic_judge_ceiling.py <workspace> [--split train]
     python docs/experiments/isic_judge_ceiling.py <workspace> --train train --epochs 8 --split cls_b --out DIR
-    python docs/experiments/isic_judge_ceiling.py <workspace> --occlusion [--phantom-seed 0]
+    python docs/experiments/isic_judge_ceiling.py <workspace> --occlusion
 """
 from __future__ import annotations
 
@@ -27,9 +27,14 @@ import pandas as pd
 import torch
 
 from medrl.data.prompts import ARTIFACTS4
+from medrl.config import load_params
 from medrl.diffusion.latents import add_vae_roundtrips
 from medrl.io import read_table
 from medrl.models.classifiers import binary_metrics, load_classifier, predict_probs, train_classifier
+
+
+def _params(workspace: Path):
+    return load_params(workspace / "params.yaml", check_paths=False)
 
 
 def _items(workspace: Path) -> pd.DataFrame:
@@ -39,10 +44,12 @@ def _items(workspace: Path) -> pd.DataFrame:
 
 def train_judge(workspace: Path, split: str, epochs: int, out: Path, seed: int, batch_size: int = 32) -> Path:
     """A judge with the H=4 recipe trained on ``split`` and its round trips; returns its folder."""
-    items = add_vae_roundtrips(workspace / "data/models/isic/stack", _items(workspace), split, out / "roundtrips", size=64)
-    train_classifier(items, list(ARTIFACTS4), out / "clf", train_split=split, eval_split=split, size=64,
-                     epochs=epochs, batch_size=batch_size, lr=1e-3, seed=seed, imagenet_weights=None,
-                     ckpt_dir=out / "ckpt", pixel_branch=32)
+    p = _params(workspace)
+    k, size = p.classifiers.isic, p.isic.prepare.size
+    items = add_vae_roundtrips(workspace / "data/models/isic/stack", _items(workspace), split, out / "roundtrips", size=size)
+    train_classifier(items, list(ARTIFACTS4), out / "clf", train_split=split, eval_split=split, size=size,
+                     epochs=epochs, batch_size=batch_size, lr=k.lr, seed=seed, imagenet_weights=k.imagenet_weights,
+                     ckpt_dir=out / "ckpt", pixel_branch=k.pixel_branch)
     return out / "clf"
 
 
@@ -50,12 +57,13 @@ def judge_report(workspace: Path, clf_dir: Path, split: str, scratch: Path, n: i
     """Per head AUROC / recall / false rate and APR, real and through the VAE, on ``split``."""
     items = _items(workspace)
     rows = items[items["split"] == split].head(n).reset_index(drop=True)
-    rt = add_vae_roundtrips(workspace / "data/models/isic/stack", rows, split, scratch, size=64).iloc[len(rows):]
+    size = _params(workspace).isic.prepare.size
+    rt = add_vae_roundtrips(workspace / "data/models/isic/stack", rows, split, scratch, size=size).iloc[len(rows):]
     clf = load_classifier(clf_dir)
     y = rows[list(clf.heads)].to_numpy(int)
     out: dict = {"split": split, "n": len(rows)}
     for name, imgs in (("real", rows), ("vae_roundtrip", rt)):
-        p = predict_probs(clf, imgs.reset_index(drop=True), size=64)
+        p = predict_probs(clf, imgs.reset_index(drop=True), size=size)
         heads = {h: {"auroc": round(binary_metrics(p[:, j], y[:, j])["auroc"], 3),
                      "recall": round(float((p[y[:, j] == 1, j] > 0.5).mean()), 3),
                      "false": round(float((p[y[:, j] == 0, j] > 0.5).mean()), 3)} for j, h in enumerate(clf.heads)}
@@ -63,16 +71,17 @@ def judge_report(workspace: Path, clf_dir: Path, split: str, scratch: Path, n: i
     return out
 
 
-def visible_shares(workspace: Path, seed: int, n: int = 400) -> dict:
-    """Per prompt artifact: the share of its drawn pixels (64 px masks) that no later layer covers,
+def visible_shares(workspace: Path, n: int = 400) -> dict:
+    """Per prompt artifact: the share of its drawn pixels (masks at the phantoms' size) that no later layer covers,
     over the first ``n`` phantoms that have it (quantiles, and the share of images under 30 %)."""
     from medrl.data.phantoms.derm import render_derm
 
+    phantom = _params(workspace).isic.phantom
     layers = ["vasc", "ink", "hair", "ruler", "gel_border", "gel_bubble", "patches", "dark_corner"]  # drawing order
     labels = pd.read_csv(workspace / "data/datasets/isic/labels.csv").head(n)
     shares: dict[str, list[float]] = {a: [] for a in ARTIFACTS4}
     for i, row in labels.iterrows():
-        _, masks = render_derm({k: int(row[k]) for k in ["MEL", "NV", *layers]}, 64, seed, int(i), return_masks=True)
+        _, masks = render_derm({k: int(row[k]) for k in ["MEL", "NV", *layers]}, phantom.size, phantom.seed, int(i), return_masks=True)
         for a in ARTIFACTS4:
             if a in masks and masks[a].any():
                 above = [masks[b] for b in layers[layers.index(a) + 1:] if b in masks and b != "gel_border"]
@@ -92,10 +101,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("judge_ceiling"))
     ap.add_argument("--occlusion", action="store_true", help="only the visible share of each drawn artifact")
-    ap.add_argument("--phantom-seed", type=int, default=0, help="isic.phantom.seed of the workspace")
     a = ap.parse_args()
     if a.occlusion:
-        print(json.dumps(visible_shares(a.workspace, a.phantom_seed), indent=1))
+        print(json.dumps(visible_shares(a.workspace), indent=1))
         return
     torch.set_grad_enabled(False)
     if a.train:
