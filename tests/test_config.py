@@ -264,6 +264,17 @@ def test_cxr_evaluators_are_checked():
             validate_params(raw)
 
 
+def test_isic_evaluator_budget_is_checked():
+    """classifiers.isic_eval: the H=4 evaluator's own epochs and batch size, each at least 1."""
+    e = validate_params(_raw()).classifiers.isic_eval
+    assert e.epochs >= 1 and e.batch_size >= 1
+    for key in ("epochs", "batch_size"):
+        raw = _raw()
+        raw["classifiers"]["isic_eval"][key] = 0
+        with pytest.raises(ParamsError, match=rf"classifiers\.isic_eval\.{key}"):
+            validate_params(raw)
+
+
 def test_validation_split_is_checked():
     """generate.split: validation needs its own seeds and at least one CXR validation report."""
     params = validate_params(_raw())

@@ -228,6 +228,12 @@ def test_vae_artifact_ceiling(tmp_path):
         assert out[block]["apr"]["lo"] <= want <= out[block]["apr"]["hi"]
         assert out[block]["fires_when_present"]["ruler"] in (1.0, None)
         assert out[block]["fires_when_present"]["hair"] in (0.0, None)
+        for h, auc in out[block]["auroc"].items():  # a constant judge ranks nothing
+            assert auc == (None if test[h].nunique() < 2 else pytest.approx(0.5)), h
+    other = vae_artifact_ceiling(stack, tmp_path / "prepared", d, size=16, n_boot=50, ci=0.95, seed=0, split="train")
+    assert (other["split"], other["n_images"]) == ("train", 2)
+    with pytest.raises(DataError, match="'validation'"):
+        vae_artifact_ceiling(stack, tmp_path / "prepared", d, size=16, n_boot=50, ci=0.95, seed=0, split="validation")
     items.drop(columns=["ink"]).to_csv(tmp_path / "prepared" / "items.csv", index=False)
     with pytest.raises(DataError, match="ink"):
         vae_artifact_ceiling(stack, tmp_path / "prepared", d, size=16, n_boot=50, ci=0.95, seed=0)

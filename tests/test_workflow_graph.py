@@ -16,6 +16,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -148,6 +149,34 @@ def test_base_finetune_takes_the_track_overrides(track, override, lr, text, monk
               log=lambda m, s=None: None, log_artifact=lambda p: None, workspace=tmp_path)
     stage.run(ctx)
     assert got["lr"] == lr and got["train_text_encoder"] is text
+
+
+@pytest.mark.parametrize("heads", ["h6", "h4"])
+def test_the_isic_evaluator_has_its_own_budget(heads, monkeypatch, tmp_path):
+    """classifiers.isic_eval's epochs / batch size train the H=4 evaluator only: the H=6 reward keeps
+    classifiers.isic's and does not declare isic_eval, so a longer-trained judge leaves the reward as it is."""
+    import medrl.models.classifiers as mc
+    from graph import Ctx, stage_params
+    from medrl.config import validate_params
+    from medrl.data.prompts import HEADS6
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["classifiers"]["isic"].update(epochs=3, batch_size=5, roundtrip=False)
+    raw["classifiers"]["isic_eval"].update(epochs=7, batch_size=2)
+    (tmp_path / "prepared").mkdir()
+    pd.DataFrame([{"path": "x.png", "split": "train", **{h: 0 for h in HEADS6}}]).to_csv(
+        tmp_path / "prepared" / "items.csv", index=False)
+    got = {}
+    monkeypatch.setattr(mc, "train_classifier", lambda *a, **kw: got.update(kw) or {})
+    stage = STAGES[f"classifier_isic_{heads}"]
+    assert ("classifiers.isic_eval" in stage.params) is (heads == "h4")
+    ctx = Ctx(params=stage_params(stage, validate_params(raw, check_paths=False), {}),
+              deps={"prepared": tmp_path / "prepared", "stack": tmp_path}, outs={"clf": tmp_path / "clf"},
+              wildcards={}, ckpt=tmp_path, device="cpu", log=lambda m, s=None: None, log_artifact=lambda p: None,
+              workspace=tmp_path)
+    stage.run(ctx)
+    assert (got["epochs"], got["batch_size"]) == ((7, 2) if heads == "h4" else (3, 5))
+    assert got["train_split"] == ("cls_b" if heads == "h4" else "train")
 
 
 @pytest.mark.parametrize("variant, reps", [("full", 1), ("repeated", 8)])

@@ -453,12 +453,13 @@ def _classifier(c: Ctx, heads_name: str) -> dict:
     k, size = c.params.classifiers.isic, c.params.isic.prepare.size
     # the metric model (H=4) is independent of the reward (H=6): disjoint split and another seed
     heads, split, seed = (HEADS6, "train", k.seed) if heads_name == "h6" else (ARTIFACTS4, "cls_b", k.seed + 1)
+    budget = k if heads_name == "h6" else c.params.classifiers.isic_eval
     items = read_table(c.deps["prepared"] / "items.csv", ["path", "split", *heads])
     roundtrips = c.ckpt / "roundtrips"
     if k.roundtrip:  # judge the decoder's domain too: the same images through the stack's VAE
         items = add_vae_roundtrips(c.deps["stack"], items, split, roundtrips, size=size, device=c.device)
     metrics = train_classifier(items, heads, c.outs["clf"], train_split=split, eval_split="test", size=size,
-                               epochs=k.epochs, batch_size=k.batch_size, lr=k.lr, seed=seed,
+                               epochs=budget.epochs, batch_size=budget.batch_size, lr=k.lr, seed=seed,
                                imagenet_weights=k.imagenet_weights, ckpt_dir=c.ckpt, device=c.device,
                                pixel_branch=k.pixel_branch)
     shutil.rmtree(roundtrips, ignore_errors=True)
@@ -474,9 +475,9 @@ def classifier_isic_h6(c: Ctx) -> dict:
 
 @stage(track="isic", deps={"prepared": "data/prepared/isic", "stack": "data/models/isic/stack"},
        outs={"clf": "data/models/isic/clf_h4"},
-       params=("classifiers.isic", "isic.prepare.size"), gpu=True)
+       params=("classifiers.isic", "classifiers.isic_eval", "isic.prepare.size"), gpu=True)
 def classifier_isic_h4(c: Ctx) -> dict:
-    """H=4 artifact classifier on the disjoint cls_b split: the APR metric model."""
+    """H=4 artifact classifier on the disjoint cls_b split, with its own training budget: the APR metric model."""
     return _classifier(c, "h4")
 
 

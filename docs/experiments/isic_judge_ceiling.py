@@ -2,8 +2,8 @@
 
 The H=4 evaluator's per-head AUROC, recall and false rate (cut 0.5) and the exact-set APR on real
 phantoms of a split it was not trained on, as they are and after a round trip through the stack's
-VAE. The pipeline's ceiling row (``vae_artifact_ceiling``) reads the test split; this reads another,
-so that a render or judge can be chosen without the test images. A high AUROC with a low recall
+VAE: the pipeline's ceiling row (``vae_artifact_ceiling``) on another split than its test split, so
+that a render or judge can be chosen without the test images. A high AUROC with a low recall
 points at the cut; a low AUROC at what the round trip leaves.
 
 ``--train SPLIT --epochs N [--batch-size B] --out DIR``: first train a fresh judge with the H=4 recipe (the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ from medrl.data.prompts import ARTIFACTS4
 from medrl.config import load_params
 from medrl.diffusion.latents import add_vae_roundtrips
 from medrl.io import read_table
-from medrl.models.classifiers import binary_metrics, load_classifier, predict_probs, train_classifier
+from medrl.metrics.isic_eval import vae_artifact_ceiling
+from medrl.models.classifiers import train_classifier
 
 
 def _params(workspace: Path):
@@ -53,22 +55,20 @@ def train_judge(workspace: Path, split: str, epochs: int, out: Path, seed: int, 
     return out / "clf"
 
 
-def judge_report(workspace: Path, clf_dir: Path, split: str, scratch: Path, n: int = 512) -> dict:
-    """Per head AUROC / recall / false rate and APR, real and through the VAE, on ``split``."""
-    items = _items(workspace)
-    rows = items[items["split"] == split].head(n).reset_index(drop=True)
-    size = _params(workspace).isic.prepare.size
-    rt = add_vae_roundtrips(workspace / "data/models/isic/stack", rows, split, scratch, size=size).iloc[len(rows):]
-    clf = load_classifier(clf_dir)
-    y = rows[list(clf.heads)].to_numpy(int)
-    out: dict = {"split": split, "n": len(rows)}
-    for name, imgs in (("real", rows), ("vae_roundtrip", rt)):
-        p = predict_probs(clf, imgs.reset_index(drop=True), size=size)
-        heads = {h: {"auroc": round(binary_metrics(p[:, j], y[:, j])["auroc"], 3),
-                     "recall": round(float((p[y[:, j] == 1, j] > 0.5).mean()), 3),
-                     "false": round(float((p[y[:, j] == 0, j] > 0.5).mean()), 3)} for j, h in enumerate(clf.heads)}
-        out[name] = {"apr": round(float(((p > 0.5) == (y == 1)).all(axis=1).mean()), 3), **heads}
-    return out
+def judge_report(workspace: Path, clf_dir: Path, split: str, n: int = 512) -> dict:
+    """Per head AUROC / recall / false rate and APR, real and through the VAE, on ``split``
+    (``vae_artifact_ceiling``, the pipeline's ceiling row, on another split)."""
+    p = _params(workspace)
+    os.chdir(workspace)  # items.csv paths are relative to the workspace
+    full = vae_artifact_ceiling("data/models/isic/stack", "data/prepared/isic", clf_dir.resolve(),
+                                size=p.isic.prepare.size, n_boot=200, ci=0.95, seed=0, max_images=n, split=split)
+    out: dict = {"split": split, "n": full["n_images"]}
+    for block in ("real", "vae_roundtrip"):
+        b = full[block]
+        out[block] = {"apr": [round(b["apr"][k], 3) for k in ("value", "lo", "hi")],
+                      **{h: {"auroc": b["auroc"][h], "recall": b["fires_when_present"][h],
+                             "false": b["fires_when_absent"][h]} for h in full["heads"]}}
+    return json.loads(json.dumps(out), parse_float=lambda v: round(float(v), 3))
 
 
 def visible_shares(workspace: Path, n: int = 400) -> dict:
@@ -111,7 +111,7 @@ def main() -> None:
             clf_dir = train_judge(a.workspace, a.train, a.epochs, a.out, a.seed, a.batch_size)
     else:
         clf_dir = a.workspace / "data/models/isic/clf_h4"
-    print(json.dumps(judge_report(a.workspace, clf_dir, a.split, a.out / "scored"), indent=1))
+    print(json.dumps(judge_report(a.workspace, clf_dir.resolve(), a.split), indent=1))
 
 
 if __name__ == "__main__":

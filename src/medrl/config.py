@@ -226,6 +226,14 @@ class DualEnc(TrainCfg):
     weight_decay: float = Field(1e-4, ge=0)
 
 
+class IsicEval(_S):
+    """The H=4 evaluator's training budget (stage classifier_isic_h4); the rest of its recipe is
+    classifiers.isic's. Its own section, so that a longer-trained judge leaves the H=6 reward as it is."""
+
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
 class CxrEval(_S):
     """The independent CXR evaluators (stages *_cxr_eval): the reward nets' recipe (their
     section's epochs, batch size, lr, ...) on the other half of the train pairs, with another seed
@@ -240,6 +248,7 @@ class CxrEval(_S):
 
 class Classifiers(_S):
     isic: IsicClassifier = IsicClassifier()
+    isic_eval: IsicEval = IsicEval()
     posture: Posture = Posture()
     diag: Diag = Diag()
     dualenc: DualEnc = DualEnc()

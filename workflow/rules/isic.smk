@@ -94,7 +94,7 @@ rule classifier_isic_h6:
 
 
 rule classifier_isic_h4:
-    """H=4 artifact classifier on the disjoint cls_b split: the APR metric model."""
+    """H=4 artifact classifier on the disjoint cls_b split, with its own training budget: the APR metric model."""
     input:
         prepared='data/prepared/isic',
         stack='data/models/isic/stack',
@@ -102,7 +102,7 @@ rule classifier_isic_h4:
     output:
         clf=directory('data/models/isic/clf_h4'),
     params:
-        medrl=lambda wildcards: declared_keys(['classifiers.isic', 'isic.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['classifiers.isic', 'classifiers.isic_eval', 'isic.prepare.size'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py classifier_isic_h4'

@@ -74,24 +74,26 @@ def reward_head_breakdown(pred: np.ndarray, target: np.ndarray, heads: list[str]
 @torch.no_grad()
 def vae_artifact_ceiling(stack_dir: str | Path, prepared_dir: str | Path, clf_h4_dir: str | Path, *, size: int,
                          n_boot: int, ci: float, seed: int, device: str = "cpu", max_images: int = 512,
-                         batch_size: int = 32) -> dict[str, Any]:
+                         batch_size: int = 32, split: str = "test") -> dict[str, Any]:
     """What APR can a generator on this stack's latents reach at all? The H=4 metric model on
     real held-out images as they are ("real") and after a round trip through the stack's VAE
     ("vae_roundtrip": encode, take the posterior mode, decode). If the VAE erases an artifact,
     no diffusion model sampling in its latent space can draw it recognisably.
 
-    Per block: APR (exact artifact set, bootstrap CI) and, per head, how often it fires on
-    images that have the artifact (recall) and on images that do not."""
+    Per block: APR (exact artifact set, bootstrap CI) and, per head, AUROC and how often it fires
+    on images that have the artifact (recall) and on images that do not. The tables read the test
+    split; another ``split`` lets a render or judge be chosen without it."""
     from medrl.metrics.apr import exact_match
+    from medrl.metrics.auroc import per_class_auroc
     from medrl.metrics.bootstrap import bootstrap_ci
     from medrl.models.classifiers import load_classifier
     from medrl.diffusion.stack import load_vae
     from medrl.diffusion.vae_train import load_images
 
     items = read_table(Path(prepared_dir) / "items.csv", ["path", "split"])
-    test = items[items["split"] == "test"].head(max_images).reset_index(drop=True)
+    test = items[items["split"] == split].head(max_images).reset_index(drop=True)
     if test.empty:
-        raise DataError(f"{Path(prepared_dir) / 'items.csv'}: no rows with split == 'test'; expected held-out images")
+        raise DataError(f"{Path(prepared_dir) / 'items.csv'}: no rows with split == {split!r}; expected held-out images")
     h4 = load_classifier(clf_h4_dir, device=device)
     missing = [h for h in h4.heads if h not in test.columns]
     if missing:
@@ -113,7 +115,7 @@ def vae_artifact_ceiling(stack_dir: str | Path, prepared_dir: str | Path, clf_h4
         probs["real"].append(classify((x + 1) / 2))
         probs["vae_roundtrip"].append(classify((rec + 1) / 2))
     items_key = test["path"].astype(str).tolist()
-    out: dict[str, Any] = {"n_images": len(test), "heads": list(h4.heads)}
+    out: dict[str, Any] = {"n_images": len(test), "split": split, "heads": list(h4.heads)}
     for name, chunks in probs.items():
         pr = np.concatenate(chunks)
         fires = pr > 0.5
@@ -124,6 +126,8 @@ def vae_artifact_ceiling(stack_dir: str | Path, prepared_dir: str | Path, clf_h4
                                    for k, h in enumerate(h4.heads)},
             "fires_when_absent": {h: float(fires[~has[:, k], k].mean()) if (~has[:, k]).any() else None
                                   for k, h in enumerate(h4.heads)},
+            "auroc": {h: (None if np.isnan(v) else v) for h, v in per_class_auroc(has, pr, h4.heads).items()
+                      if h != "avg"},
         }
     return out
 
