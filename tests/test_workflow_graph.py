@@ -170,6 +170,7 @@ def test_the_isic_evaluator_has_its_own_budget(heads, monkeypatch, tmp_path):
     monkeypatch.setattr(mc, "train_classifier", lambda *a, **kw: got.update(kw) or {})
     stage = STAGES[f"classifier_isic_{heads}"]
     assert ("classifiers.isic_eval" in stage.params) is (heads == "h4")
+    assert ("classifiers.isic" in stage.params) is (heads == "h6")  # H=4 declares only the leaves it reads
     ctx = Ctx(params=stage_params(stage, validate_params(raw, check_paths=False), {}),
               deps={"prepared": tmp_path / "prepared", "stack": tmp_path}, outs={"clf": tmp_path / "clf"},
               wildcards={}, ckpt=tmp_path, device="cpu", log=lambda m, s=None: None, log_artifact=lambda p: None,

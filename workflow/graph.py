@@ -475,7 +475,8 @@ def classifier_isic_h6(c: Ctx) -> dict:
 
 @stage(track="isic", deps={"prepared": "data/prepared/isic", "stack": "data/models/isic/stack"},
        outs={"clf": "data/models/isic/clf_h4"},
-       params=("classifiers.isic", "classifiers.isic_eval", "isic.prepare.size"), gpu=True)
+       params=(*(f"classifiers.isic.{k}" for k in ("lr", "seed", "roundtrip", "imagenet_weights", "pixel_branch")),
+               "classifiers.isic_eval", "isic.prepare.size"), gpu=True)
 def classifier_isic_h4(c: Ctx) -> dict:
     """H=4 artifact classifier on the disjoint cls_b split, with its own training budget: the APR metric model."""
     return _classifier(c, "h4")

@@ -102,7 +102,7 @@ rule classifier_isic_h4:
     output:
         clf=directory('data/models/isic/clf_h4'),
     params:
-        medrl=lambda wildcards: declared_keys(['classifiers.isic', 'classifiers.isic_eval', 'isic.prepare.size'], wildcards),
+        medrl=lambda wildcards: declared_keys(['classifiers.isic.lr', 'classifiers.isic.seed', 'classifiers.isic.roundtrip', 'classifiers.isic.imagenet_weights', 'classifiers.isic.pixel_branch', 'classifiers.isic_eval', 'isic.prepare.size'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'python workflow/entry.py classifier_isic_h4'
