@@ -58,9 +58,9 @@ def train_judge(workspace: Path, split: str, epochs: int, out: Path, seed: int, 
 def judge_report(workspace: Path, clf_dir: Path, split: str, n: int = 512) -> dict:
     """Per head AUROC / recall / false rate and APR, real and through the VAE, on ``split``
     (``vae_artifact_ceiling``, the pipeline's ceiling row, on another split)."""
-    p = _params(workspace)
+    p, clf_dir = _params(workspace), clf_dir.resolve()
     os.chdir(workspace)  # items.csv paths are relative to the workspace
-    full = vae_artifact_ceiling("data/models/isic/stack", "data/prepared/isic", clf_dir.resolve(),
+    full = vae_artifact_ceiling("data/models/isic/stack", "data/prepared/isic", clf_dir,
                                 size=p.isic.prepare.size, n_boot=200, ci=0.95, seed=0, max_images=n, split=split)
     out: dict = {"split": split, "n": full["n_images"]}
     for block in ("real", "vae_roundtrip"):
@@ -74,17 +74,18 @@ def judge_report(workspace: Path, clf_dir: Path, split: str, n: int = 512) -> di
 def visible_shares(workspace: Path, n: int = 400) -> dict:
     """Per prompt artifact: the share of its drawn pixels (masks at the phantoms' size) that no later layer covers,
     over the first ``n`` phantoms that have it (quantiles, and the share of images under 30 %)."""
-    from medrl.data.phantoms.derm import render_derm
+    from medrl.data.phantoms.derm import ARTIFACTS, render_derm
 
     phantom = _params(workspace).isic.phantom
-    layers = ["vasc", "ink", "hair", "ruler", "gel_border", "gel_bubble", "patches", "dark_corner"]  # drawing order
     labels = pd.read_csv(workspace / "data/datasets/isic/labels.csv").head(n)
     shares: dict[str, list[float]] = {a: [] for a in ARTIFACTS4}
     for i, row in labels.iterrows():
-        _, masks = render_derm({k: int(row[k]) for k in ["MEL", "NV", *layers]}, phantom.size, phantom.seed, int(i), return_masks=True)
+        _, masks = render_derm({k: int(row[k]) for k in ["MEL", "NV", *ARTIFACTS]}, phantom.size, phantom.seed, int(i),
+                               return_masks=True)
+        drawn = list(masks)  # drawing order
         for a in ARTIFACTS4:
             if a in masks and masks[a].any():
-                above = [masks[b] for b in layers[layers.index(a) + 1:] if b in masks and b != "gel_border"]
+                above = [masks[b] for b in drawn[drawn.index(a) + 1:] if b != "gel_border"]
                 covered = np.logical_or.reduce(above) if above else np.zeros_like(masks[a])
                 shares[a].append(float((masks[a] & ~covered).sum() / masks[a].sum()))
     return {a: {"n": len(v), "q05_q25_q50": np.round(np.quantile(v, [0.05, 0.25, 0.5]), 2).tolist(),
@@ -111,7 +112,7 @@ def main() -> None:
             clf_dir = train_judge(a.workspace, a.train, a.epochs, a.out, a.seed, a.batch_size)
     else:
         clf_dir = a.workspace / "data/models/isic/clf_h4"
-    print(json.dumps(judge_report(a.workspace, clf_dir.resolve(), a.split), indent=1))
+    print(json.dumps(judge_report(a.workspace, clf_dir, a.split), indent=1))
 
 
 if __name__ == "__main__":

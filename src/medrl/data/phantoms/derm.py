@@ -376,7 +376,7 @@ def render_derm(labels: dict[str, int], size: int, seed: int, index: int = 0, *,
     """Render one phantom as a (size, size, 3) uint8 array (and {artifact: bool mask} if asked).
 
     ``labels`` needs MEL, NV and the eight artifact keys; masks mark where each drawn
-    artifact lies at output resolution."""
+    artifact lies at output resolution, in drawing order (a later mask's layer lies above)."""
     ss = max(2, math.ceil(_MIN_RENDER / size))
     S = size * ss
     cv = _Canvas(S, size)
