@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from medrl.data.prompts import evaluation_prompts, prompt_to_labels
-from medrl.metrics.planted import gap_closed, planted_rates
+from medrl.metrics.planted import gap_closed, planted_apr, planted_rates
 
 PLANT = {"lesion": "MEL", "artifact": "ruler", "caption_fidelity": 0.0, "prevalence": 0.42, "planted_rate": 0.42,
          "planted_false_rate": 0.42, "measured_rate": 0.40, "measured_false_rate": 0.43}
@@ -25,6 +25,15 @@ def per_image(rate: float, false_rate: float, seed: int) -> pd.DataFrame:
             rows.append({"prompt": p, "item": f"{p}#{i}", "target_ruler": lab["ruler"],
                          "pred_ruler": int(rng.random() < p_on)})
     return pd.DataFrame(rows)
+
+
+def with_exact(df: pd.DataFrame, planted_apr_rate: float, seed: int) -> pd.DataFrame:
+    """An ``exact`` column (the H=4 artifact set is the prompt's): at ``planted_apr_rate`` on MEL
+    prompts asking for the ruler, 0.9 on the other MEL prompts, 0.7 on NV prompts."""
+    rng = np.random.default_rng(seed)
+    mel = df["prompt"].map(lambda p: prompt_to_labels(p)["MEL"] == 1).to_numpy()
+    p = np.where(mel, np.where(df["target_ruler"] == 1, planted_apr_rate, 0.9), 0.7)
+    return df.assign(exact=(rng.random(len(df)) < p).astype(int))
 
 
 def test_rates_per_group_and_gap_closed():
@@ -60,6 +69,12 @@ def test_planted_table_reports_rates_and_gap(tmp_path):
     assert table["gap to ceiling closed"][0] == f"{100 * want:.0f} %"
     assert "planted rate of ruler where asked is 0.42" in (tmp_path / "rl4med_planted.md").read_text()
     assert "Under-represented" not in (tmp_path / "rl4med_planted.md").read_text()  # finetune_share 1
+    sd = {**sd, **planted_apr(with_exact(per_image(0.4, 0.45, 0), 0.2, 0), PLANT, BOOT)}
+    rl = {**rl, **planted_apr(with_exact(per_image(0.8, 0.15, 0), 0.5, 1), PLANT, BOOT)}
+    paths = _planted_table({"planted": sd, "vae_ceiling": vc}, {"planted": rl}, {"sd": "r1", "rl": "r2"}, tmp_path, [])
+    row = pd.read_csv(paths["csv"]).set_index("Prompts").loc["APR, MEL prompts asking for ruler, H=4 evaluator"]
+    assert row["gap to NV closed"] == f"{100 * gap_closed(sd, rl)['apr_rate']:.0f} %"
+    assert pd.isna(row["gap to ceiling closed"])
 
 
 def test_planted_table_states_the_under_representation(tmp_path):
@@ -95,3 +110,19 @@ def test_a_gap_within_sds_own_interval_is_no_gap():
     closed = gap_closed(sd, rl)
     assert closed["rate"] == pytest.approx((0.45 - 0.14) / (0.93 - 0.14)) and closed["false_rate"] is None
     assert gap_closed(sd, rl, {"rate": 0.92, "false_rate": 0.02})["false_rate"] is None
+
+
+def test_apr_on_the_under_represented_prompts_and_its_gap():
+    """APR where the planted lesion's prompts ask for the artifact (the under-represented prompts),
+    against the same prompts of the other lesion: the APR gap RL must close. Only the asking
+    prompts count, and the VAE ceiling, which has no APR per prompt group, is no target for it."""
+    sd_images, rl_images = with_exact(per_image(0.4, 0.45, 0), 0.2, 0), with_exact(per_image(0.8, 0.15, 0), 0.5, 1)
+    sd, rl = planted_apr(sd_images, PLANT, BOOT), planted_apr(rl_images, PLANT, BOOT)
+    assert set(sd) == {"apr_rate", "reference_apr_rate"} and sd["apr_rate"]["n"] == 8 * 16
+    asked_mel = sd_images["prompt"].map(lambda p: prompt_to_labels(p)["MEL"] == 1) & (sd_images["target_ruler"] == 1)
+    assert sd["apr_rate"]["value"] == pytest.approx(sd_images.loc[asked_mel, "exact"].mean())
+    closed = gap_closed(sd, rl)
+    want = ((rl["apr_rate"]["value"] - sd["apr_rate"]["value"])
+            / (sd["reference_apr_rate"]["value"] - sd["apr_rate"]["value"]))
+    assert closed == {"apr_rate": pytest.approx(want)} and 0.3 < closed["apr_rate"] < 1.0
+    assert gap_closed(sd, rl, {"rate": 0.9, "false_rate": 0.1}) == {}

@@ -483,20 +483,25 @@ def test_rl4med_seed_table(isic_inputs, tmp_path):
 
 def test_rl4med_seed_table_rows_of_the_planted_gap(isic_inputs, tmp_path):
     """With planted metrics, the seeds table adds the asked / not-asked rates and the gap each seed closed."""
-    from test_planted import BOOT, PLANT, per_image
+    from test_planted import BOOT, PLANT, per_image, with_exact
 
-    from medrl.metrics.planted import planted_rates
+    from medrl.metrics.planted import planted_apr, planted_rates
     from medrl.tables.rl4med import build_rl4med_seed_table
 
+    def planted(rate: float, false_rate: float, apr_rate: float, seed: int) -> dict:
+        images = with_exact(per_image(rate, false_rate, seed), apr_rate, seed)
+        return {**planted_rates(images, PLANT, BOOT), **planted_apr(images, PLANT, BOOT)}
+
     metrics, _, _, _ = isic_inputs
-    sd = {**metrics["sd"], "planted": planted_rates(per_image(0.4, 0.45, 0), PLANT, BOOT)}
-    rl = {s: {**metrics["rl"], "planted": planted_rates(per_image(0.8 - 0.1 * s, 0.15, s), PLANT, BOOT)}
-          for s in (0, 1, 2)}
+    sd = {**metrics["sd"], "planted": planted(0.4, 0.45, 0.1, 0)}
+    rl = {s: {**metrics["rl"], "planted": planted(0.8 - 0.1 * s, 0.15, 0.5, s)} for s in (0, 1, 2)}
     out = build_rl4med_seed_table(sd, rl, {"sd": "a", "rl-s0": "b", "rl-s1": "c", "rl-s2": "d"}, tmp_path)
     t = pd.read_csv(out["csv"], dtype=str, keep_default_na=False).set_index("Metric")
     assert t.loc["ruler rate, MEL prompts asking for it", "Verdict"] == "better in every seed"
     assert t.loc["ruler rate, MEL prompts not asking for it", "Verdict"] == "better in every seed"  # it fell
+    assert t.loc["APR, MEL prompts asking for ruler", "Verdict"] == "better in every seed"
     assert "Planted gap to the other lesion's rate closed by RL" in Path(out["md"]).read_text()
+    assert "APR where asked" in Path(out["md"]).read_text()
 
 
 def test_cxrl_seed_table(cxr_metrics, tmp_path):

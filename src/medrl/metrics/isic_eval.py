@@ -141,7 +141,7 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
     from medrl.metrics.apr import evaluate_apr
     from medrl.metrics.bootstrap import bootstrap_ci
     from medrl.metrics.fidelity import item_key
-    from medrl.metrics.planted import RATES, planted_rates, read_planted
+    from medrl.metrics.planted import APR_RATES, RATES, planted_apr, planted_rates, read_planted
 
     samples_dir, prepared_dir, out_dir = Path(samples_dir), Path(prepared_dir), Path(out_dir)
     n_boot, ci, seed = int(metrics["bootstrap"]), float(metrics["ci"]), int(metrics["seed"])
@@ -170,9 +170,10 @@ def evaluate_isic_samples(samples_dir: Path, prepared_dir: Path, clf_h4_dir: Pat
     extra: dict[str, float] = {}
     planted = read_planted(prepared_dir)
     if planted is not None:
-        result["planted"] = planted_rates(per_image, planted, boot)
+        result["planted"] = {**planted_rates(per_image, planted, boot), **planted_apr(per_image, planted, boot)}
         result["planted_reward_judge"] = planted_rates(per_image, planted, boot, pred_prefix="h6_pred_")
-        extra.update({f"planted_{k}": v["value"] for k, v in result["planted"].items() if k in RATES})
+        extra.update({f"planted_{k}": v["value"] for k, v in result["planted"].items()
+                      if k in RATES or k in APR_RATES})
     if stack_dir is not None:
         if image_size is None:
             raise DataError("evaluate_isic_samples: stack_dir given without image_size (the VAE's input size)")

@@ -29,6 +29,10 @@ RATES = {
     "reference_rate": (False, True),  # other lesion, truthful captions
     "reference_false_rate": (False, False),
 }
+# APR (H=4 exact-set match) on the prompts asking for the artifact: name -> of the planted lesion?
+APR_RATES = {"apr_rate": True, "reference_apr_rate": False}
+# each rate -> its reference: the same group on the other lesion's prompts (truthful captions)
+REFERENCES = {"rate": "reference_rate", "false_rate": "reference_false_rate", "apr_rate": "reference_apr_rate"}
 
 
 def read_planted(prepared_dir: Path) -> dict[str, Any] | None:
@@ -55,6 +59,25 @@ def planted_rates(per_image: pd.DataFrame, planted: Mapping[str, Any], boot: Map
         mask = (of_lesion == want_lesion) & (asked == want_asked)
         if mask.any():
             out[name] = bootstrap_ci(pred[mask], items=per_image.loc[mask, "item"].tolist(), **boot)
+    return out
+
+
+def planted_apr(per_image: pd.DataFrame, planted: Mapping[str, Any], boot: Mapping[str, Any]) -> dict[str, Any]:
+    """Bootstrap CIs of APR (``exact``: the H=4 evaluator's artifact set equals the prompt's) on the
+    prompts asking for the planted artifact: the planted lesion's, where the base under-draws it
+    (``apr_rate``), and the other lesion's (``reference_apr_rate``). Overall APR averages these
+    prompts with the many the plant does not touch."""
+    from medrl.data.prompts import prompt_to_labels
+    from medrl.metrics.bootstrap import bootstrap_ci
+
+    of_lesion = np.array([prompt_to_labels(p)[planted["lesion"]] == 1 for p in per_image["prompt"]])
+    asked = per_image[f"target_{planted['artifact']}"].to_numpy() == 1
+    exact = per_image["exact"].to_numpy(float)
+    out: dict[str, Any] = {}
+    for name, want_lesion in APR_RATES.items():
+        mask = (of_lesion == want_lesion) & asked
+        if mask.any():
+            out[name] = bootstrap_ci(exact[mask], items=per_image.loc[mask, "item"].tolist(), **boot)
     return out
 
 
@@ -93,15 +116,18 @@ def ceiling_rates(vae_ceiling: Mapping[str, Any] | None, artifact: str,
 
 def gap_closed(sd: Mapping[str, Any], rl: Mapping[str, Any], target: Mapping[str, float] | None = None
                ) -> dict[str, float | None]:
-    """Share of the planted gap RL closed, (RL - SD) / (target - SD), for the asked rate (should
-    rise) and the false rate (should fall). ``target``: ``ceiling_rates`` (a model that follows
-    every prompt, seen through the VAE); without it, SD's own rates on the other lesion's
-    prompts. None where there is no gap to close: the goal lies within SD's own 95 % interval
-    (where SD reports one), so any share would divide by sampling noise."""
+    """Share of the planted gap RL closed, (RL - SD) / (target - SD), for the asked rate and the APR
+    on those prompts (should rise) and the false rate (should fall). ``target``: ``ceiling_rates``
+    (a model that follows every prompt, seen through the VAE; it has no APR per prompt group);
+    without it, SD's own rates on the other lesion's prompts. None where there is no gap to
+    close: the goal lies within SD's own 95 % interval (where SD reports one), so any share
+    would divide by sampling noise."""
     out: dict[str, float | None] = {}
-    for name, ref in (("rate", "reference_rate"), ("false_rate", "reference_false_rate")):
+    for name, ref in REFERENCES.items():
+        if name not in sd or name not in rl or (target is not None and name not in target):
+            continue
         goal = target[name] if target is not None else (sd[ref]["value"] if ref in sd else None)
-        out[name] = share_closed(sd[name], rl[name], goal) if name in sd and name in rl else None
+        out[name] = share_closed(sd[name], rl[name], goal)
     return out
 
 

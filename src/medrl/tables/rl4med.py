@@ -294,6 +294,8 @@ _PLANTED_ROWS = {
     "false_rate": "{lesion} prompts without {artifact} (planted rate {planted_false_rate})",
     "reference_rate": "{other} prompts asking for {artifact} (truthful captions)",
     "reference_false_rate": "{other} prompts without {artifact} (truthful captions)",
+    "apr_rate": "APR, {lesion} prompts asking for {artifact}",
+    "reference_apr_rate": "APR, {other} prompts asking for {artifact} (truthful captions)",
 }
 
 
@@ -321,7 +323,8 @@ def _planted_table(sd_all: Mapping[str, Any], rl_all: Mapping[str, Any], rid: Ma
         f"where not asked {plant['planted_false_rate']:.2f} (measured in the data: {plant['measured_rate']:.2f}, "
         f"{plant['measured_false_rate']:.2f}). " + _left_out_note(plant)
         + "Rates: share of generated images in which the judge finds the "
-        "artifact; claims are read on the H=4 evaluator (disjoint training split and seed, not the reward). "
+        "artifact; APR rows: share whose whole artifact set, as the H=4 evaluator reads it, is the prompt's. "
+        "Claims are read on the H=4 evaluator (disjoint training split and seed, not the reward). "
         + _gap_note(target, plant["artifact"]),
     ]
     return write_with_values(pd.DataFrame(rows), out_dir / "rl4med_planted", rec,
@@ -542,18 +545,23 @@ def _planted_seed_rows(sd: Mapping[str, Any], rl_by_seed: Mapping[int, Mapping[s
     if "planted" not in sd or any("planted" not in m for m in rl_by_seed.values()):
         return [], []
     p, plant = sd["planted"], sd["planted"]["planted"]
-    rows = [SeedRow("SD+RL - SD", f"{plant['artifact']} rate, {plant['lesion']} prompts {what}", hib, 3,
+    artifact, lesion = plant["artifact"], plant["lesion"]
+    groups = [("rate", f"{artifact} rate, {lesion} prompts asking for it", True),
+              ("false_rate", f"{artifact} rate, {lesion} prompts not asking for it", False),
+              ("apr_rate", f"APR, {lesion} prompts asking for {artifact}", True)]
+    rows = [SeedRow("SD+RL - SD", head, hib, 3,
                     diffs={s: diff_from_boot(m["planted"][key], p[key], where=f"{keys[s]} - sd (planted {key})")
                            for s, m in rl_by_seed.items()},
                     run_ids={s: f"{rid[keys[s]]} - {rid['sd']}" for s in rl_by_seed})
-            for key, what, hib in (("rate", "asking for it", True), ("false_rate", "not asking for it", False))]
-    target = ceiling_rates(sd.get("vae_ceiling"), plant["artifact"])
+            for key, head, hib in groups if key in p and all(key in m["planted"] for m in rl_by_seed.values())]
+    target = ceiling_rates(sd.get("vae_ceiling"), artifact)
     goals = [("to the other lesion's rate", None)] + ([("to the VAE ceiling", target)] if target else [])
     notes = []
     for what, goal in goals:
         closed = {s: gap_closed(p, m["planted"], goal) for s, m in rl_by_seed.items()}
         notes.append(f"Planted gap {what} closed by RL (H=4 evaluator, see rl4med_planted): "
                      + "; ".join(f"seed {s}: asked {_share(c, 'rate')}, not asked {_share(c, 'false_rate')}"
+                                 + (f", APR where asked {_share(c, 'apr_rate')}" if "apr_rate" in c else "")
                                  for s, c in closed.items()) + ".")
     return rows, notes
 
