@@ -230,8 +230,8 @@ class IsicEval(_S):
     """The H=4 evaluator's training budget (stage classifier_isic_h4); the rest of its recipe is
     classifiers.isic's. Its own section, so that a longer-trained judge leaves the H=6 reward as it is."""
 
-    epochs: int = Field(8, ge=1)
-    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)
 
 
 class CxrEval(_S):
