@@ -159,13 +159,15 @@ def test_track_lr_overrides_common():
     ctx = type("Ctx", (), {"params": params, "wildcards": {"seed": "0"}})()
     assert _ddpo_config(ctx, "isic").lr == 0.02
     assert _ddpo_config(ctx, "cxr").lr == params.rl.common.lr
-    # kl_coef and skip_last_steps: a track's value overrides rl.common's, null keeps it
+    # kl_coef, clip_range and skip_last_steps: a track's value overrides rl.common's, null keeps it
     raw["rl"]["common"]["kl_coef"], raw["rl"]["cxr"]["kl_coef"] = 0.5, 0.03
+    raw["rl"]["common"]["clip_range"], raw["rl"]["isic"]["clip_range"] = 0.2, 1e-3
     raw["rl"]["common"]["skip_last_steps"], raw["rl"]["cxr"]["skip_last_steps"] = 1, None
     params = validate_params(raw)
     ctx = type("Ctx", (), {"params": params, "wildcards": {"seed": "0"}})()
     assert (_ddpo_config(ctx, "isic").kl_coef, _ddpo_config(ctx, "cxr").kl_coef) == (0.5, 0.03)
     assert (_ddpo_config(ctx, "isic").skip_last_steps, _ddpo_config(ctx, "cxr").skip_last_steps) == (1, 1)
+    assert (_ddpo_config(ctx, "isic").clip_range, _ddpo_config(ctx, "cxr").clip_range) == (1e-3, 0.2)
     raw["rl"]["isic"]["lr"] = 0
     with pytest.raises(ParamsError, match=r"rl\.isic\.lr"):
         validate_params(raw)

@@ -604,8 +604,8 @@ ISIC_SEEDS = ({"seed": "rl.isic.seed"}, {"seed": "rl.seeds"})
 CXR_JOBS = ({"variant": "rl.cxr.variants", "seed": "rl.cxr.seed"},
             {"variant": "rl.cxr.seed_variants", "seed": "rl.seeds"})
 # the RLTrack keys of rl.<track> that a run reads (its seed comes from the {seed} wildcard)
-_RL_TRACK = ("epochs", "sample_batch_size", "sample_batches_per_epoch", "lr", "kl_coef", "skip_last_steps", "prompt_repeats",
-             "text_lora_rank")
+_RL_TRACK = ("epochs", "sample_batch_size", "sample_batches_per_epoch", "lr", "kl_coef", "clip_range", "skip_last_steps",
+             "prompt_repeats", "text_lora_rank")
 
 
 def _ddpo_config(c: Ctx, track: str, track_overrides: dict[str, Any] | None = None, **extra: Any):

@@ -301,6 +301,7 @@ class RLTrack(_S):
     sample_batches_per_epoch: int = Field(2, ge=1)
     lr: float | None = Field(None, gt=0)  # overrides rl.common.lr for this track
     kl_coef: float | None = Field(None, ge=0)  # overrides rl.common.kl_coef for this track
+    clip_range: float | None = Field(None, gt=0)  # overrides rl.common.clip_range for this track
     skip_last_steps: int | None = Field(None, ge=0)  # overrides rl.common.skip_last_steps for this track
     prompt_repeats: int | None = Field(None, ge=1)  # overrides rl.common.prompt_repeats for this track
     text_lora_rank: int | None = Field(None, ge=0)  # overrides rl.common.text_lora_rank for this track

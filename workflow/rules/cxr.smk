@@ -193,7 +193,7 @@ rule rl_cxr:
     output:
         rl=report(directory('data/rl/cxr/{variant}/seed_{seed}'), patterns=['{name,rewards}.csv', '{name,reward_curve}.png', 'samples/{name,epoch_\\d+}.png'], caption='../report/rl_training.rst', category='CXRL (chest X-ray)', subcategory='RL training: {variant} seed {seed}'),
     params:
-        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.kl_coef', 'rl.cxr.skip_last_steps', 'rl.cxr.prompt_repeats', 'rl.cxr.text_lora_rank', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}', 'run.mixed_precision'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.cxr.epochs', 'rl.cxr.sample_batch_size', 'rl.cxr.sample_batches_per_epoch', 'rl.cxr.lr', 'rl.cxr.kl_coef', 'rl.cxr.clip_range', 'rl.cxr.skip_last_steps', 'rl.cxr.prompt_repeats', 'rl.cxr.text_lora_rank', 'rl.cxr.rlcf_mode', 'rl.cxr.rlcf_paired_noise', 'rl.cxr.ace_tokens', 'rl.cxr.diag_unmentioned', 'rl.cxr.variants.{variant}', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'accelerate launch workflow/entry.py rl_cxr --variant {wildcards.variant} --seed {wildcards.seed}'

@@ -118,7 +118,7 @@ rule rl_isic:
     output:
         rl=report(directory('data/rl/isic/seed_{seed}'), patterns=['{name,rewards}.csv', '{name,reward_curve}.png', 'samples/{name,epoch_\\d+}.png'], caption='../report/rl_training.rst', category='RL4Med-DDPO (ISIC)', subcategory='RL training: seed {seed}'),
     params:
-        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.isic.epochs', 'rl.isic.sample_batch_size', 'rl.isic.sample_batches_per_epoch', 'rl.isic.lr', 'rl.isic.kl_coef', 'rl.isic.skip_last_steps', 'rl.isic.prompt_repeats', 'rl.isic.text_lora_rank', 'run.mixed_precision'], wildcards),
+        medrl=lambda wildcards: declared_keys(['rl.common', 'rl.isic.epochs', 'rl.isic.sample_batch_size', 'rl.isic.sample_batches_per_epoch', 'rl.isic.lr', 'rl.isic.kl_coef', 'rl.isic.clip_range', 'rl.isic.skip_last_steps', 'rl.isic.prompt_repeats', 'rl.isic.text_lora_rank', 'run.mixed_precision'], wildcards),
     resources:
         **GPU_RESOURCES,
     shell: 'accelerate launch workflow/entry.py rl_isic --seed {wildcards.seed}'
