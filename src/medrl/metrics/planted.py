@@ -47,13 +47,10 @@ def planted_rates(per_image: pd.DataFrame, planted: Mapping[str, Any], boot: Map
     group. ``per_image`` needs ``prompt``, ``item``, ``target_<artifact>`` and
     ``<pred_prefix><artifact>``: ``pred_`` is the H=4 evaluator (metrics.apr.evaluate_apr),
     ``h6_pred_`` the reward classifier (the paper's protocol)."""
-    from medrl.data.prompts import prompt_to_labels
     from medrl.metrics.bootstrap import bootstrap_ci
 
-    artifact, lesion = planted["artifact"], planted["lesion"]
-    of_lesion = np.array([prompt_to_labels(p)[lesion] == 1 for p in per_image["prompt"]])
-    asked = per_image[f"target_{artifact}"].to_numpy() == 1
-    pred = per_image[f"{pred_prefix}{artifact}"].to_numpy(float)
+    of_lesion, asked = _planted_masks(per_image, planted)
+    pred = per_image[f"{pred_prefix}{planted['artifact']}"].to_numpy(float)
     out: dict[str, Any] = {"planted": dict(planted)}
     for name, (want_lesion, want_asked) in RATES.items():
         mask = (of_lesion == want_lesion) & (asked == want_asked)
@@ -67,11 +64,9 @@ def planted_apr(per_image: pd.DataFrame, planted: Mapping[str, Any], boot: Mappi
     prompts asking for the planted artifact: the planted lesion's, where the base under-draws it
     (``apr_rate``), and the other lesion's (``reference_apr_rate``). Overall APR averages these
     prompts with the many the plant does not touch."""
-    from medrl.data.prompts import prompt_to_labels
     from medrl.metrics.bootstrap import bootstrap_ci
 
-    of_lesion = np.array([prompt_to_labels(p)[planted["lesion"]] == 1 for p in per_image["prompt"]])
-    asked = per_image[f"target_{planted['artifact']}"].to_numpy() == 1
+    of_lesion, asked = _planted_masks(per_image, planted)
     exact = per_image["exact"].to_numpy(float)
     out: dict[str, Any] = {}
     for name, want_lesion in APR_RATES.items():
@@ -79,6 +74,15 @@ def planted_apr(per_image: pd.DataFrame, planted: Mapping[str, Any], boot: Mappi
         if mask.any():
             out[name] = bootstrap_ci(exact[mask], items=per_image.loc[mask, "item"].tolist(), **boot)
     return out
+
+
+def _planted_masks(per_image: pd.DataFrame, planted: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: is the prompt of the planted lesion, and does it ask for the planted artifact."""
+    from medrl.data.prompts import prompt_to_labels
+
+    of_lesion = np.array([prompt_to_labels(p)[planted["lesion"]] == 1 for p in per_image["prompt"]])
+    asked = per_image[f"target_{planted['artifact']}"].to_numpy() == 1
+    return of_lesion, asked
 
 
 def finding_rates(per_image: pd.DataFrame, stated: np.ndarray, planted: Mapping[str, Any], boot: Mapping[str, Any],
